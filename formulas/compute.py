@@ -1,0 +1,124 @@
+"""Compute: FLOPs per token and per step, training cost, time, and utilisation.
+
+Sources:
+- Transformer Math 101, "Compute Requirements": C = τT ≈ 6PD, with C_forward ≈ 2PD and
+  C_backward ≈ 4PD; units FLOP, GPU-hours and PetaFLOP-days; Chinchilla D = 20P; with
+  activation recomputation the forward pass is bounded by one more forward (8PD).
+- Attention term: Narayanan et al. 2021 (arXiv:2104.04473, Appendix) and PaLM (Chowdhery et
+  al. 2022, Appendix B): the Q·Kᵀ and scores·V products add 2·2·s·h FLOPs per token and layer
+  in the forward pass, 12·L·h·s per token for forward + backward.
+
+Causal convention: we count the full s×s score matrix, as Megatron-LM, PaLM's MFU and
+`torch.utils.flop_counter` do. Kernels that skip the masked half (FlashAttention's causal mode)
+do half of that work; the FlashAttention papers' TFLOP/s count only the unmasked half.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from formulas.architecture import Architecture
+from formulas.params import matmul_params, sequence_matmul_params
+
+SECONDS_PER_DAY = 86_400
+PFLOP = 10**15
+CHINCHILLA_TOKENS_PER_PARAM = 20
+
+
+def attention_flops_per_token(arch: Architecture, seq: int) -> int:
+    """Forward FLOPs per token of Q·Kᵀ and scores·V over all layers: 4·L·s·h (full s×s matrix)."""
+    return 4 * arch.n_layers * seq * arch.hidden
+
+
+def forward_flops_per_token(params: int, arch: Architecture | None = None, seq: int = 0) -> int:
+    """2P (Transformer Math 101: C_forward ≈ 2PD) plus the attention term when the shape is known."""
+    return 2 * params + (attention_flops_per_token(arch, seq) if arch is not None else 0)
+
+
+def training_flops_per_token(params: int, arch: Architecture | None = None, seq: int = 0) -> int:
+    """Model FLOPs per trained token: forward + backward = 3 × forward = 6P + 12·L·s·h."""
+    return 3 * forward_flops_per_token(params, arch, seq)
+
+
+def recompute_flops_per_token(params: int, recompute: str, arch: Architecture | None = None, seq: int = 0) -> int:
+    """Extra forward work per token that activation recomputation spends.
+
+    full: one more forward pass (Transformer Math 101: bounded by a full forward, 8PD in all).
+    selective: only the attention core (Q·Kᵀ, softmax, scores·V) is recomputed, 4·L·s·h
+    (Korthikanti et al. 2022, Section 5).
+    """
+    if recompute == "full":
+        return forward_flops_per_token(params, arch, seq)
+    if recompute == "selective":
+        return attention_flops_per_token(arch, seq) if arch is not None else 0
+    return 0
+
+
+def matmul_flops_per_step(arch: Architecture, batch: int, seq: int, recompute: str = "none") -> int:
+    """Exactly the FLOPs `torch.utils.flop_counter.FlopCounterMode` counts for one training step.
+
+    Forward: 2 FLOPs per matmul parameter per token (per sequence for BERT's pooler and NSP head)
+    plus attention, 4·s·h per token and layer (Q·Kᵀ and scores·V, each 2·b·s²·h, full matrix).
+    Backward computes the gradient of both operands of every matmul: twice the forward.
+    Recomputation replays once more what it recomputes: the blocks (full) or the attention core
+    (selective), not the embedding or the output layer.
+    """
+    tokens = batch * seq
+    attention = attention_flops_per_token(arch, seq) * tokens
+    forward = 2 * matmul_params(arch) * tokens + 2 * sequence_matmul_params(arch) * batch + attention
+    if recompute == "full":
+        h, f, kv = arch.hidden, arch.ffn_hidden, arch.kv_width
+        block_matmul = 2 * h * h + 2 * h * kv + (2 if arch.mlp == "gelu" else 3) * h * f
+        extra = 2 * arch.n_layers * block_matmul * tokens + attention
+    elif recompute == "selective":
+        extra = attention
+    else:
+        extra = 0
+    return 3 * forward + extra
+
+
+@dataclass(frozen=True)
+class TrainingCost:
+    """Cost of training on a token budget (Transformer Math 101, "Compute Requirements")."""
+
+    tokens: int
+    """D: tokens trained on."""
+    flops: int
+    """C = 6·P·D."""
+    gpus: int
+    tflops_per_gpu: float
+    """Achieved (not peak) TFLOP/s per GPU."""
+
+    @property
+    def seconds(self) -> float:
+        """T = C / τ with τ = GPUs × achieved FLOP/s."""
+        return self.flops / (self.gpus * self.tflops_per_gpu * 1e12)
+
+    @property
+    def days(self) -> float:
+        return self.seconds / SECONDS_PER_DAY
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.seconds * self.gpus / 3600
+
+    @property
+    def pf_days(self) -> float:
+        """PetaFLOP-days: C / (10¹⁵ FLOP/s × 86 400 s)."""
+        return self.flops / (PFLOP * SECONDS_PER_DAY)
+
+
+def training_cost(params: int, tokens: int, gpus: int, tflops_per_gpu: float) -> TrainingCost:
+    if tflops_per_gpu <= 0:
+        raise ValueError(f"achieved TFLOP/s per GPU must be positive, got {tflops_per_gpu!r}")
+    return TrainingCost(tokens=tokens, flops=6 * params * tokens, gpus=gpus, tflops_per_gpu=tflops_per_gpu)
+
+
+def chinchilla_tokens(params: int) -> int:
+    """Compute-optimal token count D = 20·P (Hoffmann et al. 2022, as Transformer Math 101 states it)."""
+    return CHINCHILLA_TOKENS_PER_PARAM * params
+
+
+def mfu(model_flops_per_second: float, peak_tflops: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the device's dense peak (PaLM, Appendix B)."""
+    return model_flops_per_second / (peak_tflops * 1e12)
