@@ -1,0 +1,246 @@
+"""The same architectures as transformers models (random weights, nothing downloaded).
+
+Four families cover the presets: GPT-2 (learned positions, LayerNorm, GeLU), GPT-NeoX/Pythia (rotary,
+LayerNorm, GeLU, parallel residual), Llama (rotary, RMSNorm, SwiGLU, GQA) and BERT. The class follows
+from the architecture's features; anything else raises `ValueError` and is left to `--impl reference`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+from torch import nn
+
+from formulas.architecture import Architecture
+from models.gpt import check_options
+
+HF_SUPPORTED = (
+    "GPT-2 (decoder, learned positions, layernorm, gelu, biases, kv-heads = heads), "
+    "GPT-NeoX (decoder, rotary, layernorm, gelu, biases, kv-heads = heads), "
+    "Llama (decoder, rotary, rmsnorm, swiglu) and "
+    "BERT (encoder, learned positions, layernorm, gelu, biases, kv-heads = heads, type_vocab >= 1, "
+    "heads: pooler+mlm+nsp, mlm only, or no mlm and no nsp)"
+)
+
+NEOX_ROTARY_PCT = 0.25
+"""Pythia and GPT-NeoX-20B rotate a quarter of each head (`rotary_pct` in their Hub configs)."""
+
+
+def _features(arch: Architecture) -> str:
+    kv = "" if arch.n_kv_heads == arch.n_heads else f", kv_heads={arch.n_kv_heads}"
+    heads = ""
+    if arch.family == "encoder":
+        heads = f", pooler={arch.pooler}, mlm_head={arch.mlm_head}, nsp_head={arch.nsp_head}"
+        heads += f", type_vocab={arch.type_vocab}"
+    bias = "bias" if arch.bias else "no bias"
+    return f"{arch.family}, {arch.position} positions, {arch.norm}, {arch.mlp}, {bias}{kv}{heads}"
+
+
+def hf_family(arch: Architecture) -> str:
+    """`gpt2`, `gpt_neox`, `llama` or `bert`: the transformers model type that has exactly these parameters."""
+    mha = arch.n_kv_heads == arch.n_heads
+    if arch.family == "decoder":
+        if arch.position == "learned" and arch.norm == "layernorm" and arch.mlp == "gelu" and arch.bias and mha:
+            return "gpt2"
+        if arch.position == "rotary" and arch.norm == "layernorm" and arch.mlp == "gelu" and arch.bias and mha:
+            return "gpt_neox"
+        if arch.position == "rotary" and arch.norm == "rmsnorm" and arch.mlp == "swiglu":
+            return "llama"
+    elif _bert_body(arch) and _bert_heads(arch):
+        return "bert"
+    raise ValueError(f"no transformers class for {_features(arch)}; supported: {HF_SUPPORTED}; or use --impl reference")
+
+
+def _bert_body(arch: Architecture) -> bool:
+    """BertConfig has no knob for rotary, RMSNorm, SwiGLU, biases, GQA or a missing token-type table."""
+    return (
+        arch.position == "learned"
+        and arch.norm == "layernorm"
+        and arch.mlp == "gelu"
+        and arch.bias
+        and arch.n_kv_heads == arch.n_heads
+        and arch.type_vocab >= 1
+    )
+
+
+def _bert_heads(arch: Architecture) -> bool:
+    """BertForPreTraining (all three heads), BertForMaskedLM (MLM only) or BertModel (no MLM, no NSP)."""
+    all_three = arch.pooler and arch.mlm_head and arch.nsp_head
+    mlm_only = arch.mlm_head and not arch.pooler and not arch.nsp_head
+    return all_three or mlm_only or not (arch.mlm_head or arch.nsp_head)
+
+
+def attn_implementation(attention: str, *, device=None, dtype=None) -> str:
+    """transformers' `attn_implementation` for our `attention`.
+
+    eager -> "eager" (scores written out). flash -> "flash_attention_2" where the `flash_attn` package
+    is importable and the model is 16-bit on CUDA, else "sdpa" (`F.scaled_dot_product_attention`, which
+    picks the flash or memory-efficient kernel on CUDA and falls back to the math path on CPU).
+    """
+    check_options(attention, "none")
+    if attention == "eager":
+        return "eager"
+    device_type = torch.device(device).type if device is not None else torch.get_default_device().type
+    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
+    if device_type == "cuda" and sixteen_bit and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def hf_config(arch: Architecture, attention: str = "eager", *, device=None, dtype=None) -> Any:
+    """A transformers `PretrainedConfig` with the hyper-parameters of `arch` (raises `ValueError` if none fits)."""
+    import transformers
+
+    family = hf_family(arch)
+    common: dict[str, Any] = {
+        "vocab_size": arch.vocab,
+        "tie_word_embeddings": arch.tied_embeddings,
+        "attn_implementation": attn_implementation(attention, device=device, dtype=dtype),
+        # Token ids of the published configs can exceed a tiny test vocabulary; training needs none.
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+        "use_cache": False,  # training: no KV cache
+    }
+    if family == "gpt2":
+        return transformers.GPT2Config(
+            n_layer=arch.n_layers,
+            n_embd=arch.hidden,
+            n_head=arch.n_heads,
+            n_inner=arch.ffn_hidden,
+            n_positions=arch.max_positions,
+            resid_pdrop=arch.dropout,
+            embd_pdrop=arch.dropout,
+            attn_pdrop=arch.dropout,
+            **common,
+        )
+    if family == "gpt_neox":
+        return transformers.GPTNeoXConfig(
+            num_hidden_layers=arch.n_layers,
+            hidden_size=arch.hidden,
+            num_attention_heads=arch.n_heads,
+            intermediate_size=arch.ffn_hidden,
+            max_position_embeddings=arch.max_positions,
+            hidden_act="gelu",
+            rotary_pct=NEOX_ROTARY_PCT,
+            use_parallel_residual=True,
+            attention_bias=True,
+            attention_dropout=arch.dropout,
+            hidden_dropout=arch.dropout,
+            **common,
+        )
+    if family == "llama":
+        return transformers.LlamaConfig(
+            num_hidden_layers=arch.n_layers,
+            hidden_size=arch.hidden,
+            num_attention_heads=arch.n_heads,
+            num_key_value_heads=arch.n_kv_heads,
+            intermediate_size=arch.ffn_hidden,
+            max_position_embeddings=arch.max_positions,
+            hidden_act="silu",
+            attention_bias=arch.bias,
+            mlp_bias=arch.bias,
+            attention_dropout=arch.dropout,  # Llama has no residual dropout: only the attention scores drop
+            **common,
+        )
+    return transformers.BertConfig(
+        num_hidden_layers=arch.n_layers,
+        hidden_size=arch.hidden,
+        num_attention_heads=arch.n_heads,
+        intermediate_size=arch.ffn_hidden,
+        max_position_embeddings=arch.max_positions,
+        type_vocab_size=arch.type_vocab,
+        hidden_act="gelu",
+        hidden_dropout_prob=arch.dropout,
+        attention_probs_dropout_prob=arch.dropout,
+        **common,
+    )
+
+
+def hf_model_class(arch: Architecture) -> tuple[type, dict[str, Any]]:
+    """The transformers class for `arch` and its extra constructor arguments."""
+    import transformers
+
+    family = hf_family(arch)
+    if family == "gpt2":
+        return transformers.GPT2LMHeadModel, {}
+    if family == "gpt_neox":
+        return transformers.GPTNeoXForCausalLM, {}
+    if family == "llama":
+        return transformers.LlamaForCausalLM, {}
+    if arch.mlm_head and arch.nsp_head:
+        return transformers.BertForPreTraining, {}
+    if arch.mlm_head:
+        return transformers.BertForMaskedLM, {}
+    return transformers.BertModel, {"add_pooling_layer": arch.pooler}
+
+
+def instantiate_hf(arch: Architecture, attention: str = "eager", *, device=None, dtype=None) -> nn.Module:
+    """The bare transformers model for `arch`, built directly on `device` in `dtype`, in train mode.
+
+    The default dtype is set around the constructor (transformers' own `_from_config` does this), never
+    `model.to(dtype)`: that fails on fake parameters (shared/PLATFORM.md). On `meta` nothing is allocated.
+    """
+    cls, kwargs = hf_model_class(arch)
+    config = hf_config(arch, attention, device=device, dtype=dtype)
+    with torch.device(device if device is not None else torch.get_default_device()):
+        model = cls._from_config(config, dtype=dtype or torch.get_default_dtype(), **kwargs)
+    if arch.family == "decoder":
+        model.loss_type = "ForCausalLM"  # what transformers falls back to for GPT2LMHeadModel, minus its warning
+    return model.train()
+
+
+class HFLossModel(nn.Module):
+    """A transformers model whose `forward(**batch)` returns the scalar training loss.
+
+    Heads with labels return transformers' own loss (causal LM: labels shifted inside, fp32 logits;
+    BERT pre-training and masked LM: cross-entropy on logits in the model dtype). A `BertModel` has no
+    labelled head: its stand-in loss is the mean of the pooled output (or of the last hidden state),
+    as in `models.bert.Bert`.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        out = self.model(**batch)
+        loss = getattr(out, "loss", None)
+        if loss is not None:
+            return loss
+        pooled = getattr(out, "pooler_output", None)
+        return (pooled if pooled is not None else out.last_hidden_state).float().mean()
+
+    def prefill(self, input_ids: torch.Tensor):
+        """Inference forward over a prompt: the logits and, for causal LMs, the KV cache (use_cache=True)."""
+        if self.model.can_generate():
+            return self.model(input_ids=input_ids, use_cache=True)
+        return self.model(input_ids=input_ids)
+
+
+def build_hf(
+    arch: Architecture,
+    *,
+    attention: str = "eager",
+    recompute: str = "none",
+    device=None,
+    dtype=None,
+) -> HFLossModel:
+    """The transformers model for `arch` wrapped in `HFLossModel`, in train mode.
+
+    `recompute="full"` turns on transformers' activation checkpointing of every layer (non-reentrant);
+    transformers has no selective (attention-core) recomputation.
+    """
+    check_options(attention, recompute)
+    if recompute == "selective":
+        raise ValueError("selective recompute is implemented for --impl reference only")
+    model = instantiate_hf(arch, attention, device=device, dtype=dtype)
+    if recompute == "full":
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return HFLossModel(model).train()
