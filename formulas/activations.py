@@ -76,8 +76,14 @@ def layer_terms(
     mask_bytes: int = 1,
     recompute: str = "none",
     attention: str = "eager",
+    stats_bytes: int = 0,
 ) -> LayerActivations:
-    """Per-layer stored bytes, generalised from Korthikanti et al. 2022, Table 2 (see module doc)."""
+    """Per-layer stored bytes, generalised from Korthikanti et al. 2022, Table 2 (see module doc).
+
+    `stats_bytes` adds what the paper leaves out: each norm's per-token statistics, mean and
+    1/std for LayerNorm, 1/rms for RMSNorm (4 bytes each on CUDA; CPU's LayerNorm keeps them in
+    the input dtype). 0 (the default) is the paper; the reference models make it exact.
+    """
     if recompute not in RECOMPUTES:
         raise ValueError(f"recompute must be one of {', '.join(RECOMPUTES)}, got {recompute!r}")
     if attention not in ATTENTIONS:
@@ -90,7 +96,8 @@ def layer_terms(
         return LayerActivations(replicated=e * sbh, sharded=0, scores=0)
     dropout = arch.dropout > 0
     m = mask_bytes if dropout else 0
-    replicated = (4 * e + 2 * m) * sbh
+    stats_per_norm = 2 if arch.norm == "layernorm" else 1
+    replicated = (4 * e + 2 * m) * sbh + 2 * stats_per_norm * s * b * stats_bytes
     inner = (2 if arch.mlp == "gelu" else 4) * e * s * b * arch.ffn_hidden
     sharded = 2 * e * sbh + 2 * e * s * b * arch.kv_width + inner
     if recompute == "selective":
@@ -113,10 +120,18 @@ def layer_bytes(
     attention: str = "eager",
     tp: int = 1,
     sequence_parallel: bool = False,
+    stats_bytes: int = 0,
 ) -> int:
     """Bytes one layer stores for one micro-batch on one tensor-parallel rank (Korthikanti Table 2)."""
     terms = layer_terms(
-        arch, seq, batch, elem_bytes=elem_bytes, mask_bytes=mask_bytes, recompute=recompute, attention=attention
+        arch,
+        seq,
+        batch,
+        elem_bytes=elem_bytes,
+        mask_bytes=mask_bytes,
+        recompute=recompute,
+        attention=attention,
+        stats_bytes=stats_bytes,
     )
     return terms.bytes(tp, sequence_parallel)
 

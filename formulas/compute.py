@@ -60,18 +60,25 @@ def matmul_flops_per_step(arch: Architecture, batch: int, seq: int, recompute: s
     Forward: 2 FLOPs per matmul parameter per token (per sequence for BERT's pooler and NSP head)
     plus attention, 4·s·h per token and layer (Q·Kᵀ and scores·V, each 2·b·s²·h, full matrix).
     Backward computes the gradient of both operands of every matmul: twice the forward.
-    Recomputation replays once more what it recomputes: the blocks (full) or the attention core
-    (selective), not the embedding or the output layer.
+
+    Recomputation replays, in the backward pass, the forward work up to the last tensor the
+    backward needs: torch's non-reentrant checkpoint stops early once every saved tensor is
+    rebuilt (`torch.utils.checkpoint.set_checkpoint_early_stop`, on by default). Selective
+    recompute therefore replays Q·Kᵀ but not scores·V (its output is saved outside the region);
+    full recompute replays each block but, in a pre-LN block without dropout, its last matmul.
     """
     tokens = batch * seq
+    h, f, kv = arch.hidden, arch.ffn_hidden, arch.kv_width
     attention = attention_flops_per_token(arch, seq) * tokens
     forward = 2 * matmul_params(arch) * tokens + 2 * sequence_matmul_params(arch) * batch + attention
     if recompute == "full":
-        h, f, kv = arch.hidden, arch.ffn_hidden, arch.kv_width
         block_matmul = 2 * h * h + 2 * h * kv + (2 if arch.mlp == "gelu" else 3) * h * f
+        if arch.dropout == 0 and arch.family == "decoder":
+            # Pre-LN: the MLP's output projection feeds only the residual add, which saves nothing.
+            block_matmul -= f * h
         extra = 2 * arch.n_layers * block_matmul * tokens + attention
     elif recompute == "selective":
-        extra = attention
+        extra = attention // 2  # Q·Kᵀ only
     else:
         extra = 0
     return 3 * forward + extra

@@ -21,6 +21,7 @@ from formulas.precision import OPTIMIZERS, PRECISIONS
 IMPLS: tuple[str, ...] = ("reference", "hf")
 DEVICES: tuple[str, ...] = ("auto", "cuda", "cpu", "meta")
 OFFLOADS: tuple[str, ...] = ("none", "cpu")
+MODES: tuple[str, ...] = ("train", "inference")
 
 
 def _positive_int(name: str, value) -> None:
@@ -77,12 +78,14 @@ class RunSpec:
     """Accelerator the prediction is for (see `formulas.hardware.GPUS`)."""
     tflops: float | None = None
     """Achieved TFLOP/s per GPU (default: Transformer Math 101's 120 per A100, scaled to `gpu`)."""
+    mode: str = "train"
+    """Measurement: `train` (forward, backward, optimizer step) or `inference` (forward only, no grad)."""
     impl: str = "reference"
     """Measurement: `reference` (models/gpt.py, models/bert.py) or `hf` (transformers)."""
     device: str = "auto"
     """Measurement: auto | cuda | cpu | meta (fake tensors: no memory allocated)."""
     steps: int = 3
-    """Measurement: timed training steps after warm-up."""
+    """Measurement: timed training steps after warm-up (0: memory and FLOPs only, no timing)."""
     warmup: int = 1
     """Measurement: untimed steps first (allocator, cuBLAS workspace, lazy state)."""
     offload_optimizer: str = "none"
@@ -99,15 +102,18 @@ class RunSpec:
             raise ValueError("give a model (--model, or --layers/--hidden/--heads) or a parameter count (--params)")
         if self.params is not None:
             _positive_int("params", self.params)
-        for name in ("batch", "seq", "gpus", "tp", "pp", "grad_accum", "steps"):
+        for name in ("batch", "seq", "gpus", "tp", "pp", "grad_accum"):
             _positive_int(name, getattr(self, name))
-        if not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
+        for name in ("steps", "warmup"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         _one_of("precision", self.precision, PRECISIONS)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("recompute", self.recompute, RECOMPUTES)
         _one_of("attention", self.attention, ATTENTIONS)
         _one_of("zero", self.zero, ZERO_STAGES)
+        _one_of("mode", self.mode, MODES)
         _one_of("impl", self.impl, IMPLS)
         _one_of("device", self.device, DEVICES)
         _one_of("offload-optimizer", self.offload_optimizer, OFFLOADS)

@@ -171,3 +171,110 @@ def print_gpus(gpus) -> None:
         ]
         table.add_row(g.name, g.label, f"{g.memory_gib:g}", *peaks, f"{tflops_bar(g):.1f}", g.source)
     console().print(table)
+
+
+def size(value: int | float | None) -> str:
+    """Bytes in the unit that keeps 3-4 significant digits: KiB, MiB or GiB (binary)."""
+    if value is None:
+        return "-"
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(value) >= div:
+            return f"{value / div:,.2f} {unit}"
+    return f"{value:,.0f} B"
+
+
+def print_measurement(record: dict) -> None:
+    """Measured | predicted | measured/predicted for every term of one record."""
+    from formulas.spec import RunSpec
+
+    con = console()
+    spec = RunSpec.from_dict(record["spec"])
+    m, p = record["measured"], record["predicted"]
+    mem, pmem = m.get("memory_bytes", {}), p["memory_bytes"]
+    device = m.get("device", spec.device)
+    con.print(f"[bold]{run_title(spec)}[/bold]  impl {spec.impl} · device {device} · status {record['status']}")
+    if record["status"] != "ok":
+        err = record.get("error") or {}
+        con.print(f"[red]{record['status']}[/red]: {err.get('type', '')}: {err.get('message', '')}")
+        tail = (err.get("stderr_tail") or "").strip().splitlines()[-8:]
+        for line in tail:
+            con.print(f"  {line}", markup=False)
+    table = Table(
+        title="Memory: measured vs predicted (Korthikanti et al. / Transformer Math 101)", title_justify="left"
+    )
+    for col in ("term", "measured", "predicted", "meas/pred", "how measured"):
+        table.add_column(col, justify="left" if col in ("term", "how measured") else "right")
+    methods = m.get("methods", {})
+    peak_method = methods.get("peak_allocated", {})
+    peak_how = peak_method.get(device, "") if isinstance(peak_method, dict) else peak_method
+
+    def row(term, measured, predicted, how=""):
+        table.add_row(term, size(measured), size(predicted), ratio(measured, predicted), how)
+
+    row("weights", mem.get("weights"), pmem["weights"], methods.get("weights", ""))
+    row("gradients", mem.get("gradients"), pmem["gradients"], methods.get("gradients", ""))
+    row("optimizer", mem.get("optimizer"), pmem["optimizer"], methods.get("optimizer", ""))
+    row("activations", mem.get("activations"), pmem["activations"], methods.get("activations", ""))
+    acts = p.get("activation_bytes") or {}
+    layers = m.get("activations_by_layer") or []
+    if layers and acts:
+        median = sorted(layers)[len(layers) // 2]
+        row("  per layer (median)", median, acts.get("per_layer"), f"{len(layers)} layers attributed by module hooks")
+        row(
+            "  embedding + output + loss",
+            mem.get("activations_other"),
+            acts.get("embedding", 0) + acts.get("output", 0),
+        )
+    row(
+        "peak allocated (steady step)",
+        mem.get("peak_allocated"),
+        pmem["total"],
+        peak_how + "; predicted = sum of terms",
+    )
+    row(
+        "peak allocated (first step)",
+        mem.get("peak_allocated_first_step"),
+        pmem["total"],
+        "optimizer state created here",
+    )
+    row(
+        "graph retained after forward",
+        mem.get("graph_retained"),
+        pmem["activations"],
+        "live bytes after − before forward",
+    )
+    for key, how in (
+        ("peak_reserved", "torch.cuda memory_stats reserved peak"),
+        ("peak_active", "torch.cuda memory_stats active peak"),
+        ("pre_model_allocated", "allocated before the model (cuBLAS workspace)"),
+        ("nvml_used", "NVML device memory used (all processes)"),
+    ):
+        if mem.get(key) is not None:
+            table.add_row(key.replace("_", " "), size(mem[key]), "-", "-", how)
+    for name, by_naive in ((k, v) for k, v in p.items() if k.startswith("naive")):
+        table.add_row(f"total, {name.replace('_', '-')} formula", size(mem.get("peak_allocated")),
+                      size(by_naive["memory_bytes"]["total"]),
+                      ratio(mem.get("peak_allocated"), by_naive["memory_bytes"]["total"]), "the Q&A seed's formula")  # fmt: skip
+    con.print(table)
+
+    flops = m.get("flops")
+    if flops:
+        ct = Table(title="Compute", title_justify="left")
+        for col in ("quantity", "measured", "formula", "meas/formula", "note"):
+            ct.add_column(col, justify="left" if col in ("quantity", "note") else "right")
+        ct.add_row("FLOPs per step", human(flops["counted"]), human(flops["formula_matmul"]),
+                   ratio(flops["counted"], flops["formula_matmul"]), "FlopCounterMode vs exact matmul count")  # fmt: skip
+        ct.add_row("", "", human(flops["model_per_step"]), ratio(flops["counted"], flops["model_per_step"]),
+                   "vs 6P + 12·L·s·h per token")  # fmt: skip
+        step = m.get("step_ms")
+        if step:
+            ct.add_row("step time", f"{step['median']:,.1f} ms", "-", "-",
+                       f"median of {len(step['all'])} (min {step['min']:,.1f}, max {step['max']:,.1f})")  # fmt: skip
+            t = m["tflops"]
+            ct.add_row("model TFLOP/s", f"{t['model']:,.3f}", "-", "-", "6P + attention per token / step time")
+            ct.add_row("hardware TFLOP/s", f"{t['hardware']:,.3f}", "-", "-", "with recompute work")
+            if m.get("mfu") is not None:
+                ct.add_row(
+                    "MFU / HFU", f"{m['mfu']:.1%} / {m['hfu']:.1%}", "-", "-", f"peak {m['peak_tflops']:g} TFLOP/s"
+                )
+        con.print(ct)

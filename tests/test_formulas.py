@@ -163,7 +163,10 @@ def test_matmul_flops_hand_count():
     a = Architecture(n_layers=1, hidden=4, n_heads=1, vocab=10, max_positions=3, dropout=0.0)
     fwd = 2 * (64 + 128 + 40) * 3 + 4 * 3 * 4 * 3  # params per token, + attention 4·s·h per token
     assert matmul_flops_per_step(a, 1, 3) == 3 * fwd
-    assert matmul_flops_per_step(a, 1, 3, "selective") == 3 * fwd + 4 * 3 * 4 * 3
+    # Checkpoint early stop: selective replays Q·Kᵀ (2·s·h per token) but not scores·V.
+    assert matmul_flops_per_step(a, 1, 3, "selective") == 3 * fwd + 2 * 3 * 4 * 3
+    # Full, pre-LN, no dropout: the block is replayed except its MLP output projection (h·f).
+    assert matmul_flops_per_step(a, 1, 3, "full") == 3 * fwd + 2 * (64 + 64) * 3 + 4 * 3 * 4 * 3
 
 
 def test_chinchilla():

@@ -1,0 +1,359 @@
+"""Measure one RunSpec in this process: each term the formulas predict, by one protocol on every device.
+
+Protocol (DESIGN.md; after stas00/ml-engineering's benchmarks):
+1. CUDA only: initialise the context and cuBLAS workspace with a small matmul, and record what is
+   allocated before the model exists (reported apart, never subtracted).
+2. Build the model and the optimizer; record weights and buffers (unique storages).
+3. Instrumented first step: activations = unique storages autograd saves during forward
+   (`SavedTensorTracker`, parameters and buffers excluded), gradients after backward, optimizer
+   state (with the fp32 master copy) after the step, peak allocated over the step.
+4. A second step for the steady-state peak (optimizer state now exists from the start).
+5. One step under `FlopCounterMode`: counted FLOPs, cross-checked with the formulas.
+6. `warmup` untimed steps, then `steps` timed steps: CUDA events (perf_counter on CPU) per step;
+   median, min, max.
+Peaks: `torch.cuda.max_memory_allocated` on CUDA; on CPU and with fake tensors the exact
+`LiveTensorTracker` (a TorchDispatchMode), which is switched off for the timed steps. Python's cyclic
+GC is collected before and frozen during the measured steps, so a peak does not depend on its timing.
+`--device meta` runs steps 2-5 under FakeTensorMode: shapes without data, nothing allocated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import statistics
+import time
+
+import torch
+
+from formulas.compute import matmul_flops_per_step
+from formulas.hardware import match_device_name
+from formulas.precision import compute_dtype
+from formulas.predict import predict
+from formulas.spec import RunSpec
+from harness.errors import UsageError
+from harness.memtrack import LiveTensorTracker, SavedTensorTracker
+from harness.training import Trainer, param_dtype, unique_storage_bytes
+
+MEASUREMENT_METHODS = {
+    "weights": "unique parameter storages after the model is built (bytes)",
+    "gradients": "unique .grad storages after the first backward",
+    "optimizer": "unique optimizer-state storages after the first step, fp32 master copy included",
+    "activations": "unique storages saved for backward (saved_tensors_hooks), parameters and buffers excluded",
+    "peak_allocated": {
+        "cuda": "torch.cuda.max_memory_allocated over a step",
+        "cpu": "LiveTensorTracker (TorchDispatchMode over every op) over a step",
+        "meta": "LiveTensorTracker under FakeTensorMode over a step",
+    },
+    "step_ms": {"cuda": "CUDA events around each step", "cpu": "time.perf_counter around each step"},
+    "flops": "torch.utils.flop_counter.FlopCounterMode over one step",
+}
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device cuda: no CUDA device is available (torch {torch.__version__})")
+    return requested
+
+
+def check_measurable(spec: RunSpec, device: str) -> None:
+    """What `measure` cannot run, as one-line errors before anything is built."""
+    if spec.arch is None:
+        raise UsageError("measure needs an architecture (--model or --layers/--hidden/--heads), not only --params")
+    if spec.tp > 1 or spec.pp > 1:
+        raise UsageError(
+            "measure runs data parallelism (ZeRO over --gpus); tensor and pipeline parallelism are predicted only"
+        )
+    if spec.optimizer == "adam8bit" and device != "cuda":
+        raise UsageError("--optimizer adam8bit (bitsandbytes) needs a CUDA device")
+    if spec.impl == "hf" and spec.recompute == "selective":
+        raise UsageError("selective recompute is implemented for --impl reference only")
+    if device == "meta" and (spec.zero or spec.gpus > 1):
+        raise UsageError("--device meta measures one process with fake tensors; it cannot run DeepSpeed/ZeRO")
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Build parameters in `dtype` directly: `model.to(dtype)` fails on fake parameters (PLATFORM.md)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+@contextlib.contextmanager
+def gc_frozen():
+    """Collect, then keep Python's cyclic GC off: a measured peak must not depend on when the collector
+    happens to run (torch.utils.checkpoint leaves reference cycles whose storages only GC frees)."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+class _CudaMemory:
+    """Allocator statistics: the numbers `torch.cuda.max_memory_allocated` users know."""
+
+    def live(self) -> int:
+        return torch.cuda.memory_allocated()
+
+    def reset_peak(self) -> None:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+    def peak(self) -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+
+    def track(self, tensors) -> None:
+        """The CUDA allocator sees every allocation already."""
+
+
+class _TrackedMemory:
+    """The exact live-storage tracker, for CPU and fake tensors (the CPU allocator keeps no statistics)."""
+
+    def __init__(self, tracker: LiveTensorTracker):
+        self.tracker = tracker
+
+    def live(self) -> int:
+        return self.tracker.live_bytes
+
+    def reset_peak(self) -> None:
+        self.tracker.reset_peak()
+
+    def peak(self) -> int:
+        return self.tracker.peak_bytes
+
+    def track(self, tensors) -> None:
+        """Register tensors created without a dispatched op (AdamW's `torch.tensor(0.)` step counters)."""
+        self.tracker.track(*tensors)
+
+
+_CUDA_PEAKS = {
+    "peak_allocated": "allocated_bytes.all.peak",
+    "peak_reserved": "reserved_bytes.all.peak",
+    "peak_active": "active_bytes.all.peak",
+}
+
+
+def _timed_steps(step, work, n: int, cuda: bool) -> tuple[list[float], dict]:
+    """Per-step milliseconds of `step(work)` and, on CUDA, the largest per-step allocator peaks."""
+    times: list[float] = []
+    stats = dict.fromkeys(_CUDA_PEAKS, 0) if cuda else {}
+    for _ in range(n):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(work)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+            s = torch.cuda.memory_stats()
+            for key, stat in _CUDA_PEAKS.items():
+                stats[key] = max(stats[key], s.get(stat, 0))
+        else:
+            t0 = time.perf_counter()
+            step(work)
+            times.append((time.perf_counter() - t0) * 1e3)
+    if cuda:
+        s = torch.cuda.memory_stats()
+        stats["num_alloc_retries"] = s.get("num_alloc_retries", 0)
+        stats["num_ooms"] = s.get("num_ooms", 0)
+    return times, stats
+
+
+def _finish_timing(spec: RunSpec, measured: dict, times: list[float], tokens: int) -> None:
+    """Step-time statistics and throughput from the timed steps (nothing when none were timed)."""
+    if not times:
+        measured["step_ms"] = None
+        return
+    measured["step_ms"] = {"median": statistics.median(times), "min": min(times), "max": max(times), "all": times}
+    seconds = measured["step_ms"]["median"] / 1e3
+    flops = measured["flops"]
+    measured["tflops"] = {
+        "model": flops["model_per_step"] / seconds / 1e12,
+        "hardware": flops["hardware_per_step"] / seconds / 1e12,
+        "counted": flops["counted"] / seconds / 1e12,
+    }
+    measured["tokens_per_second"] = tokens / seconds
+
+
+def _cuda_epilogue(spec: RunSpec, measured: dict, cuda_stats: dict) -> None:
+    """Allocator peaks of the timed steps, NVML's view, and utilisation against the device's peak."""
+    from harness.environment import nvml_snapshot
+
+    mem = measured["memory_bytes"]
+    mem["peak_allocated"] = max(mem.get("peak_allocated", 0), cuda_stats.pop("peak_allocated", 0))
+    mem.update(cuda_stats)
+    after = nvml_snapshot(torch.cuda.current_device())
+    mem["nvml_used"] = after["memory_used_bytes"] if after else None
+    gpu = match_device_name(torch.cuda.get_device_name())
+    measured["gpu"] = gpu.name if gpu else None
+    peak = gpu.peak(compute_dtype(spec.precision)) if gpu else None
+    if peak and measured.get("tflops"):
+        measured["peak_tflops"] = peak
+        measured["mfu"] = measured["tflops"]["model"] / peak
+        measured["hfu"] = measured["tflops"]["hardware"] / peak
+
+
+def _warm_cuda(dtype: torch.dtype, mem: dict) -> None:
+    """Create the CUDA context and cuBLAS workspace before the model, and record what they hold."""
+    from harness.environment import nvml_snapshot
+
+    torch.cuda.init()
+    warm = torch.randn(256, 256, device="cuda", dtype=dtype)
+    (warm @ warm).sum().item()
+    del warm
+    torch.cuda.synchronize()
+    mem["pre_model_allocated"] = torch.cuda.memory_allocated()
+    mem["pre_model_reserved"] = torch.cuda.memory_reserved()
+    before = nvml_snapshot(torch.cuda.current_device())
+    mem["nvml_used_before_model"] = before["memory_used_bytes"] if before else None
+
+
+def measure(spec: RunSpec, measured: dict) -> None:
+    """Run the protocol for `spec`, filling `measured` phase by phase (a failure keeps what was measured)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models.build import build_model, make_batch, transformer_blocks
+
+    device = resolve_device(spec.device)
+    check_measurable(spec, device)
+    cuda, fake = device == "cuda", device == "meta"
+    torch_device = "cuda" if cuda else "cpu"
+    dtype = param_dtype(spec.precision)
+    arch = spec.arch
+    inference = spec.mode == "inference"
+    measured.update(device=device, mode=spec.mode, methods=MEASUREMENT_METHODS)
+    measured.update(step_ms=None, tflops=None, mfu=None, hfu=None, peak_tflops=None)
+    mem: dict = {}
+    measured["memory_bytes"] = mem
+    torch.manual_seed(0)
+    if cuda:
+        _warm_cuda(dtype, mem)
+
+    with contextlib.ExitStack() as outer:
+        if fake:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            outer.enter_context(FakeTensorMode())
+        with contextlib.ExitStack() as tracked:
+            probe = _CudaMemory() if cuda else _TrackedMemory(tracked.enter_context(LiveTensorTracker()))
+            with default_dtype(dtype):
+                model = build_model(
+                    arch, impl=spec.impl, attention=spec.attention, recompute=spec.recompute,
+                    device=torch_device, dtype=dtype,
+                )  # fmt: skip
+            generator = None if fake else torch.Generator(device=torch_device).manual_seed(0)
+            batches = [
+                make_batch(arch, spec.batch, spec.seq, device=torch_device, generator=generator, impl=spec.impl)
+                for _ in range(1 if inference else spec.grad_accum)
+            ]
+            trainer = Trainer(model, precision=spec.precision, optimizer=spec.optimizer, device_type=torch_device,
+                              inference=inference)  # fmt: skip
+            mem["weights"] = trainer.weight_bytes()
+            mem["buffers"] = trainer.buffer_bytes()
+            mem["inputs"] = unique_storage_bytes(t for b in batches for t in b.values())
+            mem["after_model"] = probe.live()
+            prediction = predict(spec)
+            if inference:
+                _inference_steps(spec, measured, trainer, batches[0], probe, FlopCounterMode, prediction)
+            else:
+                _first_steps(spec, measured, trainer, batches, probe, transformer_blocks(model), FlopCounterMode,
+                             prediction)  # fmt: skip
+        if fake:
+            return
+        step = trainer.infer if inference else trainer.train_step
+        work = batches[0] if inference else batches
+        for _ in range(spec.warmup):
+            step(work)
+        times, cuda_stats = _timed_steps(step, work, spec.steps, cuda)
+    tokens = spec.batch * spec.seq * (1 if inference else spec.grad_accum)
+    _finish_timing(spec, measured, times, tokens)
+    if cuda:
+        _cuda_epilogue(spec, measured, cuda_stats)
+
+
+def _first_steps(spec, measured, trainer, batches, probe, blocks, flop_counter, prediction) -> None:
+    """Step 1 instrumented (activations, gradients, optimizer state, first-step peak); step 2 gives the
+    steady-state peak and, under FlopCounterMode (which allocates nothing), the counted FLOPs."""
+    mem = measured["memory_bytes"]
+    with gc_frozen():
+        probe.reset_peak()
+        before_forward = probe.live()
+        with SavedTensorTracker(exclude=trainer.model, modules=blocks) as saved:
+            loss = trainer.forward(batches[0])
+        mem["graph_retained"] = probe.live() - before_forward
+        trainer.backward(loss)
+        del loss
+        for batch in batches[1:]:
+            trainer.backward(trainer.forward(batch))
+        mem["gradients"] = trainer.gradient_bytes()
+        trainer.step()
+        mem["peak_allocated_first_step"] = probe.peak()
+    mem["optimizer"] = trainer.optimizer_bytes()
+    probe.track(trainer.optimizer_tensors())
+
+    by_layer = [saved.bytes_by_module.get(name, 0) for name, _ in blocks]
+    mem["activations"] = saved.total_bytes
+    mem["activations_layers"] = sum(by_layer)
+    mem["activations_other"] = saved.total_bytes - sum(by_layer)
+    measured["activations_by_layer"] = by_layer
+    measured["activations_by_dtype"] = {str(k).removeprefix("torch."): v for k, v in saved.bytes_by_dtype.items()}
+    measured["saved_parameter_bytes"] = saved.excluded_bytes
+
+    with gc_frozen():
+        probe.reset_peak()
+        with flop_counter(display=False) as counter:
+            trainer.train_step(batches)
+        mem["peak_allocated"] = probe.peak()
+    measured["flops"] = {
+        "counted": int(counter.get_total_flops()),
+        "formula_matmul": matmul_flops_per_step(spec.arch, spec.batch, spec.seq, spec.recompute) * spec.grad_accum,
+        "model_per_step": prediction.flops.per_step_model,
+        "hardware_per_step": prediction.flops.per_step_hardware,
+    }
+
+
+def _inference_steps(spec, measured, trainer, batch, probe, flop_counter, prediction) -> None:
+    """One no-grad forward (a prefill: logits and, for transformers decoders, the KV cache kept alive):
+    its peak against Transformer Math 101's 1.2 × weights + KV cache."""
+    mem = measured["memory_bytes"]
+    with gc_frozen():
+        probe.reset_peak()
+        with flop_counter(display=False) as counter:
+            output = trainer.infer(batch)
+        mem["peak_allocated"] = probe.peak()
+    mem["kv_cache"] = unique_storage_bytes(_cache_tensors(output))
+    mem["output"] = probe.live() - mem["after_model"]
+    del output
+    forward = prediction.flops.per_step_model // (3 * spec.grad_accum)
+    measured["flops"] = {
+        "counted": int(counter.get_total_flops()),
+        "formula_matmul": matmul_flops_per_step(spec.arch, spec.batch, spec.seq) // 3,
+        "model_per_step": forward,
+        "hardware_per_step": forward,
+    }
+    # Transformer Math 101's "Model Memory" is everything the model holds: weights and buffers.
+    model_bytes = mem["weights"] + mem["buffers"]
+    measured["inference_overhead"] = mem["peak_allocated"] / model_bytes if model_bytes else None
+
+
+def _cache_tensors(output):
+    """Key/value tensors of a transformers output's `past_key_values` (none for the reference models)."""
+    cache = getattr(output, "past_key_values", None)
+    if cache is None:
+        return []
+    layers = getattr(cache, "layers", None)
+    if layers is not None:  # transformers >= 4.56: DynamicCache.layers[i].keys / .values
+        return [t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))]
+    return [t for pair in cache for t in pair]

@@ -1,0 +1,69 @@
+"""Subprocess entry point: measure one spec and write its record, whatever happens.
+
+    python -m harness.worker RESULT.json < {"spec": {...}, "argv": [...], "max_memory_bytes": N}
+
+The record is written atomically (temporary file, then rename). An exception becomes a record
+with status `oom` or `error` and the traceback's tail; only a signal (SIGKILL from the kernel's
+OOM killer, a timeout) leaves no record, and the runner writes that one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+
+
+def _limit_address_space(limit: int) -> None:
+    """Turn host-memory exhaustion into a MemoryError/allocator error instead of the OOM killer."""
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def main(argv: list[str]) -> int:
+    result = Path(argv[1])
+    payload = json.loads(sys.stdin.read())
+
+    from formulas.spec import RunSpec
+    from harness.record import classify_exception, make_record
+
+    spec = RunSpec.from_dict(payload["spec"])
+    if payload.get("max_memory_bytes") and spec.device in ("cpu", "meta"):
+        _limit_address_space(int(payload["max_memory_bytes"]))
+
+    from harness.environment import environment
+    from harness.measure import measure
+
+    measured: dict = {}
+    error = None
+    t0 = time.perf_counter()
+    try:
+        measure(spec, measured)
+        status = "ok"
+    except Exception as exc:
+        status = classify_exception(exc)
+        error = {
+            "type": type(exc).__name__,
+            "message": str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__,
+            "traceback_tail": traceback.format_exc()[-4000:],
+        }
+    elapsed = time.perf_counter() - t0
+    record = make_record(
+        spec,
+        measured=measured,
+        status=status,
+        error=error,
+        environment=environment(device=measured.get("device"), argv=payload.get("argv")),
+        elapsed_s=elapsed,
+    )
+    tmp = result.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, allow_nan=False))
+    os.replace(tmp, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
