@@ -7,32 +7,18 @@ The `predict` path imports no torch, so it answers in a fraction of a second on 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import re
 import sys
-from dataclasses import replace
 
-from formulas.architecture import FAMILIES, MLPS, NORMS, POSITIONS, Architecture
-from formulas.spec import RunSpec
+from formulas.architecture import FAMILIES, MLPS, NORMS, POSITIONS
+from formulas.spec import DEVICES, IMPLS, MODES, OFFLOADS, RunSpec
 from harness.errors import EXIT_USAGE, UsageError
+from harness.specbuild import SETTING_KEYS, build_spec
 
 _SUFFIX = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
-
-# Flag -> Architecture field. Given with --model, each overrides the preset's value.
-ARCH_FLAGS = {
-    "layers": "n_layers",
-    "hidden": "hidden",
-    "heads": "n_heads",
-    "kv_heads": "n_kv_heads",
-    "ffn_hidden": "ffn_hidden",
-    "vocab": "vocab",
-    "max_positions": "max_positions",
-    "dropout": "dropout",
-    "position": "position",
-    "norm": "norm",
-    "mlp": "mlp",
-    "family": "family",
-}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,61 +81,11 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--tflops", type=float, help="achieved TFLOP/s per GPU (default: 120 per A100, scaled)")
 
 
-def architecture_from_args(args: argparse.Namespace) -> tuple[str, Architecture | None]:
-    """Resolve --model (with flag overrides) or the shape flags to an Architecture."""
-    from models import presets
-
-    given = {field: getattr(args, flag) for flag, field in ARCH_FLAGS.items() if getattr(args, flag) is not None}
-    if args.params is not None:
-        if args.model or given:
-            raise UsageError("--params replaces the architecture: give it without --model or shape flags")
-        return "custom", None
-    if args.model:
-        base = presets.resolve(args.model)
-        # A changed width or head count re-derives the fields that defaulted from it.
-        if "hidden" in given and "ffn_hidden" not in given and base.ffn_hidden == 4 * base.hidden:
-            given["ffn_hidden"] = None
-        if "n_heads" in given and "n_kv_heads" not in given and base.n_kv_heads == base.n_heads:
-            given["n_kv_heads"] = None
-        return args.model, replace(base, **given)
-    missing = [f"--{f}" for f in ("layers", "hidden", "heads") if getattr(args, f) is None]
-    if missing:
-        raise UsageError(f"give --model NAME|PATH, --params N, or the shape: missing {', '.join(missing)}")
-    return "custom", Architecture(**given)
-
-
 def spec_from_args(args: argparse.Namespace, **measure) -> RunSpec:
-    """Build and validate the RunSpec; any inconsistency becomes a one-line UsageError."""
-    try:
-        name, arch = architecture_from_args(args)
-        seq = args.seq if args.seq is not None else (min(arch.max_positions, 2048) if arch else 2048)
-        return RunSpec(
-            arch=arch,
-            model=name,
-            params=args.params,
-            batch=args.batch,
-            seq=seq,
-            precision=args.precision,
-            optimizer=args.optimizer,
-            recompute=args.recompute,
-            attention=args.attention,
-            zero=args.zero,
-            gpus=args.gpus,
-            tp=args.tp,
-            pp=args.pp,
-            sequence_parallel=args.sequence_parallel,
-            partition_activations=args.partition_activations,
-            in_flight=args.in_flight,
-            grad_accum=args.grad_accum,
-            tokens=args.tokens,
-            gpu=args.gpu,
-            tflops=args.tflops,
-            **measure,
-        )
-    except UsageError:
-        raise
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    """The RunSpec of a `predict`/`measure` command line (see harness.specbuild)."""
+    settings = {key: getattr(args, key, None) for key in SETTING_KEYS if hasattr(args, key)}
+    settings.update(measure)
+    return build_spec(settings)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -168,6 +104,39 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         display.print_prediction(prediction)
     return 0
+
+
+def measure_options(args: argparse.Namespace) -> dict:
+    return {
+        "impl": args.impl,
+        "mode": args.mode,
+        "device": args.device,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "offload_optimizer": args.offload_optimizer,
+        "offload_params": args.offload_params,
+        "deepspeed_config": args.deepspeed_config,
+    }
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    from harness import display
+    from harness.measure import check_measurable, resolve_device
+    from harness.record import append_jsonl
+    from harness.runner import default_max_memory_bytes, run_point
+
+    spec = spec_from_args(args, **measure_options(args))
+    device = resolve_device(spec.device)
+    check_measurable(spec, device)
+    limit = default_max_memory_bytes() if device in ("cpu", "meta") else None
+    record = run_point(spec, timeout=args.timeout, argv=sys.argv, max_memory_bytes=limit)
+    if args.out:
+        append_jsonl(args.out, record)
+    if args.format == "json":
+        print(json.dumps(record, indent=2))
+    else:
+        display.print_measurement(record)
+    return 0 if record["status"] == "ok" else 1
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -204,6 +173,16 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     return 0
 
 
+MODULE_COMMANDS = (
+    ("sweep", "harness.sweep", "run a sweep file, each point in its own subprocess, records to results/<sweep>/"),
+    ("report", "harness.report", "Markdown and HTML report with plots from a results directory"),
+    ("calibrate", "harness.calibrate", "fit overhead factors from measured runs (calibration.json)"),
+    ("check", "harness.check", "exit 0 when every ok run clears a TFLOP/s bar, else 1 listing the failures"),
+)
+"""Subcommands in their own modules: each exposes add_arguments(parser) and run(args) -> int, and keeps
+heavy imports (torch, pandas, matplotlib) inside functions so that `tmath predict` stays fast."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tmath", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -214,6 +193,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="calibration.json from `tmath calibrate`: apply fitted overheads")
     p.add_argument("--format", default="table", choices=("table", "json"))
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("measure", help="run the configuration and measure every term next to its prediction")
+    add_run_args(p)
+    g = p.add_argument_group("measurement")
+    g.add_argument("--impl", default="reference", choices=IMPLS, help="reference modules or transformers models")
+    g.add_argument("--device", default="auto", choices=DEVICES, help="meta: fake tensors, nothing allocated")
+    g.add_argument("--steps", type=int, default=3, help="timed steps (default 3)")
+    g.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps (default 1)")
+    g.add_argument("--timeout", type=float, help="seconds before the run is killed (status timeout)")
+    g.add_argument("--mode", default="train", choices=MODES, help="train step, or inference (forward only)")
+    g.add_argument("--offload-optimizer", default="none", choices=OFFLOADS, help="DeepSpeed optimizer offload")
+    g.add_argument("--offload-params", default="none", choices=OFFLOADS, help="DeepSpeed ZeRO-3 parameter offload")
+    g.add_argument("--deepspeed-config", help="JSON merged over the generated DeepSpeed config")
+    g.add_argument("--out", help="append the record to this JSONL file")
+    g.add_argument("--format", default="table", choices=("table", "json"))
+    p.set_defaults(func=cmd_measure)
+
+    for name, module_name, help_text in MODULE_COMMANDS:
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=module.__doc__.splitlines()[0])
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
 
     p = sub.add_parser("presets", help="list the named architectures")
     p.add_argument("--format", default="table", choices=("table", "json"))
@@ -236,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tmath: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader (`| head`) went away: stop quietly, and keep Python from complaining at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

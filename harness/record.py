@@ -43,6 +43,7 @@ def predicted_summary(spec: RunSpec) -> dict:
         "memory_bytes": d["memory_bytes"],
         "activation_bytes": d["activation_bytes"],
         "flops": d["flops"],
+        "inference": d["inference"],
     }
     if spec.arch is not None:
         for method in NAIVE_METHODS:

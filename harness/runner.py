@@ -83,6 +83,11 @@ def run_point(
             timed_out = True
             os.killpg(proc.pid, signal.SIGKILL)
             _, err = proc.communicate()
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM turned into KeyboardInterrupt): take the worker's group with us.
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
         elapsed = time.perf_counter() - t0
         if result.exists() and not timed_out:
             record = json.loads(result.read_text())

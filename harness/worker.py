@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import sys
 import time
 import traceback
@@ -23,6 +24,19 @@ def _limit_address_space(limit: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker when its parent dies, so a killed sweep leaves no orphan holding
+    memory (or a GPU) while the resumed sweep starts its next point. Elsewhere a no-op."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def main(argv: list[str]) -> int:
     result = Path(argv[1])
     payload = json.loads(sys.stdin.read())
@@ -30,12 +44,15 @@ def main(argv: list[str]) -> int:
     from formulas.spec import RunSpec
     from harness.record import classify_exception, make_record
 
+    _die_with_parent()
     spec = RunSpec.from_dict(payload["spec"])
-    if payload.get("max_memory_bytes") and spec.device in ("cpu", "meta"):
-        _limit_address_space(int(payload["max_memory_bytes"]))
 
     from harness.environment import environment
-    from harness.measure import measure
+    from harness.measure import measure, resolve_device
+
+    # Cap host memory where the run lives in it (an address-space cap would break CUDA's mappings).
+    if payload.get("max_memory_bytes") and resolve_device(spec.device) in ("cpu", "meta"):
+        _limit_address_space(int(payload["max_memory_bytes"]))
 
     measured: dict = {}
     error = None

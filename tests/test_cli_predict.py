@@ -84,7 +84,9 @@ def test_calibration_applied(tmp_path, capsys):
     cal = tmp_path / "calibration.json"
     cal.write_text(json.dumps({"peak_alpha": 1.1, "peak_beta": 1e9, "reserved_ratio": 1.05, "context_bytes": 5e8,
                                "achieved_fraction": {"a100-80gb": 0.5}, "source": "test"}))  # fmt: skip
-    code, out, _ = run(capsys, "predict", "--model", "gpt2", "--seq", "1024", "--calibration", str(cal), "--format", "json")
+    code, out, _ = run(
+        capsys, "predict", "--model", "gpt2", "--seq", "1024", "--calibration", str(cal), "--format", "json"
+    )
     data = json.loads(out)
     assert code == 0
     total = data["memory_bytes"]["total"]
@@ -109,7 +111,10 @@ BAD_INPUTS = [
     (["predict", "--layers", "2"], "missing --hidden, --heads"),
     (["predict", "--model", "gpt2", "--params", "7B"], "--params replaces"),
     (["predict", "--model", "/nonexistent/config.json"], "not found"),
-    (["predict", "--model", "gpt2", "--seq", "512", "--calibration", "/nonexistent.json"], "calibration file not found"),
+    (
+        ["predict", "--model", "gpt2", "--seq", "512", "--calibration", "/nonexistent.json"],
+        "calibration file not found",
+    ),
     (["predict", "--model", "gpt2", "--seq", "512", "--sequence-parallel"], "needs --tp > 1"),
     (["frobnicate"], "invalid choice"),
 ]

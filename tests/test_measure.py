@@ -1,0 +1,205 @@
+"""Measurement against the formulas: exact integers on tiny shapes, and failures that become records."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from formulas import activations as act
+from formulas.compute import matmul_flops_per_step
+from formulas.precision import optimizer_bytes_per_param
+from harness.cli import main
+from harness.measure import measure
+from harness.runner import run_point
+from harness.specbuild import build_spec
+
+TINY = {"layers": 2, "hidden": 64, "heads": 4, "vocab": 128, "max_positions": 64, "seq": 64, "batch": 2}
+GPT_TINY = {"model": "gpt2", **TINY}
+BERT_TINY = {"model": "bert-base-uncased", **TINY}
+
+
+def run(settings: dict) -> tuple:
+    spec = build_spec({"device": "cpu", "steps": 0, "warmup": 0, **settings})
+    measured: dict = {}
+    measure(spec, measured)
+    return spec, measured
+
+
+def n_param_tensors(spec) -> int:
+    from models.build import build_model
+
+    with torch.device("meta"):
+        model = build_model(spec.arch, impl=spec.impl, attention=spec.attention, recompute=spec.recompute)
+    return len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("model", [GPT_TINY, BERT_TINY], ids=["gpt", "bert"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_reference_activations_per_layer_match_formula(model, precision, recompute):
+    spec, m = run({**model, "precision": precision, "recompute": recompute})
+    e = 4 if precision == "fp32" else 2
+    layer = m["activations_by_layer"]
+    paper = act.layer_bytes(spec.arch, spec.seq, spec.batch, elem_bytes=e, mask_bytes=1, recompute=recompute)
+    # The generalised Korthikanti formula, within 1% of every layer ...
+    assert all(abs(x - paper) <= 0.01 * paper for x in layer), (layer, paper)
+    # ... and exact once the norms' per-token statistics are counted (on CPU in the input dtype).
+    exact = act.layer_bytes(
+        spec.arch, spec.seq, spec.batch, elem_bytes=e, mask_bytes=1, recompute=recompute, stats_bytes=e
+    )
+    assert layer == [exact] * spec.arch.n_layers
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-mixed"])
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_model_states_exact(precision, optimizer):
+    spec, m = run({**GPT_TINY, "precision": precision, "optimizer": optimizer})
+    p = spec.total_params
+    wbytes = 4 if precision == "fp32" else 2
+    mem = m["memory_bytes"]
+    assert mem["weights"] == wbytes * p
+    assert mem["gradients"] == wbytes * p
+    # torch's AdamW also keeps a 0-dim fp32 `step` per parameter tensor; SGD's momentum is all it keeps.
+    steps = 4 * n_param_tensors(spec) if optimizer == "adamw" else 0
+    assert mem["optimizer"] == optimizer_bytes_per_param(optimizer, precision) * p + steps
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+@pytest.mark.parametrize("model", [GPT_TINY, {**GPT_TINY, "dropout": 0.0}, BERT_TINY], ids=["gpt", "gpt-p0", "bert"])
+def test_flops_counted_equal_exact_formula(model, recompute):
+    spec, m = run({**model, "recompute": recompute})
+    assert m["flops"]["counted"] == matmul_flops_per_step(spec.arch, spec.batch, spec.seq, recompute)
+
+
+def test_fake_tensors_measure_the_same_bytes():
+    _, real = run({**GPT_TINY, "recompute": "selective"})
+    _, fake = run({**GPT_TINY, "recompute": "selective", "device": "meta"})
+    for key in ("weights", "gradients", "optimizer", "activations", "graph_retained", "peak_allocated"):
+        assert fake["memory_bytes"][key] == real["memory_bytes"][key], key
+    # AdamW creates its fp32 `step` counters with torch.tensor(0.), which no dispatched op allocates: the
+    # live tracker sees them under fake tensors only, until they are registered after the first step.
+    gap = fake["memory_bytes"]["peak_allocated_first_step"] - real["memory_bytes"]["peak_allocated_first_step"]
+    assert 0 <= gap <= 4 * n_param_tensors(build_spec(GPT_TINY))
+    assert fake["activations_by_layer"] == real["activations_by_layer"]
+    assert fake["step_ms"] is None and real["flops"] == fake["flops"]
+
+
+def test_peak_bounds():
+    _, m = run(GPT_TINY)
+    mem = m["memory_bytes"]
+    persistent = mem["weights"] + mem["optimizer"]
+    # Gradients (set to None between steps) are created in backward while activations are freed, so
+    # the peak holds at least the larger of the two on top of weights and optimizer state ...
+    assert mem["peak_allocated"] >= persistent + max(mem["activations"], mem["gradients"])
+    # ... and, here, less than Transformer Math 101's sum, which counts both at once.
+    assert mem["peak_allocated"] < persistent + mem["activations"] + mem["gradients"]
+    # Live bytes the forward added: the saved storages, except the input ids and labels (saved by the
+    # embedding and the loss, but allocated before the forward), plus the loss itself.
+    assert mem["graph_retained"] == mem["activations"] - mem["inputs"] + 4
+
+
+def test_inference_mode_kv_cache_and_overhead():
+    settings = {"model": "llama-2-7b", "layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "ffn_hidden": 128,
+                "vocab": 128, "seq": 32, "batch": 2, "mode": "inference", "impl": "hf"}  # fmt: skip
+    spec, m = run(settings)
+    from formulas import predict
+
+    assert m["memory_bytes"]["kv_cache"] == predict(spec).inference.kv_cache  # 2·L·b·s·kv_width·4
+    assert "optimizer" not in m["memory_bytes"]  # inference builds no optimizer
+    assert m["inference_overhead"] > 1.0
+
+
+def test_timed_steps_produce_throughput():
+    _, m = run({**GPT_TINY, "steps": 2, "warmup": 1})
+    assert len(m["step_ms"]["all"]) == 2 and m["step_ms"]["min"] <= m["step_ms"]["median"] <= m["step_ms"]["max"]
+    assert m["tflops"]["model"] > 0 and m["tokens_per_second"] > 0
+    assert m["mfu"] is None  # no device peak on a CPU
+
+
+def test_oom_becomes_a_record():
+    # 200 000 sequences of 64 tokens: the first (B, a, s, s) score tensor alone is 13 GB, over the 3 GiB cap.
+    spec = build_spec({**GPT_TINY, "batch": 200_000, "device": "cpu", "steps": 0, "warmup": 0})
+    record = run_point(spec, max_memory_bytes=3 * 2**30, timeout=300)
+    assert record["status"] == "oom", record["error"]
+    assert record["measured"]["memory_bytes"]["weights"] > 0  # what was measured before the failure is kept
+    assert record["environment"]["torch"] == torch.__version__
+    assert "allocate" in record["error"]["message"].lower() or "memory" in record["error"]["message"].lower()
+
+
+def test_timeout_becomes_a_record():
+    spec = build_spec({**GPT_TINY, "device": "cpu", "steps": 10_000, "warmup": 0})
+    record = run_point(spec, timeout=3)
+    assert record["status"] == "timeout"
+    assert "time limit" in record["error"]["message"]
+    assert record["spec"]["steps"] == 10_000 and record["predicted"]["memory_bytes"]["total"] > 0
+
+
+def test_crash_without_record_is_recorded(monkeypatch):
+    # A worker that dies by a signal leaves no record; the runner writes one with status `killed`.
+    spec = build_spec({**GPT_TINY, "device": "cpu"})
+    import harness.runner as runner
+
+    monkeypatch.setattr(runner, "_worker_command", lambda result: ["/bin/sh", "-c", "kill -9 $$"])
+    record = run_point(spec, timeout=30)
+    assert record["status"] == "killed" and "SIGKILL" in record["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--device", "cuda"], "no CUDA device"),
+        (["--tp", "2", "--gpus", "2"], "predicted only"),
+        (["--optimizer", "adam8bit"], "needs a CUDA device"),
+        (["--impl", "hf", "--recompute", "selective"], "reference only"),
+        (["--steps", "-1"], "non-negative"),
+    ],
+)
+def test_measure_bad_input(capsys, argv, message):
+    code = main(["measure", "--model", "gpt2", "--layers", "1", "--seq", "32", "--device", "cpu", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err
+
+
+def test_measure_params_only_is_an_error(capsys):
+    assert main(["measure", "--params", "7B"]) == 2
+    assert "needs an architecture" in capsys.readouterr().err
+
+
+def test_measure_cli_json_and_out(tmp_path):
+    out = tmp_path / "runs.jsonl"
+    cmd = [sys.executable, "-m", "harness.cli", "measure", "--model", "gpt2", "--layers", "1", "--hidden", "64",
+           "--heads", "4", "--seq", "32", "--batch", "1", "--precision", "fp32", "--device", "cpu", "--steps", "1",
+           "--warmup", "0", "--format", "json", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["status"] == "ok"
+    assert set(record) >= {"spec", "predicted", "measured", "environment", "status", "harness_version"}
+    assert set(record["measured"]["memory_bytes"]) >= {
+        "weights",
+        "gradients",
+        "optimizer",
+        "activations",
+        "peak_allocated",
+    }
+    assert record["measured"]["step_ms"]["median"] > 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["spec_key"] == record["spec_key"]
+
+
+@pytest.mark.gpu
+def test_cuda_protocol():
+    spec, m = run({**GPT_TINY, "device": "cuda", "precision": "bf16", "steps": 3, "warmup": 1})
+    mem = m["memory_bytes"]
+    assert mem["pre_model_allocated"] > 0  # the cuBLAS workspace, recorded apart
+    assert mem["peak_allocated"] >= mem["weights"] + mem["gradients"] + mem["optimizer"] + mem["activations"]
+    assert mem["peak_reserved"] >= mem["peak_allocated"] and mem["num_ooms"] == 0
+    # CUDA LayerNorm keeps fp32 statistics; native_dropout bool masks: exact with stats_bytes=4.
+    exact = act.layer_bytes(spec.arch, spec.seq, spec.batch, elem_bytes=2, mask_bytes=1, stats_bytes=4)
+    assert m["activations_by_layer"] == [exact] * spec.arch.n_layers
+    assert len(m["step_ms"]["all"]) == 3 and m["tflops"]["model"] > 0
+    assert m["gpu"] is None or m["mfu"] > 0

@@ -1,0 +1,210 @@
+"""`tmath report`: Markdown, self-contained HTML, PNG plots and exports, from synthetic records and a real sweep."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+
+import pandas as pd
+import pytest
+
+from harness.cli import main
+from harness.record import append_jsonl, make_record
+from harness.report import build_report, flat_row, latest_records, run_label
+from harness.specbuild import build_spec
+
+PNG = b"\x89PNG\r\n\x1a\n"
+TINY = {"layers": 2, "hidden": 64, "heads": 4, "vocab": 128, "seq": 32, "batch": 2, "precision": "fp32"}
+
+
+def synthetic(settings: dict, *, status: str = "ok", device: str = "cpu", scale: float = 1.0, **extra) -> dict:
+    """A record whose measured terms are the predicted ones × `scale` (peak: the total × 1.2)."""
+    spec = build_spec({**TINY, **settings}).replace(extra={"sweep": "synthetic"})
+    if status != "ok":
+        return make_record(
+            spec, measured={}, status=status, error={"type": "OutOfMemoryError", "message": "tried to allocate 80 GiB"}
+        )
+    rec = make_record(spec, measured={}, status="ok", elapsed_s=1.0, environment=extra.pop("environment", None))
+    pm = rec["predicted"]["memory_bytes"]
+    act = rec["predicted"]["activation_bytes"]
+    timed = device != "meta"
+    rec["measured"] = {
+        "device": device,
+        "memory_bytes": {
+            "weights": pm["weights"],
+            "gradients": pm["gradients"],
+            "optimizer": pm["optimizer"],
+            "activations": round(pm["activations"] * scale),
+            "activations_layers": round(act["per_layer"] * act["layers"] * scale),
+            "peak_allocated": round(pm["total"] * 1.2),
+        },
+        "step_ms": {"median": 100.0, "min": 90.0, "max": 120.0, "all": [90.0, 100.0, 120.0]} if timed else None,
+        "tflops": {"model": 130.0, "hardware": 140.0, "counted": 129.0} if timed else None,
+        "tokens_per_second": 640.0 if timed else None,
+        "methods": {"weights": "unique parameter storages"},
+        **extra,
+    }
+    return rec
+
+
+def a100_env() -> dict:
+    return {
+        "hostname": "node-1",
+        "torch": "2.13.0",
+        "cuda": "12.8",
+        "transformers": "5.23.0",
+        "deepspeed": "0.19.8",
+        "git_commit": "abc123",
+        "gpu": {"name": "NVIDIA A100-SXM4-80GB", "total_memory_bytes": 80 * 2**30, "nvml": {"driver": "550.54.15"}},
+    }
+
+
+@pytest.fixture
+def results(tmp_path):
+    runs = tmp_path / "res" / "runs.jsonl"
+    cuda = synthetic(
+        {"device": "cuda", "precision": "bf16-mixed"},
+        device="cuda",
+        gpu="a100-80gb",
+        mfu=0.42,
+        peak_tflops=312.0,
+        environment=a100_env(),
+    )
+    cuda["measured"]["memory_bytes"].update(peak_reserved=2 * 2**30, nvml_used=3 * 2**30)
+    zero = synthetic({"device": "cuda", "zero": 2, "gpus": 8}, device="cuda", gpu="a100-80gb", mfu=0.3)
+    zero["predicted"]["deepspeed_estimator"] = {"memory_bytes": {"model_states": 123_456_789}}
+    records = [
+        synthetic({"recompute": "none"}),
+        synthetic({"recompute": "selective"}, scale=1.01),
+        synthetic({"recompute": "full"}),
+        synthetic({"seq": 64}),
+        synthetic({"seq": 16}),
+        synthetic(
+            {"model": "llama-2-7b", "seq": 4096, "batch": 1, "device": "meta", "precision": "bf16-mixed"}, device="meta"
+        ),
+        synthetic({"mode": "inference"}),
+        cuda,
+        zero,
+        synthetic({"batch": 9999}, status="oom"),
+    ]
+    # A retried point: the later ok record supersedes the failure.
+    records.insert(0, synthetic({"batch": 3}, status="error"))
+    records.append(synthetic({"batch": 3}))
+    for r in records:
+        append_jsonl(runs, r)
+    return runs.parent, records
+
+
+def test_report_from_synthetic_records(results):
+    out_dir, records = results
+    written = build_report(out_dir, export=("csv", "parquet"))
+    report = out_dir / "report"
+    assert written["markdown"] == report / "report.md" and written["html"] == report / "report.html"
+    for name in ("measured_vs_predicted", "error_by_term", "activations_vs_seq", "throughput"):
+        assert written[name].read_bytes().startswith(PNG), name
+    md = written["markdown"].read_text()
+    for heading in (
+        "## Environment",
+        "## Measured vs predicted, per term",
+        "## Prediction error by term and method",
+        "## Activations against sequence length",
+        "## Throughput",
+        "## CUDA allocator and context overheads",
+        "## Failed runs",
+        "### Inference runs",
+    ):
+        assert heading in md, heading
+    assert "NVIDIA A100-SXM4-80GB" in md and "550.54.15" in md and "abc123" in md and "node-1" in md
+    assert "tried to allocate 80 GiB" in md and "| oom" in md
+    failed = md.split("## Failed runs")[1].split("##")[0]
+    rows = [line for line in failed.splitlines() if line.startswith("| ") and "status" not in line]
+    assert len(rows) == 1 and "| oom" in rows[0], "the retried failure is superseded by its ok record"
+    # The DeepSpeed estimator has its column, filled for the ZeRO run.
+    error_table = md.split("## Prediction error by term and method")[1].split("![")[0]
+    states = next(line for line in error_table.splitlines() if line.startswith("| model states"))
+    assert states.rstrip(" |").split("|")[-1].strip().endswith("n=1")
+    # Bars: the A100 runs get 115 × 312/312; CPU runs none.
+    assert "115.0" in md and "pass" in md
+
+    page = written["html"].read_text()
+    sources = re.findall(r'src="([^"]+)"', page)
+    assert len(sources) == 4 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "<link" not in page and "<script" not in page, "self-contained"
+
+    csv = pd.read_csv(written["csv"])
+    parquet = pd.read_parquet(written["parquet"])
+    assert len(csv) == len(parquet) == len(records) - 1, "one row per spec key"
+    assert {"measured_weights_bytes", "predicted_weights_bytes", "naive_activations_bytes", "tflops_model"} <= set(csv)
+
+
+def test_flat_row_terms():
+    rec = synthetic({"recompute": "selective"}, scale=1.5)
+    row = flat_row(rec)
+    assert row["measured_weights_bytes"] == row["predicted_weights_bytes"]
+    assert row["measured_activations_bytes"] == round(1.5 * row["predicted_activations_bytes"])
+    assert row["predicted_activations_per_layer_bytes"] == rec["predicted"]["activation_bytes"]["per_layer"]
+    assert row["naive_activations_per_layer_bytes"] == row["naive_activations_bytes"] / 2
+    assert row["predicted_peak_bytes"] == rec["predicted"]["memory_bytes"]["total"]
+    assert row["measured_model_states_bytes"] == row["predicted_model_states_bytes"]
+    inf_rec = synthetic({"mode": "inference"})
+    inf = flat_row(inf_rec)
+    assert inf["measured_peak_bytes"] is None and inf["measured_inference_peak_bytes"] is not None
+    # Transformer Math 101's rule, 1.2 × weights, plus the KV cache of the prompt.
+    pred = inf_rec["predicted"]["inference"]
+    assert inf["predicted_inference_peak_bytes"] == pred["total"] == round(1.2 * pred["weights"]) + pred["kv_cache"]
+
+
+def test_latest_records_keeps_first_position_newest_content():
+    a1, b, a2 = (
+        {"spec_key": "a", "status": "error"},
+        {"spec_key": "b", "status": "ok"},
+        {"spec_key": "a", "status": "ok"},
+    )
+    assert latest_records([a1, b, a2]) == [a2, b]
+
+
+def test_run_label():
+    spec = build_spec({**TINY, "model": "gpt2", "recompute": "full", "zero": 1, "gpus": 8}).to_dict()
+    assert run_label(spec) == "gpt2 L2 h64 fp32 rc=full ZeRO-1 ×8 b2 s32 auto"
+    assert run_label(spec, without=("seq",), device="cuda") == "gpt2 L2 h64 fp32 rc=full ZeRO-1 ×8 b2 cuda"
+
+
+def test_report_errors_are_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "no results at" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "runs.jsonl").write_text("")
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "holds no records" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "empty"), "--export", "xlsx"]) == 2
+
+
+@pytest.mark.slow
+def test_report_from_a_real_tiny_sweep(tmp_path, capsys):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            name: tiny
+            defaults: {layers: 2, hidden: 32, heads: 2, vocab: 64, batch: 1, precision: fp32, device: cpu, steps: 1, warmup: 0}
+            points:
+              - {seq: 16}
+              - {seq: 32, device: meta}
+            """
+        )
+    )
+    out = tmp_path / "results" / "tiny"
+    assert main(["sweep", str(path), "--out", str(out)]) == 0
+    assert main(["report", str(out), "--export", "csv"]) == 0
+    printed = capsys.readouterr().out
+    assert "report.html" in printed
+    md = (out / "report" / "report.md").read_text()
+    assert "custom L2 h32 fp32 b1 s16 cpu" in md and "custom L2 h32 fp32 b1 s32 meta" in md
+    assert "None: every run is ok." in md
+    df = pd.read_csv(out / "report" / "runs.csv")
+    ok = df[df["status"] == "ok"]
+    assert len(ok) == 2
+    # The reference model matches the formulas byte for byte on weights and gradients.
+    for term in ("weights", "gradients"):
+        assert (ok[f"measured_{term}_bytes"] == ok[f"predicted_{term}_bytes"]).all(), term
+    assert (out / "report" / "activations_vs_seq.png").read_bytes().startswith(PNG)
