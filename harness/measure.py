@@ -100,7 +100,11 @@ def gc_frozen():
 
 
 class _CudaMemory:
-    """Allocator statistics: the numbers `torch.cuda.max_memory_allocated` users know."""
+    """Allocator statistics (the numbers `torch.cuda.max_memory_allocated` users know); the live tracker
+    beside it only labels what the allocator holds, for the peak's breakdown."""
+
+    def __init__(self, tracker: LiveTensorTracker):
+        self.tracker = tracker
 
     def live(self) -> int:
         return torch.cuda.memory_allocated()
@@ -108,13 +112,11 @@ class _CudaMemory:
     def reset_peak(self) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        self.tracker.reset_peak()
 
     def peak(self) -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
-
-    def track(self, tensors) -> None:
-        """The CUDA allocator sees every allocation already."""
 
 
 class _TrackedMemory:
@@ -131,10 +133,6 @@ class _TrackedMemory:
 
     def peak(self) -> int:
         return self.tracker.peak_bytes
-
-    def track(self, tensors) -> None:
-        """Register tensors created without a dispatched op (AdamW's `torch.tensor(0.)` step counters)."""
-        self.tracker.track(*tensors)
 
 
 _CUDA_PEAKS = {
@@ -247,7 +245,8 @@ def measure(spec: RunSpec, measured: dict) -> None:
 
             outer.enter_context(FakeTensorMode())
         with contextlib.ExitStack() as tracked:
-            probe = _CudaMemory() if cuda else _TrackedMemory(tracked.enter_context(LiveTensorTracker()))
+            tracker = tracked.enter_context(LiveTensorTracker(category="model"))
+            probe = _CudaMemory(tracker) if cuda else _TrackedMemory(tracker)
             with default_dtype(dtype):
                 model = build_model(
                     arch, impl=spec.impl, attention=spec.attention, recompute=spec.recompute,
@@ -260,6 +259,10 @@ def measure(spec: RunSpec, measured: dict) -> None:
             ]
             trainer = Trainer(model, precision=spec.precision, optimizer=spec.optimizer, device_type=torch_device,
                               inference=inference)  # fmt: skip
+            tracker.track(*model.parameters(), category="weights")
+            tracker.track(*model.buffers(), category="buffers")
+            tracker.track(*(t for b in batches for t in b.values()), category="inputs")
+            tracker.track(*trainer.optimizer_tensors(), category="optimizer")
             mem["weights"] = trainer.weight_bytes()
             mem["buffers"] = trainer.buffer_bytes()
             mem["inputs"] = unique_storage_bytes(t for b in batches for t in b.values())
@@ -283,25 +286,50 @@ def measure(spec: RunSpec, measured: dict) -> None:
         _cuda_epilogue(spec, measured, cuda_stats)
 
 
+def _phased_step(trainer: Trainer, batches: list[dict], tracker: LiveTensorTracker) -> None:
+    """One training step with the live tracker labelling what each phase allocates, so that a peak
+    splits into weights, optimizer state, activations, backward allocations and so on."""
+    for batch in batches:
+        tracker.category = "activations"
+        loss = trainer.forward(batch)
+        tracker.category = "backward"
+        trainer.backward(loss)
+        del loss
+    tracker.track(*(p.grad for p in trainer.model.parameters() if p.grad is not None), category="gradients")
+    tracker.category = "optimizer step"
+    trainer.step()
+    tracker.track(*trainer.optimizer_tensors(), category="optimizer")
+    tracker.category = "other"
+
+
 def _first_steps(spec, measured, trainer, batches, probe, blocks, flop_counter, prediction) -> None:
     """Step 1 instrumented (activations, gradients, optimizer state, first-step peak); step 2 gives the
     steady-state peak and, under FlopCounterMode (which allocates nothing), the counted FLOPs."""
     mem = measured["memory_bytes"]
+    tracker = probe.tracker
+    saved = SavedTensorTracker(exclude=trainer.model, modules=blocks)
     with gc_frozen():
         probe.reset_peak()
         before_forward = probe.live()
-        with SavedTensorTracker(exclude=trainer.model, modules=blocks) as saved:
+        tracker.category = "activations"
+        with saved:
             loss = trainer.forward(batches[0])
         mem["graph_retained"] = probe.live() - before_forward
+        tracker.category = "backward"
         trainer.backward(loss)
         del loss
         for batch in batches[1:]:
             trainer.backward(trainer.forward(batch))
         mem["gradients"] = trainer.gradient_bytes()
+        tracker.track(*(p.grad for p in trainer.model.parameters() if p.grad is not None), category="gradients")
+        tracker.category = "optimizer step"
         trainer.step()
         mem["peak_allocated_first_step"] = probe.peak()
+        first_breakdown = dict(tracker.peak_snapshot)
     mem["optimizer"] = trainer.optimizer_bytes()
-    probe.track(trainer.optimizer_tensors())
+    # Also registers AdamW's `step` counters, which torch.tensor(0.) creates without a dispatched op.
+    tracker.track(*trainer.optimizer_tensors(), category="optimizer")
+    tracker.category = "other"
 
     by_layer = [saved.bytes_by_module.get(name, 0) for name, _ in blocks]
     mem["activations"] = saved.total_bytes
@@ -314,8 +342,9 @@ def _first_steps(spec, measured, trainer, batches, probe, blocks, flop_counter, 
     with gc_frozen():
         probe.reset_peak()
         with flop_counter(display=False) as counter:
-            trainer.train_step(batches)
+            _phased_step(trainer, batches, tracker)
         mem["peak_allocated"] = probe.peak()
+        measured["peak_breakdown"] = {"first_step": first_breakdown, "steady": dict(tracker.peak_snapshot)}
     measured["flops"] = {
         "counted": int(counter.get_total_flops()),
         "formula_matmul": matmul_flops_per_step(spec.arch, spec.batch, spec.seq, spec.recompute) * spec.grad_accum,
@@ -328,11 +357,13 @@ def _inference_steps(spec, measured, trainer, batch, probe, flop_counter, predic
     """One no-grad forward (a prefill: logits and, for transformers decoders, the KV cache kept alive):
     its peak against Transformer Math 101's 1.2 × weights + KV cache."""
     mem = measured["memory_bytes"]
+    probe.tracker.category = "activations"
     with gc_frozen():
         probe.reset_peak()
         with flop_counter(display=False) as counter:
             output = trainer.infer(batch)
         mem["peak_allocated"] = probe.peak()
+        measured["peak_breakdown"] = {"inference": dict(probe.tracker.peak_snapshot)}
     mem["kv_cache"] = unique_storage_bytes(_cache_tensors(output))
     mem["output"] = probe.live() - mem["after_model"]
     del output

@@ -91,6 +91,10 @@ def test_fake_tensors_measure_the_same_bytes():
 def test_peak_bounds():
     _, m = run(GPT_TINY)
     mem = m["memory_bytes"]
+    # The peak splits, exactly, into what each phase had allocated and still held at that moment.
+    steady = m["peak_breakdown"]["steady"]
+    assert sum(steady.values()) == mem["peak_allocated"]
+    assert steady["weights"] == mem["weights"] and steady["optimizer"] == mem["optimizer"]
     persistent = mem["weights"] + mem["optimizer"]
     # Gradients (set to None between steps) are created in backward while activations are freed, so
     # the peak holds at least the larger of the two on top of weights and optimizer state ...
