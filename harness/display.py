@@ -231,6 +231,12 @@ def print_measurement(record: dict) -> None:
         pmem["total"],
         peak_how + "; predicted = sum of terms",
     )
+    steady = (m.get("peak_breakdown") or {}).get("steady") or {}
+    for category, nbytes in sorted(steady.items(), key=lambda kv: -kv[1]):
+        if nbytes:
+            table.add_row(
+                f"  at the peak: {category}", size(nbytes), "-", "-", "live bytes by the phase that made them"
+            )
     row(
         "peak allocated (first step)",
         mem.get("peak_allocated_first_step"),
