@@ -30,11 +30,11 @@ run: setup
 	$(VENV)/bin/tmath report results/$(basename $(notdir $(SWEEP)))
 
 test: setup
-	$(VENV)/bin/pytest -q
+	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check formulas models harness tests
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check formulas models harness tests
 
 clean:
 	rm -rf $(VENV) .torch_extensions .pytest_cache .ruff_cache
