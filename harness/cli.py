@@ -124,12 +124,24 @@ def cmd_measure(args: argparse.Namespace) -> int:
     from harness.measure import check_measurable, resolve_device
     from harness.record import append_jsonl
     from harness.runner import default_max_memory_bytes, run_point
+    from harness.zero import uses_deepspeed
 
-    spec = spec_from_args(args, **measure_options(args))
+    options = measure_options(args)
+    if args.hostfile:
+        from harness.distributed import hostfile_nodes
+
+        options["extra"] = {"nodes": len(hostfile_nodes(args.hostfile))}
+    spec = spec_from_args(args, **options)
     device = resolve_device(spec.device)
     check_measurable(spec, device)
     limit = default_max_memory_bytes() if device in ("cpu", "meta") else None
-    record = run_point(spec, timeout=args.timeout, argv=sys.argv, max_memory_bytes=limit)
+    if uses_deepspeed(spec):  # ZeRO or several ranks: one process per rank through a launcher
+        from harness.distributed import run_distributed
+
+        record = run_distributed(spec, timeout=args.timeout, argv=sys.argv, max_memory_bytes=limit,
+                                 launcher=args.launcher, hostfile=args.hostfile)  # fmt: skip
+    else:
+        record = run_point(spec, timeout=args.timeout, argv=sys.argv, max_memory_bytes=limit)
     if args.out:
         append_jsonl(args.out, record)
     if args.format == "json":
@@ -206,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--offload-optimizer", default="none", choices=OFFLOADS, help="DeepSpeed optimizer offload")
     g.add_argument("--offload-params", default="none", choices=OFFLOADS, help="DeepSpeed ZeRO-3 parameter offload")
     g.add_argument("--deepspeed-config", help="JSON merged over the generated DeepSpeed config")
+    g.add_argument("--launcher", default="torchrun", choices=("torchrun", "deepspeed"),
+                   help="starts the ranks of a --zero/--gpus run (default torchrun, one node)")  # fmt: skip
+    g.add_argument("--hostfile", help="DeepSpeed hostfile for several nodes (with --launcher deepspeed)")
     g.add_argument("--out", help="append the record to this JSONL file")
     g.add_argument("--format", default="table", choices=("table", "json"))
     p.set_defaults(func=cmd_measure)

@@ -262,6 +262,8 @@ def print_measurement(record: dict) -> None:
                       size(by_naive["memory_bytes"]["total"]),
                       ratio(mem.get("peak_allocated"), by_naive["memory_bytes"]["total"]), "the Q&A seed's formula")  # fmt: skip
     con.print(table)
+    if m.get("ranks"):
+        print_ranks(record, con)
 
     flops = m.get("flops")
     if flops:
@@ -284,3 +286,122 @@ def print_measurement(record: dict) -> None:
                     "MFU / HFU", f"{m['mfu']:.1%} / {m['hfu']:.1%}", "-", "-", f"peak {m['peak_tflops']:g} TFLOP/s"
                 )
         con.print(ct)
+
+
+def _held(rank: dict, snapshot: str, term: str) -> list[dict]:
+    snap = ((rank.get("zero") or {}).get("snapshots") or {}).get(snapshot) or {}
+    return [h for h in snap.get("held", []) if h["term"] == term and h["nbytes"]]
+
+
+def _rank_notes(rank: dict, spec) -> dict[str, str]:
+    """What explains each term's difference from the formula, from the rank's measured account."""
+    zero = rank.get("zero") or {}
+    ex = zero.get("explained_bytes") or {}
+    notes: dict[str, list[str]] = {"weights": [], "gradients": [], "optimizer": [], "live": [], "extras": []}
+    if ex.get("weights_alignment_padding_bytes"):
+        notes["weights"].append(f"alignment padding {size(ex['weights_alignment_padding_bytes'])}")
+    if ex.get("weights_persistent_parameter_bytes"):
+        threshold = (zero.get("buckets") or {}).get("param_persistence_threshold")
+        notes["weights"].append(
+            f"persistent params {size(ex['weights_persistent_parameter_bytes'])} (< {threshold} elements, whole)"
+        )
+    if ex.get("weights_gather_padding_bytes"):
+        notes["weights"].append(f"all-gather padding {size(ex['weights_gather_padding_bytes'])}")
+    if ex.get("weights_partition_padding_bytes"):
+        notes["weights"].append(f"partition padding {size(ex['weights_partition_padding_bytes'])}")
+    if ex.get("gradients_boundary_parameter_bytes"):
+        notes["gradients"].append(f"boundary params {size(ex['gradients_boundary_parameter_bytes'])}")
+    for h in _held(rank, "after_backward", "gradients"):
+        if "padding" in h["name"]:
+            notes["gradients"].append(f"padding {size(h['nbytes'])}")
+    if ex.get("gradients_before_reduction_bytes") is not None:
+        notes["gradients"].append(f"full {size(ex['gradients_before_reduction_bytes'])} until reduced at backward end")
+    if spec.precision == "fp32":
+        master = sum(h["nbytes"] for h in _held(rank, "steady", "optimizer") if "master" in h["name"])
+        if master:
+            notes["optimizer"].append(f"fp32 master {size(master)} (kept for fp32 params too)")
+    if ex.get("zero3_gathered_forward_max_bytes") is not None:
+        z = (zero.get("config") or {}).get("zero_optimization") or {}
+        notes["live"].append(
+            f"gathered at a forward (backward max {size(ex.get('zero3_gathered_backward_max_bytes'))}); "
+            f"stage3_max_live_parameters {z.get('stage3_max_live_parameters', 10**9):.3g}, "
+            f"max_reuse_distance {z.get('stage3_max_reuse_distance', 10**9):.3g}"
+        )
+    for h in _held(rank, "steady", "extras"):
+        notes["extras"].append(f"{h['name']} {size(h['nbytes'])}")
+    if ex.get("reduce_bucket_bytes_max"):
+        notes["extras"].append(f"IPG bucket during backward {size(ex['reduce_bucket_bytes_max'])}")
+    return {k: "; ".join(v) for k, v in notes.items()}
+
+
+def print_ranks(record: dict, con: Console | None = None) -> None:
+    """Per rank × term: measured, the formula, DeepSpeed's estimator, and what explains the differences."""
+    from formulas.spec import RunSpec
+
+    con = con or console()
+    spec = RunSpec.from_dict(record["spec"])
+    m, p = record["measured"], record["predicted"]
+    pmem = p["memory_bytes"]
+    est = p.get("deepspeed_estimator") or {}
+    est_terms = est.get("terms") or {}
+    est_name = est.get("function", "no DeepSpeed estimator below stage 2")
+    table = Table(
+        title=f"Model states per rank (ZeRO-{spec.zero}, {m.get('world_size', len(m['ranks']))} ranks): "
+        f"measured vs formula vs DeepSpeed's {est_name}",
+        title_justify="left",
+    )
+    for col in ("rank", "term", "measured", "formula", "meas/formula", "DeepSpeed", "meas/DS", "named differences"):
+        table.add_column(col, justify="left" if col in ("term", "named differences") else "right")
+    for rank in m["ranks"]:
+        mem = rank.get("memory_bytes")
+        if not mem:
+            table.add_row(str(rank["rank"]), f"[red]{rank['status']}[/red]", *["-"] * 5, "no measurement")
+            continue
+        notes = _rank_notes(rank, spec)
+        live_formula = pmem.get("zero3_live_params") or 0
+        states = sum(mem.get(k) or 0 for k in ("weights", "gradients", "optimizer", "zero3_live_params", "zero_extras"))
+        formula_states = sum(pmem.get(k) or 0 for k in ("weights", "gradients", "optimizer")) + live_formula
+        rows = [
+            ("weights", mem.get("weights"), pmem["weights"], est_terms.get("weights"), notes["weights"]),
+            ("gradients", mem.get("gradients"), pmem["gradients"], est_terms.get("gradients"), notes["gradients"]),
+            ("optimizer", mem.get("optimizer"), pmem["optimizer"], est_terms.get("optimizer"), notes["optimizer"]),
+        ]
+        if spec.zero == 3:
+            rows.append(("zero-3 live params", mem.get("zero3_live_params"), live_formula,
+                         est_terms.get("zero3_live_params"), notes["live"]))  # fmt: skip
+        rows.append(("ZeRO buffers (extras)", mem.get("zero_extras"), None, None, notes["extras"]))
+        rows.append(("model states", states, formula_states, (est.get("memory_bytes") or {}).get("gpu"),
+                     "sum of the rows above; DeepSpeed: its per-GPU total"))  # fmt: skip
+        if mem.get("host_model_states") or spec.offload_optimizer != "none" or spec.offload_params != "none":
+            rows.append(("host (offloaded)", mem.get("host_model_states"), None,
+                         (est.get("memory_bytes") or {}).get("cpu"), "DeepSpeed: per-node CPU estimate"))  # fmt: skip
+        rows.append(("activations", mem.get("activations"), pmem.get("activations"), None, ""))
+        rows.append(("peak allocated", mem.get("peak_allocated"), pmem.get("total"), None, "steady step"))
+        for i, (term, measured, formula, ds, note) in enumerate(rows):
+            table.add_row(str(rank["rank"]) if i == 0 else "", term, size(measured), size(formula),
+                          ratio(measured, formula), size(ds), ratio(measured, ds), note)  # fmt: skip
+        table.add_section()
+    con.print(table)
+    ranks = [r for r in m["ranks"] if r.get("zero")]
+    if not ranks:
+        return
+    zero = ranks[0]["zero"]
+    b = zero.get("buckets") or {}
+    con.print(
+        f"DeepSpeed {zero.get('optimizer_class')} over {zero.get('base_optimizer_class')}; buckets (elements): "
+        f"reduce {b.get('reduce_bucket_elements')}, all-gather {b.get('allgather_bucket_elements')}"
+        + (
+            f", prefetch {b.get('prefetch_bucket_elements')}, persistence threshold {b.get('param_persistence_threshold')}"
+            if spec.zero == 3
+            else ""
+        )
+        + f"; overlap_comm {b.get('overlap_comm')}"
+    )
+    parts = []
+    for r in ranks:
+        shown = []
+        for name, snap in r["zero"].get("snapshots", {}).items():
+            phases = ", ".join(f"{c} {size(b)}" for c, b in (snap.get("residual_by_phase") or {}).items() if b)
+            shown.append(f"{name} {size(snap.get('residual_bytes'))}" + (f" ({phases})" if phases else ""))
+        parts.append(f"rank {r['rank']}: " + ", ".join(shown))
+    con.print("Unaccounted (live bytes − everything walked in the engine): " + "; ".join(parts))

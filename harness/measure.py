@@ -34,6 +34,7 @@ from formulas.spec import RunSpec
 from harness.errors import UsageError
 from harness.memtrack import LiveTensorTracker, SavedTensorTracker
 from harness.training import Trainer, param_dtype, unique_storage_bytes
+from harness.zero import uses_deepspeed
 
 MEASUREMENT_METHODS = {
     "weights": "unique parameter storages after the model is built (bytes)",
@@ -72,6 +73,9 @@ def check_measurable(spec: RunSpec, device: str) -> None:
         raise UsageError("selective recompute is implemented for --impl reference only")
     if device == "meta" and (spec.zero or spec.gpus > 1):
         raise UsageError("--device meta measures one process with fake tensors; it cannot run DeepSpeed/ZeRO")
+    from harness.zero import check_deepspeed
+
+    check_deepspeed(spec, device)
 
 
 @contextlib.contextmanager
@@ -257,8 +261,13 @@ def measure(spec: RunSpec, measured: dict) -> None:
                 make_batch(arch, spec.batch, spec.seq, device=torch_device, generator=generator, impl=spec.impl)
                 for _ in range(1 if inference else spec.grad_accum)
             ]
-            trainer = Trainer(model, precision=spec.precision, optimizer=spec.optimizer, device_type=torch_device,
-                              inference=inference)  # fmt: skip
+            if uses_deepspeed(spec):
+                from harness.zero import DeepSpeedTrainer
+
+                trainer = DeepSpeedTrainer(model, spec, device_type=torch_device, probe=probe)
+            else:
+                trainer = Trainer(model, precision=spec.precision, optimizer=spec.optimizer,
+                                  device_type=torch_device, inference=inference)  # fmt: skip
             tracker.track(*model.parameters(), category="weights")
             tracker.track(*model.buffers(), category="buffers")
             tracker.track(*(t for b in batches for t in b.values()), category="inputs")
@@ -273,6 +282,8 @@ def measure(spec: RunSpec, measured: dict) -> None:
             else:
                 _first_steps(spec, measured, trainer, batches, probe, transformer_blocks(model), FlopCounterMode,
                              prediction)  # fmt: skip
+                if hasattr(trainer, "finish_measurement"):  # DeepSpeed: the per-rank account of model states
+                    trainer.finish_measurement(measured)
         if fake:
             return
         step = trainer.infer if inference else trainer.train_step

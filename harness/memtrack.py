@@ -213,6 +213,10 @@ class LiveTensorTracker(TorchDispatchMode):
     freeing parameters) bypasses the dispatcher: it is seen only when a later op outputs a
     tensor on that storage. DeepSpeed ZeRO-3 frees by assigning ``param.data``, which is seen.
 
+    Tensors on the ``meta`` device are skipped: they report ``nbytes`` but allocate nothing (DeepSpeed
+    ZeRO-1/2 keeps one per parameter as a shape record). Fake tensors report their fake device, so
+    they are counted.
+
     Each storage carries a category: ``track(..., category=...)`` sets it for existing tensors
     (and relabels them), and storages created by ops take the tracker's current ``category``
     (set it per phase, e.g. ``"forward"`` then ``"backward"``). ``snapshot()`` splits live
@@ -248,7 +252,7 @@ class LiveTensorTracker(TorchDispatchMode):
         for leaf in pytree.tree_leaves(tensors):
             if isinstance(leaf, Iterator):
                 raise TypeError("track() got an iterator; unpack it: track(*model.parameters())")
-            if isinstance(leaf, torch.Tensor):
+            if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
                 record = self._register(leaf.untyped_storage(), category)
                 self._add(record.category, -record.nbytes)
                 record.category = category
@@ -269,8 +273,8 @@ class LiveTensorTracker(TorchDispatchMode):
         out = func(*args, **kwargs)
         input_keys = None
         for leaf in pytree.tree_leaves(out):
-            if not isinstance(leaf, torch.Tensor):
-                continue
+            if not isinstance(leaf, torch.Tensor) or leaf.device.type == "meta":
+                continue  # a meta tensor is a shape record with no memory behind it
             storage = leaf.untyped_storage()
             if storage._cdata not in self._storages:
                 # An unknown storage is new unless the op only viewed or mutated an input's storage:

@@ -45,6 +45,10 @@ def predicted_summary(spec: RunSpec) -> dict:
         "flops": d["flops"],
         "inference": d["inference"],
     }
+    if spec.zero > 0:
+        from harness.zero import deepspeed_estimate  # imports DeepSpeed lazily, and only for ZeRO runs
+
+        out["deepspeed_estimator"] = deepspeed_estimate(spec)
     if spec.arch is not None:
         for method in NAIVE_METHODS:
             out[method.replace("-", "_")] = {"memory_bytes": formulas.predict(spec, method=method).memory_bytes()}

@@ -37,14 +37,15 @@ def _die_with_parent() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def main(argv: list[str]) -> int:
-    result = Path(argv[1])
-    payload = json.loads(sys.stdin.read())
+def measure_to_record(payload: dict, *, before_measure=None, with_environment: bool = True) -> dict:
+    """The record of `payload`'s spec measured in this process; an exception becomes its status.
 
+    `before_measure(spec)` runs first (a distributed rank selects its GPU there); `with_environment=False`
+    skips the environment (the other ranks of a distributed run: rank 0 records it).
+    """
     from formulas.spec import RunSpec
     from harness.record import classify_exception, make_record
 
-    _die_with_parent()
     spec = RunSpec.from_dict(payload["spec"])
 
     from harness.environment import environment
@@ -58,6 +59,8 @@ def main(argv: list[str]) -> int:
     error = None
     t0 = time.perf_counter()
     try:
+        if before_measure is not None:
+            before_measure(spec)
         measure(spec, measured)
         status = "ok"
     except Exception as exc:
@@ -68,14 +71,15 @@ def main(argv: list[str]) -> int:
             "traceback_tail": traceback.format_exc()[-4000:],
         }
     elapsed = time.perf_counter() - t0
-    record = make_record(
-        spec,
-        measured=measured,
-        status=status,
-        error=error,
-        environment=environment(device=measured.get("device"), argv=payload.get("argv")),
-        elapsed_s=elapsed,
-    )
+    env = environment(device=measured.get("device"), argv=payload.get("argv")) if with_environment else None
+    return make_record(spec, measured=measured, status=status, error=error, environment=env, elapsed_s=elapsed)
+
+
+def main(argv: list[str]) -> int:
+    result = Path(argv[1])
+    payload = json.loads(sys.stdin.read())
+    _die_with_parent()
+    record = measure_to_record(payload)
     tmp = result.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, allow_nan=False))
     os.replace(tmp, result)
