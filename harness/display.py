@@ -225,6 +225,17 @@ def print_measurement(record: dict) -> None:
             mem.get("activations_other"),
             acts.get("embedding", 0) + acts.get("output", 0),
         )
+    impl = p.get("implementation")
+    if impl:
+        row(
+            "  implementation variant",
+            mem.get("activations"),
+            impl["total"],
+            f"formulas.variants ({impl['model']}, {impl['device']}): paper + named departures",
+        )
+        for name, nbytes in impl["departures"].items():
+            if nbytes:
+                table.add_row(f"    departure: {name}", "-", size(nbytes * spec.arch.n_layers), "-", "all layers")
     row(
         "peak allocated (steady step)",
         mem.get("peak_allocated"),

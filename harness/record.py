@@ -13,6 +13,7 @@ from pathlib import Path
 import formulas
 from formulas.naive import NAIVE_METHODS
 from formulas.spec import RunSpec
+from formulas.variants import implementation_summary
 from harness.environment import HARNESS_VERSION
 
 STATUSES: tuple[str, ...] = ("ok", "oom", "error", "timeout", "killed")
@@ -66,12 +67,16 @@ def make_record(
 ) -> dict:
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    predicted = predicted_summary(spec)
+    # The implementation's own activation account (formulas.variants): what this model and these kernels
+    # store, beside the paper's count. None where the settings are not modelled.
+    predicted["implementation"] = implementation_summary(spec, (measured or {}).get("device"))
     return {
         "harness_version": HARNESS_VERSION,
         "spec_key": spec.key(),
         "status": status,
         "spec": spec.to_dict(),
-        "predicted": predicted_summary(spec),
+        "predicted": predicted,
         "measured": measured,
         "environment": environment,
         "error": error,

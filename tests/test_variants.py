@@ -1,0 +1,239 @@
+"""`formulas.variants` against saved-tensor bytes: every departure from the paper named, every layer exact.
+
+Each point builds the model on tiny shapes, runs one forward under `SavedTensorTracker` (the tracker
+`harness.measure` uses for `activations_by_layer`; `test_tracker_helper_agrees_with_measure` checks that
+they agree) and compares, to the byte, every layer and everything outside the layers with the variant's
+formula. `meta` (fake tensors) is the matrix; real CPU points cover where fake tensors change what
+transformers does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+from formulas import activations as act
+from formulas import variants as V
+from harness.measure import default_dtype, measure
+from harness.memtrack import SavedTensorTracker
+from harness.specbuild import build_spec
+from harness.training import Trainer, param_dtype
+from models.build import build_model, make_batch, transformer_blocks
+
+SHAPE = {"layers": 2, "hidden": 64, "heads": 4, "vocab": 128, "seq": 16, "batch": 2}
+MODELS = {
+    "gpt2": {"model": "gpt2", **SHAPE},
+    "pythia": {"model": "pythia-160m", **SHAPE},
+    "llama": {"model": "llama-2-7b", **SHAPE, "kv_heads": 2, "ffn_hidden": 96},  # grouped-query attention
+    "bert": {"model": "bert-base-uncased", **SHAPE},
+}
+
+
+def saved_bytes(settings: dict) -> tuple:
+    """(spec, bytes per layer, bytes outside the layers) of one forward, as `harness.measure` attributes them."""
+    spec = build_spec({"steps": 0, "warmup": 0, **settings})
+    dtype = param_dtype(spec.precision)
+    fake = spec.device == "meta"
+    if fake:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode()
+    else:
+        mode = contextlib.nullcontext()
+    with mode:
+        with default_dtype(dtype):
+            model = build_model(
+                spec.arch, impl=spec.impl, attention=spec.attention, recompute=spec.recompute, device="cpu", dtype=dtype
+            )
+        batch = make_batch(spec.arch, spec.batch, spec.seq, device="cpu", impl=spec.impl)
+        trainer = Trainer(model, precision=spec.precision, optimizer="sgd", device_type="cpu")
+        blocks = transformer_blocks(model)
+        with SavedTensorTracker(exclude=model, modules=blocks) as saved:
+            loss = trainer.forward(batch)
+        del loss
+    by_layer = [saved.bytes_by_module.get(name, 0) for name, _ in blocks]
+    return spec, by_layer, saved.total_bytes - sum(by_layer)
+
+
+def variant_of(spec) -> V.ActivationVariant:
+    return V.activation_variant(
+        spec.arch,
+        impl=spec.impl,
+        precision=spec.precision,
+        attention=spec.attention,
+        recompute=spec.recompute,
+        device=spec.device,
+    )
+
+
+def check_exact(settings: dict) -> V.LayerAccount:
+    spec, by_layer, outside = saved_bytes(settings)
+    variant = variant_of(spec)
+    account = V.layer_account(spec.arch, spec.seq, spec.batch, variant)
+    assert by_layer == account.layers(spec.arch.n_layers), (by_layer, account)
+    assert outside == V.outside_account(spec.arch, spec.seq, spec.batch, variant).total
+    return account
+
+
+def settings_of(point: dict, **more) -> dict:
+    """A point names its model by a key of MODELS; the rest overrides the tiny settings."""
+    return {**MODELS[point["model"]], **{k: v for k, v in point.items() if k != "model"}, **more}
+
+
+def point_id(point: dict) -> str:
+    return "-".join(str(v) for v in point.values())
+
+
+HF_POINTS = [
+    {"model": m, "impl": "hf", "precision": p, "attention": a, "recompute": r}
+    for m in MODELS
+    for p in ("fp32", "bf16")
+    for a in ("eager", "flash")
+    for r in ("none", "full")
+]
+MIXED_POINTS = [
+    *(
+        {"model": m, "impl": "hf", "precision": "bf16-mixed", "attention": a}
+        for m in MODELS
+        for a in ("eager", "flash")
+    ),
+    *({"model": "gpt2", "impl": "reference", "precision": "bf16-mixed", "attention": a} for a in ("eager", "flash")),
+]
+REFERENCE_POINTS = [
+    *(
+        {"model": m, "impl": "reference", "precision": p, "attention": a, "recompute": "none"}
+        for m in MODELS
+        for p in ("fp32", "bf16")
+        for a in ("eager", "flash")
+    ),
+    *(
+        {"model": m, "impl": "reference", "precision": "bf16", "attention": "flash", "recompute": r}
+        for m in ("gpt2", "llama")
+        for r in ("selective", "full")
+    ),
+]
+DROPOUT_POINTS = [
+    # The presets' Pythia and Llama have no dropout, GPT-2 and BERT have 0.1: the other side of each.
+    *({"model": m, "dropout": 0.1, "attention": a} for m in ("pythia", "llama") for a in ("eager", "flash")),
+    *({"model": m, "dropout": 0.0, "attention": "flash"} for m in ("gpt2", "bert")),
+]
+
+
+@pytest.mark.parametrize("point", HF_POINTS + MIXED_POINTS + REFERENCE_POINTS, ids=point_id)
+def test_meta_layers_and_outside_exact(point):
+    check_exact(settings_of(point, device="meta"))
+
+
+@pytest.mark.parametrize("point", DROPOUT_POINTS, ids=point_id)
+def test_dropout_paths_exact(point):
+    check_exact(settings_of(point, impl="hf", precision="bf16", device="meta"))
+
+
+CPU_POINTS = [
+    # Real tensors where fake ones change transformers' path: SDPA decoders (no mask, GQA kernel), GPT-2's
+    # checkpointed mask, and the CPU math fallback.
+    {"model": "pythia", "precision": "fp32", "attention": "flash"},
+    {"model": "llama", "precision": "bf16", "attention": "flash"},
+    {"model": "gpt2", "precision": "fp32", "attention": "flash", "recompute": "full"},
+    {"model": "gpt2", "precision": "bf16", "attention": "flash"},
+    {"model": "llama", "precision": "fp32", "attention": "eager"},
+]
+
+
+@pytest.mark.parametrize("point", CPU_POINTS, ids=point_id)
+def test_real_cpu_exact(point):
+    check_exact(settings_of(point, impl="hf", device="cpu"))
+
+
+def test_fake_tensor_departures_are_the_only_meta_cpu_difference():
+    """transformers treats fake tensors as tracing: an explicit causal mask, and `repeat_kv` instead of GQA."""
+    settings = {**MODELS["llama"], "impl": "hf", "precision": "bf16", "attention": "flash"}
+    _, meta, _ = saved_bytes({**settings, "device": "meta"})
+    _, cpu, _ = saved_bytes({**settings, "device": "cpu"})
+    spec = build_spec({**settings, "device": "meta"})
+    s, b, h, kv = spec.seq, spec.batch, spec.arch.hidden, spec.arch.kv_width
+    assert [x - y for x, y in zip(meta, cpu, strict=True)] == [2 * b * s * s + 2 * 2 * s * b * (h - kv)] * 2
+    departures = V.layer_account(spec.arch, s, b, variant_of(spec)).departures
+    assert departures["sdpa_fake_mask"] == 2 * b * s * s and departures["repeat_kv"] == 2 * 2 * s * b * (h - kv)
+
+
+def test_tracker_helper_agrees_with_measure():
+    settings = {**MODELS["pythia"], "impl": "hf", "precision": "bf16", "attention": "flash", "device": "meta"}
+    _, by_layer, outside = saved_bytes(settings)
+    measured: dict = {}
+    measure(build_spec({"steps": 0, "warmup": 0, **settings}), measured)
+    assert measured["activations_by_layer"] == by_layer
+    assert measured["memory_bytes"]["activations_other"] == outside
+
+
+# ---- the formulas alone (no model) ----
+
+ARCHS = {name: build_spec({**settings, "device": "meta"}).arch for name, settings in MODELS.items()}
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_reference_is_the_paper_plus_norm_statistics(name):
+    arch = ARCHS[name]
+    for device, precision in (("cuda", "bf16"), ("cpu", "fp32"), ("cpu", "bf16")):
+        e = 4 if precision == "fp32" else 2
+        got = V.implementation_layer_bytes(arch, 32, 2, impl="reference", precision=precision, device=device)
+        stats = 4 if (device == "cuda" or arch.norm == "rmsnorm") else e
+        assert got == act.layer_bytes(arch, 32, 2, elem_bytes=e, mask_bytes=1, stats_bytes=stats)
+
+
+def test_paper_baseline_and_named_departures():
+    account = V.implementation_account(ARCHS["gpt2"], 32, 2, impl="hf", precision="bf16", device="cpu")
+    assert account.paper == act.layer_bytes(ARCHS["gpt2"], 32, 2, elem_bytes=2, mask_bytes=1)
+    assert set(account.departures) == {"norm_stats", "dropout_mask_dtype", "gelu_new"}
+    assert set(account.departures) | set(account.shared) <= set(V.CAUSES)
+    # CUDA's F.dropout keeps bool masks: only the GeLU and the (fp32) statistics remain.
+    cuda = V.implementation_account(ARCHS["gpt2"], 32, 2, impl="hf", precision="bf16", device="cuda")
+    assert set(cuda.departures) == {"norm_stats", "gelu_new"}
+    assert V.activation_variant(ARCHS["gpt2"], impl="hf", precision="bf16", device="cuda").unmeasured
+
+
+def test_unmodelled_settings_raise():
+    with pytest.raises(ValueError, match="autocast"):
+        V.activation_variant(ARCHS["gpt2"], impl="hf", precision="bf16-mixed", device="cuda")
+    with pytest.raises(ValueError, match="selective"):
+        V.activation_variant(ARCHS["gpt2"], impl="hf", precision="bf16", recompute="selective", device="cpu")
+    with pytest.raises(ValueError, match="device"):
+        V.activation_variant(ARCHS["gpt2"], device="tpu")
+
+
+def test_constants_match_the_model_builders():
+    from models import hf, presets
+
+    assert hf.NEOX_ROTARY_PCT == V.NEOX_ROTARY_FRACTION
+    for arch in presets.PRESETS.values():
+        try:
+            expected = hf.hf_family(arch)
+        except ValueError:
+            continue
+        assert V.hf_family(arch) == expected
+
+
+def test_summary_for_records():
+    spec = build_spec({**MODELS["llama"], "impl": "hf", "precision": "bf16", "attention": "flash", "device": "meta"})
+    summary = V.implementation_summary(spec)
+    account = V.layer_account(spec.arch, spec.seq, spec.batch, variant_of(spec))
+    assert summary["per_layer"] == account.per_layer and summary["layers"] == account.layers(spec.arch.n_layers)
+    assert summary["total"] == account.total(spec.arch.n_layers) + summary["outside"]["total"]
+    assert V.implementation_summary(spec.replace(device="auto")) is None
+    assert V.implementation_summary(spec.replace(device="cuda", precision="bf16-mixed")) is None
+
+
+def test_records_carry_the_implementation_account():
+    """`make_record` puts the variant beside the paper's count, for the device the run was measured on."""
+    from harness.record import make_record
+
+    settings = {**MODELS["gpt2"], "impl": "hf", "precision": "bf16", "device": "meta", "steps": 0, "warmup": 0}
+    spec = build_spec(settings)
+    measured: dict = {}
+    measure(spec, measured)
+    record = make_record(spec, measured=measured, status="ok")
+    impl = record["predicted"]["implementation"]
+    assert impl["device"] == "meta" and impl["layers"] == measured["activations_by_layer"]
+    assert impl["total"] == measured["memory_bytes"]["activations"]
+    assert make_record(spec.replace(device="auto"), measured={}, status="error")["predicted"]["implementation"] is None
