@@ -32,9 +32,15 @@ from harness.record import read_jsonl
 
 GIB, MIB, KIB = 2**30, 2**20, 2**10
 RUNS_FILE = "runs.jsonl"
-METHODS = ("korthikanti", "naive", "naive-mlp4c", "deepspeed")
+METHODS = ("korthikanti", "implementation", "naive", "naive-mlp4c", "deepspeed")
 """Prediction methods, and the column prefix of each in the flat table."""
-PREFIX = {"korthikanti": "predicted", "naive": "naive", "naive-mlp4c": "naive_mlp4c", "deepspeed": "deepspeed"}
+PREFIX = {
+    "korthikanti": "predicted",
+    "implementation": "implementation",
+    "naive": "naive",
+    "naive-mlp4c": "naive_mlp4c",
+    "deepspeed": "deepspeed",
+}
 TERMS = (
     "weights",
     "gradients",
@@ -249,6 +255,15 @@ def flat_row(record: dict) -> dict:
             row[f"{p}_activations_per_layer_bytes"] = acts / n_layers
         row[f"{p}_inference_peak_bytes"] = None
     row["predicted_inference_peak_bytes"] = num(get(record, "predicted.inference.total")) if inference else None
+    # formulas.variants: the activations of the implementation that ran (the paper plus named departures).
+    impl = get(record, "predicted.implementation") or {}
+    for t in TERMS:
+        row[f"implementation_{t}_bytes"] = None
+    if isinstance(impl, dict) and not inference:
+        row["implementation_activations_bytes"] = num(impl.get("total"))
+        layers = impl.get("layers") or []
+        # The same mean over layers as the measured column (the first layer also keeps per-forward tables).
+        row["implementation_activations_per_layer_bytes"] = sum(layers) / len(layers) if layers else None
     ds = _estimator_bytes(record)
     for t in TERMS:
         row[f"deepspeed_{t}_bytes"] = ds.get(t) if not inference else None
@@ -895,7 +910,8 @@ def build_report(
     else:
         doc.para(
             "predicted / measured: median [min–max] and the number of runs. `korthikanti`: the harness's "
-            "formulas; `naive`: the Q&A answer (4·L·C² params, no optimizer state, B·N·L·T·(T+2D) activations); "
+            "formulas; `implementation`: the same plus the measured departures of the model and kernels that ran "
+            "(`formulas/variants.py`, activations only); `naive`: the Q&A answer (4·L·C² params, no optimizer state, B·N·L·T·(T+2D) activations); "
             "`naive-mlp4c`: its 4C-MLP correction; `deepspeed`: DeepSpeed's ZeRO estimator (model states, ZeRO "
             "runs only)."
         )

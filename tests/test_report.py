@@ -154,6 +154,21 @@ def test_flat_row_terms():
     assert inf["predicted_inference_peak_bytes"] == pred["total"] == round(1.2 * pred["weights"]) + pred["kv_cache"]
 
 
+def test_implementation_variant_is_a_method():
+    """`predicted.implementation` (formulas.variants) is compared on activations only, as its own method."""
+    from harness.report import error_frame, frame
+
+    rec = synthetic({"impl": "hf", "device": "cpu"})
+    impl = rec["predicted"]["implementation"]
+    assert impl is not None and impl["device"] == "cpu"
+    row = flat_row(rec)
+    assert row["implementation_activations_bytes"] == impl["total"]
+    assert row["implementation_activations_per_layer_bytes"] == sum(impl["layers"]) / len(impl["layers"])
+    assert row["implementation_weights_bytes"] is None
+    errors = error_frame(frame([rec]))
+    assert set(errors[errors["method"] == "implementation"]["term"]) == {"activations", "activations_per_layer"}
+
+
 def test_latest_records_keeps_first_position_newest_content():
     a1, b, a2 = (
         {"spec_key": "a", "status": "error"},
