@@ -127,6 +127,9 @@ def run_label(spec: dict, without: tuple[str, ...] = (), device: str | None = No
         parts.append(spec["attention"])
     if spec.get("zero"):
         parts.append(f"ZeRO-{spec['zero']}")
+    for key, short in (("offload_optimizer", "off-opt"), ("offload_params", "off-param")):
+        if spec.get(key, "none") != "none":
+            parts.append(f"{short}={spec[key]}")
     if spec.get("gpus", 1) > 1:
         parts.append(f"×{spec['gpus']}")
     for key, short in (("tp", "tp"), ("pp", "pp")):

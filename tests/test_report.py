@@ -182,6 +182,8 @@ def test_run_label():
     spec = build_spec({**TINY, "model": "gpt2", "recompute": "full", "zero": 1, "gpus": 8}).to_dict()
     assert run_label(spec) == "gpt2 L2 h64 fp32 rc=full ZeRO-1 ×8 b2 s32 auto"
     assert run_label(spec, without=("seq",), device="cuda") == "gpt2 L2 h64 fp32 rc=full ZeRO-1 ×8 b2 cuda"
+    offload = build_spec({**TINY, "model": "gpt2", "zero": 3, "gpus": 2, "offload_params": "cpu"}).to_dict()
+    assert run_label(offload) == "gpt2 L2 h64 fp32 ZeRO-3 off-param=cpu ×2 b2 s32 auto"
 
 
 def test_report_errors_are_one_line(tmp_path, capsys):
