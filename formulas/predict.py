@@ -91,6 +91,15 @@ class Prediction:
             "total": self.total,
         }
 
+    def host_memory_bytes(self) -> dict:
+        """What DeepSpeed offload keeps in host memory per rank (all 0 without offload)."""
+        return {
+            "weights": self.states.host_weights,
+            "gradients": self.states.host_gradients,
+            "optimizer": self.states.host_optimizer,
+            "total": self.states.host_total,
+        }
+
     def to_dict(self) -> dict:
         """The public JSON contract of `tmath predict --format json` (documented in the README)."""
         mem = self.memory_bytes()
@@ -101,6 +110,7 @@ class Prediction:
             "params_per_gpu": self.params_per_gpu,
             "memory_bytes": mem,
             "memory_gib": {k: (None if v is None else v / hardware.GIB) for k, v in mem.items()},
+            "host_memory_bytes": self.host_memory_bytes(),
             "activation_bytes": None,
             "sources": self.sources,
             "flops": {
@@ -239,6 +249,11 @@ def _sources(spec: RunSpec, method: str) -> dict:
     optim = f"{TM101}: {optimizer_bytes_per_param(spec.optimizer, p)} B/param × {shard}" + (
         f" / {spec.dp} (ZeRO-1)" if spec.zero >= 1 else ""
     )
+    if spec.offload_optimizer != "none":
+        optim += "; on the host (ZeRO-Offload, Ren et al. 2021)"
+        grads += "; + fp32 partition 4 B/param / N on the host" + ("" if spec.zero >= 3 else ", none left on the GPU")
+    if spec.offload_params != "none":
+        weights += "; on the host (ZeRO-Infinity, Rajbhandari et al. 2021)"
     sources = {"weights": weights, "gradients": grads, "optimizer": optim}
     if spec.zero >= 3:
         sources["zero3_live_params"] = f"{TM101}: ZeRO-3 live params (largest module, DeepSpeed estimator)"
@@ -270,6 +285,8 @@ def predict(spec: RunSpec, method: str = "korthikanti", calibration: Calibration
             tp=spec.tp,
             pp=spec.pp,
             largest_module_params=largest_module_params(arch) if arch is not None else 0,
+            offload_optimizer=spec.offload_optimizer != "none",
+            offload_params=spec.offload_params != "none",
         )
         if arch is not None:
             terms = _korthikanti_activations(spec)

@@ -74,6 +74,10 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism")
     d.add_argument("--partition-activations", action="store_true", help="ZeRO-R activation partitioning")
     d.add_argument("--in-flight", type=int, help="micro-batches held by the first pipeline stage (default pp)")
+    d.add_argument("--offload-optimizer", default="none", choices=OFFLOADS,
+                   help="DeepSpeed ZeRO-Offload: optimizer state and fp32 gradients in host memory")  # fmt: skip
+    d.add_argument("--offload-params", default="none", choices=OFFLOADS,
+                   help="DeepSpeed ZeRO-3 parameter offload to host memory")  # fmt: skip
 
     c = p.add_argument_group("compute budget")
     c.add_argument("--tokens", type=count, help="training tokens D (default 20·P, Chinchilla)")
@@ -215,8 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps (default 1)")
     g.add_argument("--timeout", type=float, help="seconds before the run is killed (status timeout)")
     g.add_argument("--mode", default="train", choices=MODES, help="train step, or inference (forward only)")
-    g.add_argument("--offload-optimizer", default="none", choices=OFFLOADS, help="DeepSpeed optimizer offload")
-    g.add_argument("--offload-params", default="none", choices=OFFLOADS, help="DeepSpeed ZeRO-3 parameter offload")
     g.add_argument("--deepspeed-config", help="JSON merged over the generated DeepSpeed config")
     g.add_argument("--launcher", default="torchrun", choices=("torchrun", "deepspeed"),
                    help="starts the ranks of a --zero/--gpus run (default torchrun, one node)")  # fmt: skip

@@ -92,6 +92,14 @@ def print_prediction(pred) -> None:
         )
         table.add_row("  output + loss", gib(terms.output), f"{terms.output:,}", "")
     table.add_row("[bold]total[/bold]", f"[bold]{gib(pred.total)}[/bold]", f"{pred.total:,}", "sum of the terms above")
+    host = pred.host_memory_bytes()
+    if host["total"]:
+        parts = ", ".join(
+            f"{term} {gib(host[term])} GiB" for term in ("weights", "gradients", "optimizer") if host[term]
+        )
+        table.add_row(
+            "host memory (offload)", gib(host["total"]), f"{host['total']:,}", f"per rank, not on the GPU: {parts}"
+        )
     if pred.calibration is not None:
         table.add_row(
             "calibrated peak",
@@ -308,7 +316,16 @@ def _rank_notes(rank: dict, spec) -> dict[str, str]:
     """What explains each term's difference from the formula, from the rank's measured account."""
     zero = rank.get("zero") or {}
     ex = zero.get("explained_bytes") or {}
-    notes: dict[str, list[str]] = {"weights": [], "gradients": [], "optimizer": [], "live": [], "extras": []}
+    notes: dict[str, list[str]] = {
+        "weights": [],
+        "gradients": [],
+        "optimizer": [],
+        "live": [],
+        "extras": [],
+        "host": [],
+    }
+    host = zero.get("host_bytes") or {}
+    notes["host"] = [f"{term} {size(nbytes)}" for term, nbytes in host.items() if nbytes]
     if ex.get("weights_alignment_padding_bytes"):
         notes["weights"].append(f"alignment padding {size(ex['weights_alignment_padding_bytes'])}")
     if ex.get("weights_persistent_parameter_bytes"):
@@ -384,8 +401,8 @@ def print_ranks(record: dict, con: Console | None = None) -> None:
         rows.append(("model states", states, formula_states, (est.get("memory_bytes") or {}).get("gpu"),
                      "sum of the rows above; DeepSpeed: its per-GPU total"))  # fmt: skip
         if mem.get("host_model_states") or spec.offload_optimizer != "none" or spec.offload_params != "none":
-            rows.append(("host (offloaded)", mem.get("host_model_states"), None,
-                         (est.get("memory_bytes") or {}).get("cpu"), "DeepSpeed: per-node CPU estimate"))  # fmt: skip
+            rows.append(("host (offloaded)", mem.get("host_model_states"), (p.get("host_memory_bytes") or {}).get("total"),
+                         (est.get("memory_bytes") or {}).get("cpu"), notes.get("host", "") or "DeepSpeed: per-node CPU estimate"))  # fmt: skip
         rows.append(("activations", mem.get("activations"), pmem.get("activations"), None, ""))
         rows.append(("peak allocated", mem.get("peak_allocated"), pmem.get("total"), None, "steady step"))
         for i, (term, measured, formula, ds, note) in enumerate(rows):

@@ -42,6 +42,7 @@ def predicted_summary(spec: RunSpec) -> dict:
         "method": "korthikanti",
         "params": p.params,
         "memory_bytes": d["memory_bytes"],
+        "host_memory_bytes": d["host_memory_bytes"],
         "activation_bytes": d["activation_bytes"],
         "flops": d["flops"],
         "inference": d["inference"],

@@ -48,6 +48,7 @@ TERMS = (
     "activations",
     "activations_per_layer",
     "model_states",
+    "host_model_states",
     "peak",
     "inference_peak",
 )
@@ -59,6 +60,7 @@ TERM_TITLES = {
     "activations": "activations (all saved)",
     "activations_per_layer": "activations per layer",
     "model_states": "model states (w + g + opt)",
+    "host_model_states": "host memory (DeepSpeed offload)",
     "peak": "peak allocated vs predicted total",
     "inference_peak": "inference peak vs 1.2 × weights",
 }
@@ -217,6 +219,11 @@ def flat_row(record: dict) -> dict:
     )
     parts = [row[f"measured_{t}_bytes"] for t in ("weights", "gradients", "optimizer")]
     row["measured_model_states_bytes"] = sum(parts) if all(p is not None for p in parts) else None
+    offload = spec.get("offload_optimizer", "none") != "none" or spec.get("offload_params", "none") != "none"
+    row["measured_host_model_states_bytes"] = num(mem.get("host_model_states")) if offload else None
+    row["predicted_host_model_states_bytes"] = (
+        num(get(record, "predicted.host_memory_bytes.total")) if offload and not inference else None
+    )
     peak = num(mem.get("peak_allocated"))
     row["measured_peak_bytes"] = None if inference else peak
     row["measured_inference_peak_bytes"] = peak if inference else None
@@ -247,6 +254,9 @@ def flat_row(record: dict) -> dict:
         w, g, o = (row[f"{p}_{t}_bytes"] for t in ("weights", "gradients", "optimizer"))
         row[f"{p}_model_states_bytes"] = w + g + o if None not in (w, g, o) else None
         row[f"{p}_peak_bytes"] = None if inference else num(pm.get("total"))
+        if method == "korthikanti" and row[f"{p}_peak_bytes"] is not None and row["device"] == "cpu":
+            # On a CPU run the offloaded states share the one memory that the live-bytes tracker sees.
+            row[f"{p}_peak_bytes"] += row["predicted_host_model_states_bytes"] or 0
         acts = row[f"{p}_activations_bytes"]
         row[f"{p}_activations_per_layer_bytes"] = None
         if method == "korthikanti":
@@ -895,7 +905,10 @@ def build_report(
     if terms.empty:
         doc.para("No ok training runs.")
     else:
-        doc.para("Each cell: measured / predicted (measured ÷ predicted). Bytes per GPU; GiB = 2^30 bytes.")
+        doc.para(
+            "Each cell: measured / predicted (measured ÷ predicted). Bytes per GPU; GiB = 2^30 bytes. On CPU runs "
+            "with DeepSpeed offload the predicted total includes the offloaded terms: host and device are one memory."
+        )
         doc.table(terms)
     png = plot_measured_vs_predicted(errors, out / "measured_vs_predicted.png")
     if png:

@@ -128,6 +128,27 @@ def test_zero3_live_params_only_when_sharded():
     assert one.zero3_live_params == 0 and eight.zero3_live_params == 1000
 
 
+def test_offload_moves_states_to_the_host():
+    # ZeRO-Offload (Ren et al. 2021): master, m, v and an fp32 gradient partition on the host.
+    p, n = 10**6, 4
+    for stage in (1, 2, 3):
+        s = model_state_bytes(p, precision="bf16-mixed", optimizer="adamw", zero=stage, dp=n, offload_optimizer=True)
+        assert s.optimizer == 0 and s.host_optimizer == 12 * p // n and s.host_gradients == 4 * p // n
+        assert s.gradients == (2 * p // n if stage == 3 else 0)  # DeepSpeed 0.19, measured (results/zero-cpu)
+        assert s.weights == (2 * p // n if stage == 3 else 2 * p) and s.host_weights == 0
+    infinity = model_state_bytes(
+        p, precision="bf16-mixed", optimizer="adamw", zero=3, dp=n, offload_optimizer=True, offload_params=True
+    )
+    assert infinity.weights == 0 and infinity.host_weights == 2 * p // n
+    assert infinity.host_total == (2 + 4 + 12) * p // n
+    plain = model_state_bytes(p, precision="bf16-mixed", optimizer="adamw", zero=2, dp=n)
+    assert plain.host_total == 0
+    with pytest.raises(ValueError, match="stage 3"):
+        model_state_bytes(p, precision="bf16-mixed", optimizer="adamw", zero=2, dp=n, offload_params=True)
+    with pytest.raises(ValueError, match="stage 1"):
+        model_state_bytes(p, precision="bf16-mixed", optimizer="adamw", zero=0, offload_optimizer=True)
+
+
 def test_3d_parallel_shards():
     # Transformer Math 101: model / (PP × TP), optimizer / No. GPUs with ZeRO-1 over DP = GPUs/(PP·TP).
     spec = RunSpec(arch=GPT3, model="megatron-175b", gpus=64, tp=8, pp=4, zero=1, seq=2048)

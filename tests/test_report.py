@@ -169,6 +169,18 @@ def test_implementation_variant_is_a_method():
     assert set(errors[errors["method"] == "implementation"]["term"]) == {"activations", "activations_per_layer"}
 
 
+def test_offloaded_states_are_their_own_term():
+    rec = synthetic({"zero": 2, "gpus": 2, "offload_optimizer": "cpu"})
+    host = rec["predicted"]["host_memory_bytes"]
+    assert host["optimizer"] > 0 and host["gradients"] > 0 and rec["predicted"]["memory_bytes"]["optimizer"] == 0
+    rec["measured"]["memory_bytes"]["host_model_states"] = host["total"]
+    row = flat_row(rec)
+    assert row["measured_host_model_states_bytes"] == row["predicted_host_model_states_bytes"] == host["total"]
+    # A CPU run's tracker sees host and device as one memory: the predicted peak counts both.
+    assert row["predicted_peak_bytes"] == rec["predicted"]["memory_bytes"]["total"] + host["total"]
+    assert flat_row(synthetic({"zero": 2, "gpus": 2}))["predicted_host_model_states_bytes"] is None
+
+
 def test_latest_records_keeps_first_position_newest_content():
     a1, b, a2 = (
         {"spec_key": "a", "status": "error"},

@@ -260,6 +260,14 @@ def test_offload_measures_device_and_host():
         assert host["weights"] == pytest.approx(4 * p / 2, rel=0.05)
         assert rank["memory_bytes"]["optimizer"] == 0
         assert rank["memory_bytes"]["host_model_states"] >= host["optimizer"] + host["weights"]
+        # The formulas' host terms (ZeRO-Offload / ZeRO-Infinity) against the measured ones. The optimizer
+        # is checked above: DeepSpeed keeps an fp32 master copy of fp32 parameters too (12 B/param, not 8).
+        predicted_host = record["predicted"]["host_memory_bytes"]
+        for term in ("weights", "gradients"):
+            assert host[term] == pytest.approx(predicted_host[term], rel=0.05), term
+        assert rank["memory_bytes"]["gradients"] == pytest.approx(
+            record["predicted"]["memory_bytes"]["gradients"], rel=0.05
+        )
         assert_accounted(rank)
     assert record["predicted"]["deepspeed_estimator"]["args"]["cpu_offload_params"] is True
 
