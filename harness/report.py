@@ -791,7 +791,7 @@ def plot_activations_vs_seq(df, records: list[dict], path: Path, max_panels: int
         spec = specs.get(r["spec_key"])
         if not spec or not spec.get("arch"):
             continue
-        groups.setdefault(run_label(spec, without=("seq",)), []).append(
+        groups.setdefault(run_label(spec, without=("seq",), device=r["device"]), []).append(
             (r["seq"], r["measured_activations_per_layer_bytes"], spec)
         )
     # Configurations measured at several lengths first: those show the curve's shape.
