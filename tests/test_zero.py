@@ -274,6 +274,19 @@ def test_offload_measures_device_and_host():
 
 @pytest.mark.slow
 @needs_deepspeed
+def test_the_deepspeed_launcher_runs_the_same_ranks(records):
+    """`--launcher deepspeed` (the multi-node path, here on one node) measures what torchrun measures."""
+    record = run_distributed(spec_of(zero=1, grad_accum=2), timeout=600, launcher="deepspeed")
+    assert record["measured"]["launcher"] == "deepspeed"
+    reference = record_of(records, "z1", zero=1, grad_accum=2)
+    for rank, expected in zip(ranks_ok(record), ranks_ok(reference), strict=True):
+        for term in ("weights", "gradients", "optimizer", "activations"):
+            assert rank["memory_bytes"][term] == expected["memory_bytes"][term], term
+        assert_accounted(rank)
+
+
+@pytest.mark.slow
+@needs_deepspeed
 def test_a_deepspeed_error_on_the_ranks_becomes_a_record(tmp_path):
     bad = tmp_path / "ds.json"
     bad.write_text(json.dumps({"train_batch_size": 999}))  # inconsistent with micro-batch × accumulation × ranks
