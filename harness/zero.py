@@ -58,6 +58,7 @@ from formulas.params import largest_module_params
 from formulas.precision import is_mixed
 from formulas.spec import RunSpec
 from harness.errors import UsageError
+from harness.training import Trainer
 
 TERMS: tuple[str, ...] = ("weights", "gradients", "optimizer", "extras")
 """Model-state terms of the formulas, plus what DeepSpeed holds that no formula term names."""
@@ -819,12 +820,7 @@ class DeepSpeedTrainer:
     def zero_grad(self) -> None:
         self.engine.zero_grad()
 
-    def train_step(self, batches: list[dict]) -> None:
-        for batch in batches:
-            loss = self.forward(batch)
-            self.backward(loss)
-            del loss
-        self.step()
+    train_step = Trainer.train_step  # the same micro-batch loop, over the engine's forward, backward and step
 
     def infer(self, batch: dict):
         raise UsageError("DeepSpeed runs are measured in training mode only")
