@@ -389,24 +389,13 @@ def implementation_account(
     return layer_account(arch, seq, batch, variant)
 
 
-def implementation_layer_bytes(
-    arch: Architecture,
-    seq: int,
-    batch: int,
-    *,
-    impl: str = "reference",
-    precision: str = "bf16",
-    attention: str = "eager",
-    recompute: str = "none",
-    device: str = "cuda",
-) -> int:
+def implementation_layer_bytes(arch: Architecture, seq: int, batch: int, **settings: str) -> int:
     """Bytes one layer of `impl` stores on `device` for one micro-batch (without the once-per-forward terms).
 
-    The implementation's counterpart of `formulas.activations.layer_bytes` (no tensor parallelism).
+    The implementation's counterpart of `formulas.activations.layer_bytes` (no tensor parallelism); `settings`
+    are those of `implementation_account` (impl, precision, attention, recompute, device).
     """
-    return implementation_account(
-        arch, seq, batch, impl=impl, precision=precision, attention=attention, recompute=recompute, device=device
-    ).per_layer
+    return implementation_account(arch, seq, batch, **settings).per_layer
 
 
 @dataclass(frozen=True)
