@@ -296,7 +296,7 @@ def gather(
 
 def rank_main(rank_dir: str) -> int:
     """One rank: measure with the protocol of `harness.measure` and write rank<R>.json, whatever happens."""
-    from harness.worker import _die_with_parent, measure_to_record
+    from harness.worker import _die_with_parent, measure_payload
 
     _die_with_parent()  # torchrun starts each rank in a session of its own: die with the launcher
     if os.getppid() == 1:  # the launcher died before the request took effect
@@ -313,10 +313,11 @@ def rank_main(rank_dir: str) -> int:
         if spec.device in ("cuda", "auto") and torch.cuda.is_available():
             torch.cuda.set_device(local_rank)  # "cuda" is then this rank's GPU for every allocation
 
-    record = measure_to_record(payload, before_measure=before, with_environment=rank == 0)
-    record["rank"] = rank
+    # The rank's outcome only: the parent's `gather` makes the one record (and its prediction) from all ranks.
+    _, outcome = measure_payload(payload, before_measure=before, with_environment=rank == 0)
+    outcome["rank"] = rank
     tmp = work / f"rank{rank}.tmp"
-    tmp.write_text(json.dumps(record, allow_nan=False))
+    tmp.write_text(json.dumps(outcome, allow_nan=False))
     os.replace(tmp, work / f"rank{rank}.json")
     return 0
 

@@ -37,14 +37,16 @@ def _die_with_parent() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def measure_to_record(payload: dict, *, before_measure=None, with_environment: bool = True) -> dict:
-    """The record of `payload`'s spec measured in this process; an exception becomes its status.
+def measure_payload(payload: dict, *, before_measure=None, with_environment: bool = True) -> tuple:
+    """Measure `payload`'s spec in this process: (spec, outcome), where outcome holds the `make_record`
+    arguments other than the spec (status, measured, error, environment, elapsed_s); an exception becomes
+    its status. The prediction is left to whoever builds the record (a distributed run's parent, once).
 
     `before_measure(spec)` runs first (a distributed rank selects its GPU there); `with_environment=False`
     skips the environment (the other ranks of a distributed run: rank 0 records it).
     """
     from formulas.spec import RunSpec
-    from harness.record import classify_exception, make_record
+    from harness.record import classify_exception
 
     spec = RunSpec.from_dict(payload["spec"])
 
@@ -72,14 +74,17 @@ def measure_to_record(payload: dict, *, before_measure=None, with_environment: b
         }
     elapsed = time.perf_counter() - t0
     env = environment(device=measured.get("device"), argv=payload.get("argv")) if with_environment else None
-    return make_record(spec, measured=measured, status=status, error=error, environment=env, elapsed_s=elapsed)
+    return spec, {"status": status, "measured": measured, "error": error, "environment": env, "elapsed_s": elapsed}
 
 
 def main(argv: list[str]) -> int:
     result = Path(argv[1])
     payload = json.loads(sys.stdin.read())
     _die_with_parent()
-    record = measure_to_record(payload)
+    from harness.record import make_record
+
+    spec, outcome = measure_payload(payload)
+    record = make_record(spec, **outcome)
     tmp = result.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, allow_nan=False))
     os.replace(tmp, result)
