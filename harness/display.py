@@ -316,16 +316,15 @@ def _rank_notes(rank: dict, spec) -> dict[str, str]:
     """What explains each term's difference from the formula, from the rank's measured account."""
     zero = rank.get("zero") or {}
     ex = zero.get("explained_bytes") or {}
+    host = zero.get("host_bytes") or {}
     notes: dict[str, list[str]] = {
         "weights": [],
         "gradients": [],
         "optimizer": [],
         "live": [],
         "extras": [],
-        "host": [],
+        "host": [f"{term} {size(nbytes)}" for term, nbytes in host.items() if nbytes],
     }
-    host = zero.get("host_bytes") or {}
-    notes["host"] = [f"{term} {size(nbytes)}" for term, nbytes in host.items() if nbytes]
     if ex.get("weights_alignment_padding_bytes"):
         notes["weights"].append(f"alignment padding {size(ex['weights_alignment_padding_bytes'])}")
     if ex.get("weights_persistent_parameter_bytes"):
@@ -402,7 +401,7 @@ def print_ranks(record: dict, con: Console | None = None) -> None:
                      "sum of the rows above; DeepSpeed: its per-GPU total"))  # fmt: skip
         if mem.get("host_model_states") or spec.offload_optimizer != "none" or spec.offload_params != "none":
             rows.append(("host (offloaded)", mem.get("host_model_states"), (p.get("host_memory_bytes") or {}).get("total"),
-                         (est.get("memory_bytes") or {}).get("cpu"), notes.get("host", "") or "DeepSpeed: per-node CPU estimate"))  # fmt: skip
+                         (est.get("memory_bytes") or {}).get("cpu"), notes["host"] or "DeepSpeed: per-node CPU estimate"))  # fmt: skip
         rows.append(("activations", mem.get("activations"), pmem.get("activations"), None, ""))
         rows.append(("peak allocated", mem.get("peak_allocated"), pmem.get("total"), None, "steady step"))
         for i, (term, measured, formula, ds, note) in enumerate(rows):

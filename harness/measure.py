@@ -34,7 +34,7 @@ from formulas.spec import RunSpec
 from harness.errors import UsageError
 from harness.memtrack import LiveTensorTracker, SavedTensorTracker
 from harness.training import Trainer, param_dtype, unique_storage_bytes
-from harness.zero import uses_deepspeed
+from harness.zero import DeepSpeedTrainer, check_deepspeed, uses_deepspeed
 
 MEASUREMENT_METHODS = {
     "weights": "unique parameter storages after the model is built (bytes)",
@@ -73,8 +73,6 @@ def check_measurable(spec: RunSpec, device: str) -> None:
         raise UsageError("selective recompute is implemented for --impl reference only")
     if device == "meta" and (spec.zero or spec.gpus > 1):
         raise UsageError("--device meta measures one process with fake tensors; it cannot run DeepSpeed/ZeRO")
-    from harness.zero import check_deepspeed
-
     check_deepspeed(spec, device)
 
 
@@ -262,8 +260,6 @@ def measure(spec: RunSpec, measured: dict) -> None:
                 for _ in range(1 if inference else spec.grad_accum)
             ]
             if uses_deepspeed(spec):
-                from harness.zero import DeepSpeedTrainer
-
                 trainer = DeepSpeedTrainer(model, spec, device_type=torch_device, probe=probe)
             else:
                 trainer = Trainer(model, precision=spec.precision, optimizer=spec.optimizer,
