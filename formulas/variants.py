@@ -371,29 +371,17 @@ def layer_account(arch: Architecture, seq: int, batch: int, variant: ActivationV
     return LayerAccount(paper, dep, shared)
 
 
-def implementation_account(
-    arch: Architecture,
-    seq: int,
-    batch: int,
-    *,
-    impl: str = "reference",
-    precision: str = "bf16",
-    attention: str = "eager",
-    recompute: str = "none",
-    device: str = "cuda",
-) -> LayerAccount:
-    """`layer_account` of the variant `activation_variant` picks for these settings."""
-    variant = activation_variant(
-        arch, impl=impl, precision=precision, attention=attention, recompute=recompute, device=device
-    )
-    return layer_account(arch, seq, batch, variant)
+def implementation_account(arch: Architecture, seq: int, batch: int, **settings: str) -> LayerAccount:
+    """`layer_account` of the variant `activation_variant(arch, **settings)` picks (impl, precision, attention,
+    recompute, device; its defaults)."""
+    return layer_account(arch, seq, batch, activation_variant(arch, **settings))
 
 
 def implementation_layer_bytes(arch: Architecture, seq: int, batch: int, **settings: str) -> int:
     """Bytes one layer of `impl` stores on `device` for one micro-batch (without the once-per-forward terms).
 
     The implementation's counterpart of `formulas.activations.layer_bytes` (no tensor parallelism); `settings`
-    are those of `implementation_account` (impl, precision, attention, recompute, device).
+    are those of `activation_variant` (impl, precision, attention, recompute, device).
     """
     return implementation_account(arch, seq, batch, **settings).per_layer
 
