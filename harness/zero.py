@@ -58,7 +58,7 @@ from formulas.params import largest_module_params
 from formulas.precision import is_mixed
 from formulas.spec import RunSpec
 from harness.errors import UsageError
-from harness.training import Trainer
+from harness.training import Trainer, make_torch_optimizer, unique_storage_bytes
 
 TERMS: tuple[str, ...] = ("weights", "gradients", "optimizer", "extras")
 """Model-state terms of the formulas, plus what DeepSpeed holds that no formula term names."""
@@ -685,8 +685,6 @@ class DeepSpeedTrainer:
         import deepspeed
         import torch
 
-        from harness.training import make_torch_optimizer
-
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         init_distributed(device_type)
         self.spec = spec
@@ -933,8 +931,6 @@ class DeepSpeedTrainer:
 
 
 def _unique_bytes(tensors) -> int:
-    from harness.training import unique_storage_bytes
-
     return unique_storage_bytes(t for t in tensors if t is not None and t.device.type != "meta")
 
 
