@@ -30,15 +30,15 @@ log-sum-exp per query and head (4·a·s·b bytes); its output is the projection 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from formulas.architecture import Architecture
 
 Recompute = Literal["none", "selective", "full"]
 Attention = Literal["eager", "flash"]
 
-RECOMPUTES: tuple[str, ...] = ("none", "selective", "full")
-ATTENTIONS: tuple[str, ...] = ("eager", "flash")
+RECOMPUTES: tuple[str, ...] = get_args(Recompute)
+ATTENTIONS: tuple[str, ...] = get_args(Attention)
 
 LOSS_LOGIT_BYTES = 4
 """The cross-entropy works on fp32 logits whatever the model dtype (Korthikanti et al.: 4·s·b·v)."""

@@ -7,27 +7,25 @@ a attention heads, s sequence length, b micro-batch size, v vocabulary size, t t
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Literal, get_args
+
+from formulas.settings import bounded, check_fields
 
 Family = Literal["decoder", "encoder"]
 Position = Literal["learned", "rotary", "none"]
 Norm = Literal["layernorm", "rmsnorm"]
 MLP = Literal["gelu", "swiglu"]
 
-FAMILIES: tuple[str, ...] = ("decoder", "encoder")
-POSITIONS: tuple[str, ...] = ("learned", "rotary", "none")
-NORMS: tuple[str, ...] = ("layernorm", "rmsnorm")
-MLPS: tuple[str, ...] = ("gelu", "swiglu")
+FAMILIES: tuple[str, ...] = get_args(Family)
+POSITIONS: tuple[str, ...] = get_args(Position)
+NORMS: tuple[str, ...] = get_args(Norm)
+MLPS: tuple[str, ...] = get_args(MLP)
 
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-
-
-def _positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+SHAPE_KEYS: tuple[str, ...] = (
+    "layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab", "max_positions",
+    "dropout", "position", "norm", "mlp", "family",
+)  # fmt: skip
+"""The fields a user sets by name (flags `--layers` ..., sweep keys): they override a preset's."""
 
 
 @dataclass(frozen=True)
@@ -39,19 +37,19 @@ class Architecture:
     of the matching transformers model.
     """
 
-    n_layers: int
+    n_layers: int = bounded(key="layers", maximum=100_000)
     """L: number of transformer blocks."""
-    hidden: int
+    hidden: int = bounded(maximum=10**7)
     """h: width of the residual stream."""
-    n_heads: int
+    n_heads: int = bounded(key="heads", maximum=100_000)
     """a: attention (query) heads; must divide `hidden`."""
-    vocab: int = 50257
+    vocab: int = bounded(50257, maximum=10**8)
     """v: vocabulary size (rows of the token embedding)."""
-    n_kv_heads: int | None = None
+    n_kv_heads: int | None = bounded(None, key="kv_heads", maximum=100_000)
     """Key/value heads: `n_heads` for multi-head, fewer for GQA, 1 for MQA. None means `n_heads`."""
-    ffn_hidden: int | None = None
+    ffn_hidden: int | None = bounded(None, maximum=10**8)
     """Inner width of the MLP. None means 4·h, the GPT/BERT convention."""
-    max_positions: int = 2048
+    max_positions: int = bounded(2048, maximum=10**9)
     """Longest sequence the position embedding supports (rows of a learned position table)."""
     position: Position = "learned"
     """`learned` (GPT-2, BERT: a table of max_positions × h), `rotary` (no parameters) or `none`."""
@@ -65,9 +63,9 @@ class Architecture:
     """`gelu`: two matrices h→f→h. `swiglu`: three matrices (gate, up, down), Llama."""
     family: Family = "decoder"
     """`decoder` (GPT: causal, pre-LN, final norm, LM head) or `encoder` (BERT: bidirectional, post-LN)."""
-    dropout: float = 0.1
+    dropout: float = bounded(0.1, minimum=0.0)
     """Dropout probability of the attention scores and the residual branches; 0 stores no masks."""
-    type_vocab: int = 0
+    type_vocab: int = bounded(0, minimum=0)
     """Token-type (segment) embeddings: 2 for BERT, 0 for decoders."""
     pooler: bool = False
     """Encoder only: the h×h tanh pooler over the first token (BERT)."""
@@ -77,18 +75,13 @@ class Architecture:
     """Encoder only: the next-sentence classifier (h×2) on the pooled output."""
 
     def __post_init__(self) -> None:
-        for name in ("n_layers", "hidden", "n_heads", "vocab", "max_positions"):
-            _positive(name, getattr(self, name))
+        if isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool) and not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        check_fields(self)
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         if self.ffn_hidden is None:
             object.__setattr__(self, "ffn_hidden", 4 * self.hidden)
-        _positive("n_kv_heads", self.n_kv_heads)
-        _positive("ffn_hidden", self.ffn_hidden)
-        _choice("position", self.position, POSITIONS)
-        _choice("norm", self.norm, NORMS)
-        _choice("mlp", self.mlp, MLPS)
-        _choice("family", self.family, FAMILIES)
         if self.hidden % self.n_heads:
             raise ValueError(
                 f"heads ({self.n_heads}) must divide hidden ({self.hidden}): "
@@ -98,10 +91,6 @@ class Architecture:
             raise ValueError(
                 f"kv-heads ({self.n_kv_heads}) must divide heads ({self.n_heads}) for grouped-query attention"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.type_vocab < 0:
-            raise ValueError(f"type_vocab must be >= 0, got {self.type_vocab!r}")
         if self.family == "decoder" and (self.pooler or self.mlm_head or self.nsp_head or self.type_vocab):
             raise ValueError("pooler, mlm_head, nsp_head and type_vocab apply to encoder (BERT) models only")
         if self.nsp_head and not self.pooler:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from formulas import hardware
+from formulas.inference import INFERENCE_OVERHEAD
 from formulas.precision import compute_dtype
 
 
@@ -29,7 +30,7 @@ class Calibration:
     """max_memory_reserved / max_memory_allocated."""
     context_bytes: float = 0.0
     """NVML used − reserved: memory outside PyTorch's allocator (CUDA context, libraries)."""
-    inference_overhead: float = 1.2
+    inference_overhead: float = INFERENCE_OVERHEAD
     """Measured inference peak / weight bytes (Transformer Math 101's rule: 1.2)."""
     achieved_fraction: dict = field(default_factory=dict)
     """Achieved model TFLOP/s as a fraction of the dense peak of its dtype, by GPU name."""
@@ -55,13 +56,11 @@ class Calibration:
 
     def achieved_tflops(self, gpu: hardware.GPU, precision: str) -> tuple[float, str]:
         """Calibrated achieved TFLOP/s for `gpu`, or the rule of thumb when it was not measured."""
-        from formulas.predict import default_tflops
-
         dtype = compute_dtype(precision)
         peak = gpu.peak(dtype)
         frac = self.achieved_fraction.get(gpu.name)
         if frac is None or peak is None:
-            tflops, source = default_tflops(gpu, precision)
+            tflops, source = hardware.default_tflops(gpu, precision)
             return tflops, f"{source} (calibration has no {gpu.name} runs)"
         return frac * peak, f"calibrated: {frac:.1%} of the {gpu.label} {dtype} peak ({self.source})"
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-GIB = 2**30
+from formulas.precision import compute_dtype
+from formulas.units import GIB
 
 A100_REFERENCE_TFLOPS = 312.0
 """A100 dense bf16 peak: the denominator that scales the 115 TFLOP/s-per-A100 bar to other GPUs."""
@@ -159,3 +160,21 @@ def match_device_name(device_name: str) -> GPU | None:
 def tflops_bar(gpu: GPU, bar_a100: float = TFLOPS_BAR_A100) -> float:
     """The per-A100 TFLOP/s bar expressed for `gpu` by the ratio of dense half-precision peaks."""
     return bar_a100 * gpu.half_precision_peak / A100_REFERENCE_TFLOPS
+
+
+def default_tflops(gpu: GPU, precision: str) -> tuple[float, str]:
+    """Achieved TFLOP/s when none is given: Transformer Math 101's ~120 TFLOP/s per A100.
+
+    Expressed as its fraction of the A100's dense bf16 peak (120/312 = 38.5%) and applied to
+    `gpu`'s peak for the run's dtype.
+    """
+    dtype = compute_dtype(precision)
+    peak = gpu.peak(dtype)
+    if peak is None:
+        raise ValueError(f"{gpu.label} has no {dtype} units: choose another --precision or --gpu")
+    fraction = RULE_OF_THUMB_A100 / A100_REFERENCE_TFLOPS
+    source = (
+        f"Transformer Math 101 rule of thumb: {RULE_OF_THUMB_A100:g} TFLOP/s per A100 = {fraction:.1%} "
+        f"of peak, applied to the {gpu.label} {dtype} peak of {peak:g}"
+    )
+    return fraction * peak, source

@@ -22,10 +22,12 @@ gradients by PP × TP like the weights (Shoeybi et al. 2019, Megatron-LM, Sectio
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from formulas.precision import gradient_bytes_per_param, optimizer_bytes_per_param, weight_bytes_per_param
 
-ZERO_STAGES: tuple[int, ...] = (0, 1, 2, 3)
+ZeroStage = Literal[0, 1, 2, 3]
+ZERO_STAGES: tuple[int, ...] = get_args(ZeroStage)
 
 FP32_GRADIENT_BYTES = 4
 """ZeRO-Offload's host gradient partition is fp32, whatever the training precision."""

@@ -7,13 +7,13 @@ copy inside the optimizer; pure fp32 has no master copy.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 Precision = Literal["fp32", "fp16", "bf16", "fp16-mixed", "bf16-mixed"]
 Optimizer = Literal["adamw", "adam8bit", "sgd"]
 
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "fp16-mixed", "bf16-mixed")
-OPTIMIZERS: tuple[str, ...] = ("adamw", "adam8bit", "sgd")
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 
 MASTER_COPY_BYTES = 4
 """The fp32 copy of the parameters that mixed precision keeps inside the optimizer."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from formulas import activations as act
 from formulas import compute, hardware
 from formulas.calibration import Calibration
-from formulas.inference import InferenceMemory, inference_memory
+from formulas.inference import INFERENCE_OVERHEAD, InferenceMemory, inference_memory
 from formulas.memory import ModelStates, model_state_bytes, params_per_model_shard
 from formulas.naive import NAIVE_METHODS, naive_memory, naive_params
 from formulas.params import largest_module_params
@@ -52,7 +52,7 @@ class Prediction:
     spec: RunSpec
     method: str
     params: int
-    """P: total parameters of the model (the naive method's own count for naive methods)."""
+    """Total parameters as the method counts them (the naive formula's 4·L·C² for the naive methods)."""
     params_per_gpu: int
     """Parameters per model shard: P / (TP × PP)."""
     states: ModelStates
@@ -65,6 +65,8 @@ class Prediction:
     gpu: hardware.GPU
     inference: InferenceMemory
     sources: dict
+    exact_params: int
+    """P counted exactly from the architecture: what FLOPs, the token budget and time use, whatever the method."""
     calibration: Calibration | None = None
 
     @property
@@ -76,10 +78,19 @@ class Prediction:
         return None if self.calibration is None else self.calibration.peak_bytes(self.total)
 
     @property
+    def device_need(self) -> int:
+        """What the verdict weighs against the GPU's memory: the predicted total, or the calibrated device
+        total (peak × reserved ratio + context) when calibrated."""
+        return self.total if self.calibration is None else self.calibration.device_bytes(self.total)
+
+    @property
     def fits(self) -> bool:
-        """Whether the predicted total (calibrated device total when calibrated) fits the GPU."""
-        need = self.total if self.calibration is None else self.calibration.device_bytes(self.total)
-        return need <= self.gpu.memory_bytes
+        return self.device_need <= self.gpu.memory_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        """The GPU's memory less `device_need` (negative: over by that much)."""
+        return self.gpu.memory_bytes - self.device_need
 
     def memory_bytes(self) -> dict:
         return {
@@ -104,7 +115,7 @@ class Prediction:
         """The public JSON contract of `tmath predict --format json` (documented in the README)."""
         mem = self.memory_bytes()
         out = {
-            "model": self.spec.model,
+            "model": self.spec.model.name,
             "method": self.method,
             "params": self.params,
             "params_per_gpu": self.params_per_gpu,
@@ -129,16 +140,16 @@ class Prediction:
                 "days": self.cost.days,
                 "gpu_hours": self.cost.gpu_hours,
                 "pf_days": self.cost.pf_days,
-                "chinchilla_tokens": compute.chinchilla_tokens(self.params),
+                "chinchilla_tokens": compute.chinchilla_tokens(self.exact_params),
             },
             "hardware": {
                 "gpu": self.gpu.name,
                 "label": self.gpu.label,
                 "memory_bytes": self.gpu.memory_bytes,
-                "peak_tflops": self.gpu.peak(compute_dtype(self.spec.precision)),
+                "peak_tflops": self.gpu.peak(compute_dtype(self.spec.training.precision)),
                 "tflops_bar": hardware.tflops_bar(self.gpu),
                 "fits": self.fits,
-                "headroom_bytes": self.gpu.memory_bytes - self.total,
+                "headroom_bytes": self.headroom_bytes,
                 "source": self.gpu.source,
             },
             "inference": {
@@ -148,11 +159,11 @@ class Prediction:
                 "total": self.inference.total,
             },
             "parallel": {
-                "gpus": self.spec.gpus,
-                "dp": self.spec.dp,
-                "tp": self.spec.tp,
-                "pp": self.spec.pp,
-                "zero": self.spec.zero,
+                "gpus": self.spec.parallel.gpus,
+                "dp": self.spec.parallel.dp,
+                "tp": self.spec.parallel.tp,
+                "pp": self.spec.parallel.pp,
+                "zero": self.spec.parallel.zero,
             },
             "calibration": None,
             "spec": self.spec.to_dict(),
@@ -177,61 +188,43 @@ class Prediction:
         return out
 
 
-def default_tflops(gpu: hardware.GPU, precision: str) -> tuple[float, str]:
-    """Achieved TFLOP/s when none is given: Transformer Math 101's ~120 TFLOP/s per A100.
-
-    Expressed as its fraction of the A100's dense bf16 peak (120/312 = 38.5%) and applied to
-    `gpu`'s peak for the run's dtype.
-    """
-    dtype = compute_dtype(precision)
-    peak = gpu.peak(dtype)
-    if peak is None:
-        raise ValueError(f"{gpu.label} has no {dtype} units: choose another --precision or --gpu")
-    fraction = hardware.RULE_OF_THUMB_A100 / hardware.A100_REFERENCE_TFLOPS
-    source = (
-        f"{TM101} rule of thumb: {hardware.RULE_OF_THUMB_A100:g} TFLOP/s per A100 = {fraction:.1%} "
-        f"of peak, applied to the {gpu.label} {dtype} peak of {peak:g}"
-    )
-    return fraction * peak, source
-
-
 def _korthikanti_activations(spec: RunSpec) -> act.ActivationBreakdown:
     return act.activation_breakdown(
-        spec.arch,
-        spec.seq,
-        spec.batch,
-        elem_bytes=activation_bytes_per_element(spec.precision),
+        spec.model.arch,
+        spec.training.seq,
+        spec.training.batch,
+        elem_bytes=activation_bytes_per_element(spec.training.precision),
         mask_bytes=MASK_BYTES,
-        recompute=spec.recompute,
-        attention=spec.attention,
-        tp=spec.tp,
-        sequence_parallel=spec.sequence_parallel,
-        partition_activations=spec.partition_activations,
-        pp=spec.pp,
-        in_flight=spec.in_flight,
+        recompute=spec.training.recompute,
+        attention=spec.training.attention,
+        tp=spec.parallel.tp,
+        sequence_parallel=spec.parallel.sequence_parallel,
+        partition_activations=spec.parallel.partition_activations,
+        pp=spec.parallel.pp,
+        in_flight=spec.parallel.in_flight,
     )
 
 
 def _activation_expression(spec: RunSpec) -> str:
     """The per-layer expression in the paper's notation, with the run's element sizes filled in."""
-    e, m = activation_bytes_per_element(spec.precision), MASK_BYTES if spec.arch.dropout > 0 else 0
-    a = spec.arch
+    e, m = activation_bytes_per_element(spec.training.precision), MASK_BYTES if spec.model.arch.dropout > 0 else 0
+    a = spec.model.arch
     standard = a.mlp == "gelu" and a.ffn_hidden == 4 * a.hidden and a.n_kv_heads == a.n_heads
-    t = f", t={spec.tp}" if spec.tp > 1 else ""
-    if spec.recompute == "full":
+    t = f", t={spec.parallel.tp}" if spec.parallel.tp > 1 else ""
+    if spec.training.recompute == "full":
         return f"{e}·sbh{t}"
     if not standard:
         return f"generalised per tensor (e={e} B, m={m} B, {a.mlp}, kv_heads={a.n_kv_heads}){t}"
     base = 16 * e + 2 * m
-    if spec.recompute == "selective":
+    if spec.training.recompute == "selective":
         return f"sbh·{base}{t}"
-    if spec.attention == "flash":
+    if spec.training.attention == "flash":
         return f"sbh·{base} + 4·asb (flash log-sum-exp){t}"
     return f"sbh·({base} + {2 * e + m}·as/h){t}"
 
 
 def _sources(spec: RunSpec, method: str) -> dict:
-    p = spec.precision
+    p = spec.training.precision
     if method != "korthikanti":
         return {
             "weights": f"Q&A seed: {'7' if method == 'naive-mlp4c' else '4'}·L·C² params × {weight_bytes_per_param(p)} B",
@@ -239,25 +232,27 @@ def _sources(spec: RunSpec, method: str) -> dict:
             "optimizer": "Q&A seed: not counted",
             "activations": "Q&A seed: B·N·L·T·(T+" + ("5D)" if method == "naive-mlp4c" else "2D)") + " elements",
         }
-    shard = "P/(TP·PP)" if spec.tp * spec.pp > 1 else "P"
+    shard = "P/(TP·PP)" if spec.parallel.tp * spec.parallel.pp > 1 else "P"
     weights = f"{TM101}: {weight_bytes_per_param(p)} B/param × {shard}" + (
-        f" / {spec.dp} (ZeRO-3)" if spec.zero >= 3 else ""
+        f" / {spec.parallel.dp} (ZeRO-3)" if spec.parallel.zero >= 3 else ""
     )
     grads = f"{TM101}: {gradient_bytes_per_param(p)} B/param × {shard}" + (
-        f" / {spec.dp} (ZeRO-2)" if spec.zero >= 2 else ""
+        f" / {spec.parallel.dp} (ZeRO-2)" if spec.parallel.zero >= 2 else ""
     )
-    optim = f"{TM101}: {optimizer_bytes_per_param(spec.optimizer, p)} B/param × {shard}" + (
-        f" / {spec.dp} (ZeRO-1)" if spec.zero >= 1 else ""
+    optim = f"{TM101}: {optimizer_bytes_per_param(spec.training.optimizer, p)} B/param × {shard}" + (
+        f" / {spec.parallel.dp} (ZeRO-1)" if spec.parallel.zero >= 1 else ""
     )
-    if spec.offload_optimizer != "none":
+    if spec.parallel.offload_optimizer != "none":
         optim += "; on the host (ZeRO-Offload, Ren et al. 2021)"
-        grads += "; + fp32 partition 4 B/param / N on the host" + ("" if spec.zero >= 3 else ", none left on the GPU")
-    if spec.offload_params != "none":
+        grads += "; + fp32 partition 4 B/param / N on the host" + (
+            "" if spec.parallel.zero >= 3 else ", none left on the GPU"
+        )
+    if spec.parallel.offload_params != "none":
         weights += "; on the host (ZeRO-Infinity, Rajbhandari et al. 2021)"
     sources = {"weights": weights, "gradients": grads, "optimizer": optim}
-    if spec.zero >= 3:
+    if spec.parallel.zero >= 3:
         sources["zero3_live_params"] = f"{TM101}: ZeRO-3 live params (largest module, DeepSpeed estimator)"
-    if spec.arch is not None:
+    if spec.model.arch is not None:
         sources["activations"] = (
             f"{KORTHIKANTI} Table 2: {_activation_expression(spec)} per layer × L; + embedding, output, loss"
         )
@@ -268,48 +263,54 @@ def predict(spec: RunSpec, method: str = "korthikanti", calibration: Calibration
     """Every term of the run's memory and compute, per GPU, by `method`."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if method != "korthikanti" and spec.arch is None:
+    if method != "korthikanti" and spec.model.arch is None:
         raise ValueError(f"method {method} needs an architecture (layers, hidden, heads), not only --params")
-    gpu = hardware.get_gpu(spec.gpu)
+    gpu = hardware.get_gpu(spec.budget.gpu)
     params = spec.total_params
-    arch = spec.arch if spec.params is None else None
+    arch = spec.model.arch if spec.model.params is None else None
 
     terms = None
     if method == "korthikanti":
         states = model_state_bytes(
             params,
-            precision=spec.precision,
-            optimizer=spec.optimizer,
-            zero=spec.zero,
-            dp=spec.dp,
-            tp=spec.tp,
-            pp=spec.pp,
+            precision=spec.training.precision,
+            optimizer=spec.training.optimizer,
+            zero=spec.parallel.zero,
+            dp=spec.parallel.dp,
+            tp=spec.parallel.tp,
+            pp=spec.parallel.pp,
             largest_module_params=largest_module_params(arch) if arch is not None else 0,
-            offload_optimizer=spec.offload_optimizer != "none",
-            offload_params=spec.offload_params != "none",
+            offload_optimizer=spec.parallel.offload_optimizer != "none",
+            offload_params=spec.parallel.offload_params != "none",
         )
         if arch is not None:
             terms = _korthikanti_activations(spec)
         activation = terms.total if terms is not None else None
-        shown_params = params
+        counted = params
     else:
         mlp4c = method == "naive-mlp4c"
         states, activation = naive_memory(
-            spec.arch, spec.seq, spec.batch, weight_bytes_per_param(spec.precision), mlp4c=mlp4c
+            spec.model.arch,
+            spec.training.seq,
+            spec.training.batch,
+            weight_bytes_per_param(spec.training.precision),
+            mlp4c=mlp4c,
         )
-        shown_params = naive_params(spec.arch, mlp4c)
+        counted = naive_params(spec.model.arch, mlp4c)
 
-    tokens_per_step = spec.batch * spec.seq * spec.grad_accum
-    per_token = compute.training_flops_per_token(params, arch, spec.seq)
-    per_token_hw = per_token + compute.recompute_flops_per_token(params, spec.recompute, arch, spec.seq)
-    budget = spec.tokens if spec.tokens is not None else compute.chinchilla_tokens(params)
-    if calibration is not None and spec.tflops is None:
-        tflops, tflops_source = calibration.achieved_tflops(gpu, spec.precision)
-    elif spec.tflops is not None:
-        tflops, tflops_source = spec.tflops, "given (--tflops)"
+    tokens_per_step = spec.training.batch * spec.training.seq * spec.training.grad_accum
+    per_token = compute.training_flops_per_token(params, arch, spec.training.seq)
+    per_token_hw = per_token + compute.recompute_flops_per_token(
+        params, spec.training.recompute, arch, spec.training.seq
+    )
+    budget = spec.budget.tokens if spec.budget.tokens is not None else compute.chinchilla_tokens(params)
+    if calibration is not None and spec.budget.tflops is None:
+        tflops, tflops_source = calibration.achieved_tflops(gpu, spec.training.precision)
+    elif spec.budget.tflops is not None:
+        tflops, tflops_source = spec.budget.tflops, "given (--tflops)"
     else:
-        tflops, tflops_source = default_tflops(gpu, spec.precision)
-    cost = compute.training_cost(params, budget, spec.gpus, tflops)
+        tflops, tflops_source = hardware.default_tflops(gpu, spec.training.precision)
+    cost = compute.training_cost(params, budget, spec.parallel.gpus, tflops)
     flops = Flops(
         per_token_model=per_token,
         per_step_model=per_token * tokens_per_step,
@@ -317,20 +318,20 @@ def predict(spec: RunSpec, method: str = "korthikanti", calibration: Calibration
         training_total=cost.flops,
         training_total_with_attention=per_token * budget,
     )
-    wbytes = weight_bytes_per_param(spec.precision)
+    wbytes = weight_bytes_per_param(spec.training.precision)
     infer = inference_memory(
         params,
         wbytes,
         arch=arch,
-        batch=spec.batch,
-        context=spec.seq,
-        overhead_factor=calibration.inference_overhead if calibration is not None else 1.2,
+        batch=spec.training.batch,
+        context=spec.training.seq,
+        overhead_factor=calibration.inference_overhead if calibration is not None else INFERENCE_OVERHEAD,
     )
     return Prediction(
         spec=spec,
         method=method,
-        params=shown_params,
-        params_per_gpu=params_per_model_shard(params, spec.tp, spec.pp),
+        params=counted,
+        params_per_gpu=params_per_model_shard(counted, spec.parallel.tp, spec.parallel.pp),
         states=states,
         activations=activation,
         activation_terms=terms,
@@ -340,5 +341,6 @@ def predict(spec: RunSpec, method: str = "korthikanti", calibration: Calibration
         gpu=gpu,
         inference=infer,
         sources=_sources(spec, method),
+        exact_params=params,
         calibration=calibration,
     )

@@ -1,128 +1,123 @@
-"""RunSpec: one training configuration, validated, shared by predict, measure and sweeps.
+"""RunSpec: one training configuration in sections, validated once, shared by predict, measure and sweeps.
 
-Fields use the CLI flag names (with `_` for `-`), so a sweep axis, a flag and a JSON key are the
-same word. Measurement-only fields (impl, device, steps, ...) are carried here too so that a record's
-spec is the whole recipe of its run; the formulas ignore them.
+    RunSpec
+    ├── model        ModelSettings        which model: a preset or config.json name, its Architecture, or --params
+    ├── training     TrainingSettings     micro-batch, sequence, precision, optimizer, recompute, attention
+    ├── parallel     ParallelSettings     ZeRO stage, GPUs and nodes, tp, pp, sequence parallel, offload
+    ├── budget       BudgetSettings       token budget, accelerator, achieved TFLOP/s
+    └── measurement  MeasurementSettings  how `tmath measure` runs it: implementation, device, steps, mode
+
+Every field is a setting: its name is the CLI flag (`--grad-accum`), the sweep-file key (`grad_accum`) and
+the record's JSON key, the same word everywhere; its type, default, bounds and docstring are the one source
+that validation (`formulas.settings.check_fields`), the CLI (`harness.flags`) and the sweep-file model
+(`harness.sweep.file`) read. A record keeps the spec flat (`RunSpec.to_dict`), as sweep files and flags
+write it; `RunSpec.build(**flat)` and `RunSpec.from_dict` read that form back.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
+from functools import cache
+from typing import Literal, get_args
 
-from formulas.activations import ATTENTIONS, RECOMPUTES
-from formulas.architecture import Architecture
+from formulas.activations import Attention, Recompute
+from formulas.architecture import SHAPE_KEYS, Architecture
 from formulas.hardware import get_gpu
-from formulas.memory import ZERO_STAGES
+from formulas.memory import ZeroStage
 from formulas.params import parameter_count
-from formulas.precision import OPTIMIZERS, PRECISIONS
+from formulas.precision import Optimizer, Precision
+from formulas.settings import bounded, check_fields, choices, field_docs, field_types, setting_name
 
-IMPLS: tuple[str, ...] = ("reference", "hf")
-DEVICES: tuple[str, ...] = ("auto", "cuda", "cpu", "meta")
-OFFLOADS: tuple[str, ...] = ("none", "cpu")
-MODES: tuple[str, ...] = ("train", "inference")
+Offload = Literal["none", "cpu"]
+Mode = Literal["train", "inference"]
+Impl = Literal["reference", "hf"]
+MeasuredDevice = Literal["cuda", "cpu", "meta"]
+"""Where a measurement runs: a GPU, the CPU, or fake tensors (`meta`: shapes without data)."""
+DeviceSetting = Literal["auto", "cuda", "cpu", "meta"]
+"""`--device`: a MeasuredDevice, or `auto` (CUDA when the machine has it, else the CPU)."""
 
-
-def _positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _one_of(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+IMPLS: tuple[str, ...] = get_args(Impl)
+MEASURED_DEVICES: tuple[str, ...] = get_args(MeasuredDevice)
+MODES: tuple[str, ...] = get_args(Mode)
+OFFLOADS: tuple[str, ...] = get_args(Offload)
 
 
 @dataclass(frozen=True)
-class RunSpec:
-    """A model, a training setup and a parallel layout; optionally how to measure it."""
+class ModelSettings:
+    """model (a preset, a config.json, or the shape itself)"""
 
-    arch: Architecture | None
+    arch: Architecture | None = None
     """The architecture; None only when `params` alone is given (model states only)."""
-    model: str = "custom"
-    """Preset name, config path, or `custom` for an architecture given by flags."""
-    params: int | None = None
-    """`--params N`: a parameter count without an architecture (model-state terms only)."""
-    batch: int = 1
+    name: str = bounded("custom", key="model")
+    """Preset name (see `tmath presets`), path to a transformers config.json, or `custom` for a shape given by
+    the shape settings (layers, hidden, heads, ...)."""
+    params: int | None = bounded(None, maximum=10**15, count=True)
+    """A parameter count without an architecture (model-state terms only), e.g. 7B."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.arch is None and self.params is None:
+            raise ValueError("give a model (--model, or --layers/--hidden/--heads) or a parameter count (--params)")
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """training"""
+
+    batch: int = bounded(1, maximum=10**7)
     """b: micro-batch size per GPU (sequences)."""
-    seq: int = 2048
-    """s: sequence length in tokens."""
-    precision: str = "bf16-mixed"
+    seq: int = bounded(2048, maximum=10**9)
+    """s: sequence length in tokens (default: the model's positions, at most 2048)."""
+    precision: Precision = "bf16-mixed"
     """fp32 | fp16 | bf16 (pure) | fp16-mixed | bf16-mixed (16-bit weights, fp32 master in the optimizer)."""
-    optimizer: str = "adamw"
+    optimizer: Optimizer = "adamw"
     """adamw | adam8bit (bitsandbytes) | sgd (with momentum)."""
-    recompute: str = "none"
+    recompute: Recompute = "none"
     """Activation recomputation: none | selective (attention core) | full (every block)."""
-    attention: str = "eager"
+    attention: Attention = "eager"
     """eager (explicit softmax; stores s×s scores) | flash (fused kernel; no s×s scores)."""
-    zero: int = 0
+    grad_accum: int = bounded(1, maximum=10**7)
+    """Micro-batches per optimizer step on each data-parallel rank."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class ParallelSettings:
+    """parallelism"""
+
+    zero: ZeroStage = 0
     """ZeRO stage 0-3 over the data-parallel degree."""
-    gpus: int = 1
+    gpus: int = bounded(1, maximum=2**20)
     """GPUs in the job; data-parallel degree = gpus / (tp × pp)."""
-    tp: int = 1
+    nodes: int = bounded(1, maximum=2**20)
+    """Nodes the GPUs are spread over (a DeepSpeed hostfile sets it for `tmath measure`)."""
+    tp: int = bounded(1, maximum=2**20)
     """Tensor-parallel degree t."""
-    pp: int = 1
+    pp: int = bounded(1, maximum=2**20)
     """Pipeline-parallel degree."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (splits the replicated activations over t; needs tp > 1)."""
     partition_activations: bool = False
     """ZeRO-R: partition activations over the tensor-parallel ranks."""
-    in_flight: int | None = None
+    in_flight: int | None = bounded(None, maximum=2**20)
     """Micro-batches the first pipeline stage holds at once (default pp, the 1F1B schedule)."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step on each data-parallel rank."""
-    tokens: int | None = None
-    """Training budget D in tokens (default: Chinchilla's 20·P)."""
-    gpu: str = "a100-80gb"
-    """Accelerator the prediction is for (see `formulas.hardware.GPUS`)."""
-    tflops: float | None = None
-    """Achieved TFLOP/s per GPU (default: Transformer Math 101's 120 per A100, scaled to `gpu`)."""
-    mode: str = "train"
-    """Measurement: `train` (forward, backward, optimizer step) or `inference` (forward only, no grad)."""
-    impl: str = "reference"
-    """Measurement: `reference` (models/gpt.py, models/bert.py) or `hf` (transformers)."""
-    device: str = "auto"
-    """Measurement: auto | cuda | cpu | meta (fake tensors: no memory allocated)."""
-    steps: int = 3
-    """Measurement: timed training steps after warm-up (0: memory and FLOPs only, no timing)."""
-    warmup: int = 1
-    """Measurement: untimed steps first (allocator, cuBLAS workspace, lazy state)."""
-    offload_optimizer: str = "none"
-    """DeepSpeed ZeRO optimizer-state offload: none | cpu."""
-    offload_params: str = "none"
-    """DeepSpeed ZeRO-3 parameter offload: none | cpu."""
-    deepspeed_config: str | None = None
-    """A user's DeepSpeed JSON merged over the generated one."""
-    extra: dict = field(default_factory=dict)
-    """Free-form tags carried into records (a sweep's name, a note); not used by any formula."""
+    offload_optimizer: Offload = "none"
+    """DeepSpeed ZeRO-Offload: optimizer state and fp32 gradients in host memory (none | cpu)."""
+    offload_params: Offload = "none"
+    """DeepSpeed ZeRO-3 parameter offload to host memory (none | cpu)."""
 
     def __post_init__(self) -> None:
-        if self.arch is None and self.params is None:
-            raise ValueError("give a model (--model, or --layers/--hidden/--heads) or a parameter count (--params)")
-        if self.params is not None:
-            _positive_int("params", self.params)
-        for name in ("batch", "seq", "gpus", "tp", "pp", "grad_accum"):
-            _positive_int(name, getattr(self, name))
-        for name in ("steps", "warmup"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        _one_of("precision", self.precision, PRECISIONS)
-        _one_of("optimizer", self.optimizer, OPTIMIZERS)
-        _one_of("recompute", self.recompute, RECOMPUTES)
-        _one_of("attention", self.attention, ATTENTIONS)
-        _one_of("zero", self.zero, ZERO_STAGES)
-        _one_of("mode", self.mode, MODES)
-        _one_of("impl", self.impl, IMPLS)
-        _one_of("device", self.device, DEVICES)
-        _one_of("offload-optimizer", self.offload_optimizer, OFFLOADS)
-        _one_of("offload-params", self.offload_params, OFFLOADS)
-        get_gpu(self.gpu)
+        check_fields(self)
         if self.gpus % (self.tp * self.pp):
             raise ValueError(
                 f"gpus ({self.gpus}) must be a multiple of tp × pp ({self.tp} × {self.pp} = {self.tp * self.pp})"
             )
+        if self.gpus % self.nodes:
+            raise ValueError(f"gpus ({self.gpus}) must be a multiple of nodes ({self.nodes})")
         if self.sequence_parallel and self.tp == 1:
             raise ValueError("sequence parallelism splits activations over tensor-parallel ranks: it needs --tp > 1")
         if self.partition_activations and self.tp == 1:
@@ -134,62 +129,225 @@ class RunSpec:
                 f"ZeRO stage {self.zero} shards gradients, which pipeline parallelism accumulates: "
                 "DeepSpeed forbids ZeRO-2/3 with --pp > 1 (use --zero 0 or 1)"
             )
-        if self.in_flight is not None:
-            _positive_int("in-flight", self.in_flight)
-            if self.pp == 1:
-                raise ValueError("in-flight micro-batches apply to pipeline parallelism: it needs --pp > 1")
+        if self.in_flight is not None and self.pp == 1:
+            raise ValueError("in-flight micro-batches apply to pipeline parallelism: it needs --pp > 1")
         if self.offload_params != "none" and self.zero != 3:
             raise ValueError("--offload-params needs ZeRO stage 3 (only stage 3 partitions the parameters)")
         if self.offload_optimizer != "none" and self.zero == 0:
             raise ValueError("--offload-optimizer needs a ZeRO stage of 1, 2 or 3")
-        if self.tokens is not None:
-            _positive_int("tokens", self.tokens)
-        if self.tflops is not None and not self.tflops > 0:
-            raise ValueError(f"tflops must be positive, got {self.tflops!r}")
-        if self.arch is not None:
-            self._check_arch(self.arch)
-
-    def _check_arch(self, arch: Architecture) -> None:
-        if arch.n_heads % self.tp:
-            raise ValueError(f"tp ({self.tp}) must divide heads ({arch.n_heads}): tensor parallelism splits heads")
-        if arch.n_kv_heads % self.tp and arch.n_kv_heads >= self.tp:
-            raise ValueError(f"tp ({self.tp}) must divide kv-heads ({arch.n_kv_heads})")
-        if self.pp > arch.n_layers:
-            raise ValueError(f"pp ({self.pp}) cannot exceed the number of layers ({arch.n_layers})")
-        if arch.position == "learned" and self.seq > arch.max_positions:
-            raise ValueError(f"seq ({self.seq}) exceeds the {arch.max_positions} learned positions of {self.model}")
 
     @property
     def dp(self) -> int:
         """Data-parallel degree: GPUs / (PP × TP) (Transformer Math 101, 3D parallelism)."""
         return self.gpus // (self.tp * self.pp)
 
-    @property
-    def total_params(self) -> int:
-        return self.params if self.params is not None else parameter_count(self.arch).total
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    """compute budget"""
+
+    tokens: int | None = bounded(None, maximum=10**17, count=True)
+    """Training budget D in tokens (default: Chinchilla's 20·P), e.g. 300e9 or 1.5T."""
+    gpu: str = "a100-80gb"
+    """Accelerator the prediction is for (see `tmath gpus`)."""
+    tflops: float | None = bounded(None, maximum=10**6)
+    """Achieved TFLOP/s per GPU (default: Transformer Math 101's 120 per A100, scaled to `gpu`)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        get_gpu(self.gpu)
+
+
+@dataclass(frozen=True)
+class MeasurementSettings:
+    """measurement"""
+
+    mode: Mode = "train"
+    """`train` (forward, backward, optimizer step) or `inference` (one forward, no grad)."""
+    impl: Impl = "reference"
+    """`reference` (models/gpt.py, models/bert.py) or `hf` (transformers)."""
+    device: DeviceSetting = "auto"
+    """auto | cuda | cpu | meta (fake tensors: shapes without data, nothing allocated)."""
+    steps: int = bounded(3, minimum=0, maximum=10**6)
+    """Timed training steps after warm-up (0: memory and FLOPs only, no timing)."""
+    warmup: int = bounded(1, minimum=0, maximum=10**6)
+    """Untimed steps first (allocator, cuBLAS workspace, lazy state)."""
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON file merged over the generated config (ZeRO runs)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSettings,
+    "training": TrainingSettings,
+    "parallel": ParallelSettings,
+    "budget": BudgetSettings,
+    "measurement": MeasurementSettings,
+}
+"""RunSpec's sections, in the order flags and documentation list them."""
+
+KEY_SINCE_SCHEMA_2 = {"nodes": 1}
+"""Settings added after the first records were written, with their defaults: at the default they stay out of
+`RunSpec.key()`, so that earlier records keep their keys and `--resume` still matches them."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A model, a training setup and a parallel layout; optionally how to measure it."""
+
+    model: ModelSettings
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)
+    budget: BudgetSettings = field(default_factory=BudgetSettings)
+    measurement: MeasurementSettings = field(default_factory=MeasurementSettings)
+    extra: dict = field(default_factory=dict)
+    """Free-form tags carried into records (a sweep's name, a note); not used by any formula, not in the key."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a mapping of tags, got {type(self.extra).__name__}")
+        arch, t, p, m = self.model.arch, self.training, self.parallel, self.measurement
+        if m.mode == "inference":
+            if t.recompute != "none":
+                raise ValueError("--mode inference runs no backward: recomputation does not apply (--recompute none)")
+            if t.grad_accum != 1:
+                raise ValueError("--mode inference measures one forward: gradient accumulation does not apply")
+        if arch is None:
+            return
+        if arch.n_heads % p.tp:
+            raise ValueError(f"tp ({p.tp}) must divide heads ({arch.n_heads}): tensor parallelism splits heads")
+        if arch.n_kv_heads % p.tp and arch.n_kv_heads >= p.tp:
+            raise ValueError(f"tp ({p.tp}) must divide kv-heads ({arch.n_kv_heads})")
+        if p.pp > arch.n_layers:
+            raise ValueError(f"pp ({p.pp}) cannot exceed the number of layers ({arch.n_layers})")
+        if arch.position == "learned" and t.seq > arch.max_positions:
+            raise ValueError(f"seq ({t.seq}) exceeds the {arch.max_positions} learned positions of {self.model.name}")
+
+    # ---- the flat form: flags, sweep keys and records ----
+    @classmethod
+    def build(cls, **settings) -> RunSpec:
+        """A RunSpec from flat settings (`batch=2, zero=1, arch=...`); absent ones take their defaults."""
+        index = flat_fields()
+        unknown = sorted(set(settings) - set(index) - {"extra"})
+        if unknown:
+            raise ValueError(f"unknown run setting(s): {', '.join(unknown)}")
+        parts: dict[str, dict] = {name: {} for name in SECTIONS}
+        for key, value in settings.items():
+            if key != "extra":
+                section, name = index[key]
+                parts[section][name] = value
+        return cls(
+            **{name: SECTIONS[name](**parts[name]) for name in SECTIONS},
+            extra=dict(settings.get("extra") or {}),
+        )
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        out["arch"] = self.arch.to_dict() if self.arch is not None else None
+        """Flat: every setting by its name, the architecture under `arch`, and `extra`."""
+        out: dict = {}
+        for section in SECTIONS:
+            part = getattr(self, section)
+            for f in fields(part):
+                value = getattr(part, f.name)
+                out[setting_name(f)] = value.to_dict() if isinstance(value, Architecture) else value
+        out["extra"] = dict(self.extra)
         return out
 
     @classmethod
     def from_dict(cls, data: dict) -> RunSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown run setting(s): {', '.join(unknown)}")
         data = dict(data)
         if data.get("arch") is not None:
             data["arch"] = Architecture.from_dict(data["arch"])
-        return cls(**data)
+        extra = data.get("extra")
+        if isinstance(extra, dict) and "nodes" in extra:  # schema 1 carried the node count as a tag
+            extra = dict(extra)
+            data.setdefault("nodes", extra.pop("nodes"))
+            data["extra"] = extra
+        return cls.build(**data)
 
     def replace(self, **changes) -> RunSpec:
-        return replace(self, **changes)
+        """A copy with flat settings changed (`spec.replace(seq=512, device="meta")`)."""
+        index = flat_fields()
+        parts: dict[str, dict] = {}
+        for key, value in changes.items():
+            if key == "extra":
+                continue
+            if key not in index:
+                raise ValueError(f"unknown run setting {key!r}")
+            section, name = index[key]
+            parts.setdefault(section, {})[name] = value
+        updated = {s: replace(getattr(self, s), **v) for s, v in parts.items()}
+        if "extra" in changes:
+            updated["extra"] = dict(changes["extra"])
+        return replace(self, **updated)
 
     def key(self) -> str:
         """Stable hash of everything that defines the run (not `extra`): a sweep's resume key."""
         data = self.to_dict()
         data.pop("extra")
+        for name, default in KEY_SINCE_SCHEMA_2.items():
+            if data[name] == default:
+                del data[name]
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    # ---- derived ----
+    @property
+    def total_params(self) -> int:
+        return self.model.params if self.model.params is not None else parameter_count(self.model.arch).total
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting as flags and sweep files see it: where it lives, its type and its help."""
+
+    key: str
+    """Its name: `grad_accum` (the flag is `--grad-accum`)."""
+    section: str
+    """The RunSpec section it belongs to; shape settings belong to `model`."""
+    owner: type
+    """The dataclass that declares it (a section, or Architecture for shape settings)."""
+    field: str
+    """The field's name there (`n_layers` for the setting `layers`)."""
+    type: object
+    default: object
+    help: str
+    choices: tuple | None
+    count: bool
+    """Given as a count with a suffix on the command line (7B, 1.5T)."""
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+
+@cache
+def flat_fields() -> dict[str, tuple[str, str]]:
+    """Setting name → (section, field name) for RunSpec's fields (the resolved `arch` included)."""
+    return {setting_name(f): (section, f.name) for section, cls in SECTIONS.items() for f in fields(cls)}
+
+
+@cache
+def settings() -> dict[str, Setting]:
+    """Every setting a user can give, by name, in section order: RunSpec's fields (not the resolved `arch`)
+    and the architecture's shape settings (`layers`, `hidden`, ...), which join the model section."""
+    out: dict[str, Setting] = {}
+
+    def add(section: str, cls: type, f) -> None:
+        tp = field_types(cls)[f.name]
+        out[setting_name(f)] = Setting(
+            key=setting_name(f), section=section, owner=cls, field=f.name, type=tp,
+            default=None if f.default is MISSING else f.default,
+            help=field_docs(cls).get(f.name, setting_name(f)), choices=choices(tp), count=bool(f.metadata.get("count")),
+        )  # fmt: skip
+
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            if f.name != "arch":
+                add(section, cls, f)
+        if section == "model":
+            by_key = {setting_name(f): f for f in fields(Architecture)}
+            for key in SHAPE_KEYS:
+                add("model", Architecture, by_key[key])
+    return out

@@ -50,18 +50,12 @@ transformers models) and takes the kernel choices from torch's source, and lists
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from formulas import activations as act
 from formulas.architecture import Architecture
+from formulas.families import hf_family
 from formulas.precision import activation_bytes_per_element, is_mixed
-from formulas.spec import RunSpec
-
-Device = Literal["cuda", "cpu", "meta"]
-Impl = Literal["reference", "hf"]
-
-DEVICES: tuple[str, ...] = ("cuda", "cpu", "meta")
-IMPLS: tuple[str, ...] = ("reference", "hf")
+from formulas.spec import IMPLS, MEASURED_DEVICES, RunSpec
 
 INDEX_BYTES = 8
 """Token ids, labels and position ids are int64: saved by `Embedding` (indices) and `nll_loss` (target)."""
@@ -107,21 +101,6 @@ CAUSES: dict[str, str] = {
 def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-
-
-def hf_family(arch: Architecture) -> str:
-    """The transformers model type `models.hf` builds for `arch` (the same rule, without importing torch)."""
-    mha = arch.n_kv_heads == arch.n_heads
-    gelu_ln_bias = arch.norm == "layernorm" and arch.mlp == "gelu" and arch.bias and mha
-    if arch.family == "encoder":
-        return "bert"
-    if arch.position == "learned" and gelu_ln_bias:
-        return "gpt2"
-    if arch.position == "rotary" and gelu_ln_bias:
-        return "gpt_neox"
-    if arch.position == "rotary" and arch.norm == "rmsnorm" and arch.mlp == "swiglu":
-        return "llama"
-    raise ValueError(f"no transformers model for this architecture ({arch.family}, {arch.position}, {arch.norm})")
 
 
 @dataclass(frozen=True)
@@ -195,7 +174,7 @@ def activation_variant(
 ) -> ActivationVariant:
     """The departures of `impl` on `device` (module doc); raises ValueError for what is not modelled."""
     _check("impl", impl, IMPLS)
-    _check("device", device, DEVICES)
+    _check("device", device, MEASURED_DEVICES)
     _check("attention", attention, act.ATTENTIONS)
     _check("recompute", recompute, act.RECOMPUTES)
     e = activation_bytes_per_element(precision)
@@ -435,44 +414,72 @@ def outside_account(arch: Architecture, seq: int, batch: int, variant: Activatio
     return OutsideAccount(embedding, output, indices, paper_embedding + paper_output)
 
 
-def implementation_summary(spec: RunSpec, device: str | None = None) -> dict | None:
+@dataclass(frozen=True)
+class OutsideBytes:
+    """The once-per-forward bytes outside the blocks, as a record keeps them."""
+
+    embedding: int
+    output: int
+    indices: int
+    total: int
+
+
+@dataclass(frozen=True)
+class ImplementationSummary:
+    """The variant's prediction for one run: what the record keeps as `predicted.implementation`."""
+
+    model: str
+    """`reference` or the transformers model type."""
+    device: str
+    """The device the account is for (where the run was measured)."""
+    paper_per_layer: int
+    per_layer: int
+    layers: list[int]
+    """Bytes per layer as `measure` attributes them (the first layer also keeps the per-forward tables)."""
+    departures: dict[str, int]
+    shared: dict[str, int]
+    outside: OutsideBytes
+    total: int
+    unmeasured: list[str] = field(default_factory=list)
+    """What the account assumes without a measurement behind it (CUDA kernels not measured here)."""
+
+
+def implementation_summary(spec: RunSpec, device: str | None = None) -> ImplementationSummary | None:
     """The variant's prediction for a record: per-layer bytes, departures and the outside terms.
 
-    `device` is where the run was measured (a record's `measured.device`; default `spec.device`). None
+    `device` is where the run was measured (a record's `measured.device`; default the spec's device). None
     when the settings are not modelled: no architecture, inference, tensor or pipeline parallelism,
     an unresolved `auto` device, CUDA autocast, or transformers with selective recomputation.
     """
-    device = device or spec.device
-    if spec.arch is None or spec.mode != "train" or spec.tp > 1 or spec.pp > 1 or device not in DEVICES:
+    arch, t = spec.model.arch, spec.training
+    device = device or spec.measurement.device
+    if (
+        arch is None
+        or spec.measurement.mode != "train"
+        or spec.parallel.tp > 1
+        or spec.parallel.pp > 1
+        or device not in MEASURED_DEVICES
+    ):
         return None
     try:
         variant = activation_variant(
-            spec.arch,
-            impl=spec.impl,
-            precision=spec.precision,
-            attention=spec.attention,
-            recompute=spec.recompute,
+            arch, impl=spec.measurement.impl, precision=t.precision, attention=t.attention, recompute=t.recompute,
             device=device,
-        )
+        )  # fmt: skip
     except ValueError:
         return None
-    account = layer_account(spec.arch, spec.seq, spec.batch, variant)
-    outside = outside_account(spec.arch, spec.seq, spec.batch, variant)
-    layers = account.layers(spec.arch.n_layers)
-    return {
-        "model": variant.model,
-        "device": device,
-        "paper_per_layer": account.paper,
-        "per_layer": account.per_layer,
-        "layers": layers,
-        "departures": dict(account.departures),
-        "shared": dict(account.shared),
-        "outside": {
-            "embedding": outside.embedding,
-            "output": outside.output,
-            "indices": outside.indices,
-            "total": outside.total,
-        },
-        "total": sum(layers) + outside.total,
-        "unmeasured": list(variant.unmeasured),
-    }
+    account = layer_account(arch, t.seq, t.batch, variant)
+    outside = outside_account(arch, t.seq, t.batch, variant)
+    layers = account.layers(arch.n_layers)
+    return ImplementationSummary(
+        model=variant.model,
+        device=device,
+        paper_per_layer=account.paper,
+        per_layer=account.per_layer,
+        layers=layers,
+        departures=dict(account.departures),
+        shared=dict(account.shared),
+        outside=OutsideBytes(outside.embedding, outside.output, outside.indices, outside.total),
+        total=sum(layers) + outside.total,
+        unmeasured=list(variant.unmeasured),
+    )

@@ -21,27 +21,19 @@ cannot be fitted keeps its default, and `fit[factor]` says why.
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
-import math
-from pathlib import Path
+import numpy as np
 
+from formulas.calibration import Calibration
 from harness.errors import UsageError
+from harness.records import Record
 
 
-def _num(value) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def _mem(record: dict, key: str) -> float | None:
-    return _num(((record.get("measured") or {}).get("memory_bytes") or {}).get(key))
+def _mem(record: Record, key: str) -> float | None:
+    value = getattr(record.measured.memory_bytes, key)
+    return float(value) if value is not None else None
 
 
 def _residuals(res, y) -> dict:
-    import numpy as np
-
     res = np.asarray(res, dtype=float)
     y = np.asarray(y, dtype=float)
     rel = np.abs(res) / np.where(y != 0, np.abs(y), np.nan)
@@ -55,8 +47,6 @@ def _residuals(res, y) -> dict:
 
 def _r2(y, predicted) -> float | None:
     """1 − SS_res / SS_tot (None when y is constant: r² is undefined)."""
-    import numpy as np
-
     y, predicted = np.asarray(y, dtype=float), np.asarray(predicted, dtype=float)
     ss_tot = float(np.sum((y - y.mean()) ** 2))
     if ss_tot == 0:
@@ -66,8 +56,6 @@ def _r2(y, predicted) -> float | None:
 
 def fit_line(x, y) -> tuple[float, float, dict]:
     """y ≈ α·x + β by least squares; a single distinct x fixes β = 0 (a ratio)."""
-    import numpy as np
-
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if len(set(x.tolist())) >= 2:
         # Scale x and y to O(1) before solving: byte counts of 1e10 make the normal equations ill-conditioned.
@@ -86,8 +74,6 @@ def fit_line(x, y) -> tuple[float, float, dict]:
 
 def fit_ratio(x, y) -> tuple[float, dict]:
     """y ≈ k·x through the origin: k = Σxy / Σx²."""
-    import numpy as np
-
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     k = float(np.sum(x * y) / np.sum(x * x))
     ratios = y / x
@@ -106,14 +92,14 @@ def _default(reason: str, value) -> dict:
     return {"n": 0, "kept_default": value, "reason": reason}
 
 
-def select_runs(records: list[dict], device: str | None = None) -> tuple[list[dict], str]:
+def select_runs(records: list[Record], device: str | None = None) -> tuple[list[Record], str]:
     """The ok runs to fit: CUDA ones when any (or `device`'s), else every ok run; and a description."""
-    ok = [r for r in records if r.get("status") == "ok"]
+    ok = [r for r in records if r.status == "ok"]
     if not ok:
         raise UsageError("no ok runs to calibrate from")
 
-    def dev(r):
-        return (r.get("measured") or {}).get("device") or (r.get("spec") or {}).get("device")
+    def dev(r: Record) -> str:
+        return r.device
 
     if device is not None:
         pool = [r for r in ok if dev(r) == device]
@@ -128,25 +114,18 @@ def select_runs(records: list[dict], device: str | None = None) -> tuple[list[di
     return ok, f"{len(ok)} ok {devices} runs (no CUDA runs: peaks from the exact CPU tracker, no allocator overheads)"
 
 
-def calibrate(records: list[dict], source: str = "", device: str | None = None):
+def calibrate(records: list[Record], source: str = "", device: str | None = None) -> Calibration:
     """The fitted `Calibration` of `records` (ok runs; CUDA ones when there are any)."""
-    import numpy as np
-
-    from formulas.calibration import Calibration
-
     defaults = Calibration()
     pool, described = select_runs(records, device)
-    train = [r for r in pool if (r.get("spec") or {}).get("mode", "train") != "inference"]
-    inference = [r for r in pool if (r.get("spec") or {}).get("mode") == "inference"]
-    cuda = [r for r in pool if (r.get("measured") or {}).get("device") == "cuda"]
+    train = [r for r in pool if r.spec.measurement.mode != "inference"]
+    inference = [r for r in pool if r.spec.measurement.mode == "inference"]
+    cuda = [r for r in pool if r.measured.device == "cuda"]
     fit: dict = {"runs": described}
     values: dict = {}
 
     # Peak allocated ≈ α · predicted total + β.
-    pairs = [
-        (_num(((r.get("predicted") or {}).get("memory_bytes") or {}).get("total")), _mem(r, "peak_allocated"))
-        for r in train
-    ]
+    pairs = [(float(r.prediction("korthikanti").memory_bytes.total), _mem(r, "peak_allocated")) for r in train]
     pairs = [(x, y) for x, y in pairs if x and y is not None and x > 0]
     if pairs:
         alpha, beta, stats = fit_line(*zip(*pairs, strict=True))
@@ -204,8 +183,7 @@ def calibrate(records: list[dict], source: str = "", device: str | None = None):
     # Achieved fraction of peak TFLOP/s, per GPU: the median MFU of training steps (what `predict` times).
     by_gpu: dict[str, list[float]] = {}
     for r in train:
-        m = r.get("measured") or {}
-        mfu, gpu = _num(m.get("mfu")), m.get("gpu")
+        mfu, gpu = r.measured.mfu, r.measured.gpu
         if mfu is not None and gpu and 0 < mfu <= 1:
             by_gpu.setdefault(gpu, []).append(mfu)
     fractions = {gpu: float(np.median(v)) for gpu, v in sorted(by_gpu.items())}
@@ -219,48 +197,3 @@ def calibrate(records: list[dict], source: str = "", device: str | None = None):
         fit["achieved_fraction"] = _default("no timed GPU runs with an MFU", {})
 
     return Calibration(**values, fit=fit, source=f"{source}: {described}" if source else described)
-
-
-def add_arguments(p) -> None:
-    p.add_argument("dir", metavar="DIR", help="results directory (or its runs.jsonl)")
-    p.add_argument("--out", metavar="FILE", help="where to write the JSON (default DIR/calibration.json)")
-    p.add_argument(
-        "--device", choices=("cuda", "cpu", "meta"), help="fit only this device's runs (default: CUDA when present)"
-    )
-
-
-def run(args) -> int:
-    from formulas.calibration import Calibration
-    from harness.display import gib
-    from harness.report import load_records
-
-    path, records = load_records(args.dir)
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
-    cal = calibrate(records, source=f"{path.parent} ({stamp})", device=args.device)
-    out = Path(args.out) if args.out else path.parent / "calibration.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(cal.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    Calibration.load(out)  # what `tmath predict --calibration` will read
-
-    def r2(name):
-        v = cal.fit.get(name, {}).get("r2")
-        return "" if v is None else f", r² {v:.4f}"
-
-    def fitted(name, text):
-        f = cal.fit.get(name, {})
-        if "kept_default" in f:
-            return f"{text}  (default: {f['reason']})"
-        return f"{text}  (n {f.get('n')}{r2(name)})"
-
-    print(f"calibration from {cal.source}")
-    print(fitted("peak", f"  peak allocated ≈ {cal.peak_alpha:.4f} · predicted total + {gib(cal.peak_beta, 3)} GiB"))
-    print(fitted("reserved_ratio", f"  reserved / allocated = {cal.reserved_ratio:.4f}"))
-    print(fitted("context_bytes", f"  context (NVML − reserved) = {gib(cal.context_bytes, 3)} GiB"))
-    print(fitted("inference_overhead", f"  inference peak / weights = {cal.inference_overhead:.3f} (rule: 1.2)"))
-    if cal.achieved_fraction:
-        for gpu, frac in cal.achieved_fraction.items():
-            print(f"  achieved fraction of peak on {gpu} = {frac:.1%} (n {cal.fit['achieved_fraction'][gpu]['n']})")
-    else:
-        print(f"  achieved fraction of peak: none ({cal.fit['achieved_fraction']['reason']})")
-    print(f"wrote {out}  (use: tmath predict ... --calibration {out})")
-    return 0

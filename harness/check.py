@@ -18,16 +18,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from formulas.hardware import A100_REFERENCE_TFLOPS, GPU, TFLOPS_BAR_A100, get_gpu, match_device_name, tflops_bar
-from harness.errors import UsageError
+from formulas.hardware import GPU, get_gpu, match_device_name, tflops_bar
+from harness.records import Record
 
 METRICS = ("model", "hardware")
 
 
-def record_gpu(record: dict) -> tuple[GPU | None, str | None]:
+def record_gpu(record: Record) -> tuple[GPU | None, str | None]:
     """The accelerator a record ran on, from the harness's match or the device name: (GPU, raw name)."""
-    measured = record.get("measured") or {}
-    name = measured.get("gpu")
+    name = record.measured.gpu
     if name:
         try:
             return get_gpu(name), name
@@ -35,21 +34,21 @@ def record_gpu(record: dict) -> tuple[GPU | None, str | None]:
             gpu = match_device_name(name)
             if gpu is not None:
                 return gpu, name
-    env_gpu = (record.get("environment") or {}).get("gpu") or {}
-    raw = env_gpu.get("name") if isinstance(env_gpu, dict) else None
+    env = record.environment
+    raw = env.gpu.name if env is not None and env.gpu is not None else None
     if raw:
         return match_device_name(raw), raw
     return None, name
 
 
-def measured_tflops(record: dict, metric: str = "model") -> float | None:
-    value = ((record.get("measured") or {}).get("tflops") or {}).get(metric)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+def measured_tflops(record: Record, metric: str = "model") -> float | None:
+    tflops = record.measured.tflops
+    return float(getattr(tflops, metric)) if tflops is not None else None
 
 
 @dataclass(frozen=True)
 class Verdict:
-    record: dict
+    record: Record
     tflops: float | None
     bar: float | None
     gpu: str | None
@@ -65,16 +64,16 @@ class Verdict:
         return self.checked and self.tflops >= self.bar
 
 
-def judge(record: dict, min_tflops: float, *, scale_to_gpu: bool = False, metric: str = "model") -> Verdict:
+def judge(record: Record, min_tflops: float, *, scale_to_gpu: bool = False, metric: str = "model") -> Verdict:
     """One run against the bar, or the reason it cannot be checked."""
-    status = record.get("status")
+    status = record.status
     gpu, raw = record_gpu(record)
     label = gpu.name if gpu is not None else raw
     if status != "ok":
         return Verdict(record, None, None, label, f"status {status}")
     tflops = measured_tflops(record, metric)
     if tflops is None:
-        device = (record.get("measured") or {}).get("device") or (record.get("spec") or {}).get("device")
+        device = record.device
         return Verdict(record, None, None, label, f"not timed (device {device})")
     if not scale_to_gpu:
         return Verdict(record, tflops, min_tflops, label)
@@ -105,52 +104,5 @@ class CheckResult:
         return 0 if self.passed and not self.failed else 1
 
 
-def check_records(records: list[dict], min_tflops: float, *, scale_to_gpu: bool = False, metric: str = "model"):
+def check_records(records: list[Record], min_tflops: float, *, scale_to_gpu: bool = False, metric: str = "model"):
     return CheckResult([judge(r, min_tflops, scale_to_gpu=scale_to_gpu, metric=metric) for r in records])
-
-
-def add_arguments(p) -> None:
-    p.add_argument("dir", metavar="DIR", help="results directory (or its runs.jsonl)")
-    p.add_argument(
-        "--min-tflops",
-        type=float,
-        default=TFLOPS_BAR_A100,
-        help=f"bar in TFLOP/s per GPU (default {TFLOPS_BAR_A100:g}, Transformer Math 101's per-A100 bar)",
-    )
-    p.add_argument(
-        "--scale-to-gpu",
-        action="store_true",
-        help=f"scale the bar by each run's GPU half-precision peak / {A100_REFERENCE_TFLOPS:g} (the A100's)",
-    )
-    p.add_argument("--metric", default="model", choices=METRICS, help="model TFLOP/s (default) or hardware TFLOP/s")
-
-
-def _label(record: dict) -> str:
-    from harness.report import run_label
-
-    return run_label(record.get("spec") or {}, device=(record.get("measured") or {}).get("device"))
-
-
-def run(args) -> int:
-    from harness.report import load_records
-
-    if not args.min_tflops > 0:
-        raise UsageError(f"--min-tflops must be positive, got {args.min_tflops:g}")
-    path, records = load_records(args.dir)
-    result = check_records(records, args.min_tflops, scale_to_gpu=args.scale_to_gpu, metric=args.metric)
-    scaled = f" × (GPU half-precision peak / {A100_REFERENCE_TFLOPS:g})" if args.scale_to_gpu else ""
-    print(f"check {path}: {len(records)} runs, bar {args.min_tflops:g} {args.metric} TFLOP/s per GPU{scaled}")
-    for v in result.verdicts:
-        if v.checked:
-            word, cmp = ("PASS", "≥") if v.passed else ("FAIL", "<")
-            gpu = v.gpu or "no GPU"
-            tflops = f"{v.tflops:8.2f}" if v.tflops >= 1 else f"{v.tflops:8.3g}"
-            print(f"{word}  {tflops} {cmp} {v.bar:7.2f} TFLOP/s  [{gpu}]  {_label(v.record)}")
-    for v in result.skipped:
-        print(f"SKIP  {v.reason}: {_label(v.record)}")
-    n_pass, n_fail, n_skip = len(result.passed), len(result.failed), len(result.skipped)
-    if not result.passed and not result.failed:
-        print(f"check: nothing to check ({n_skip} skipped): no timed ok run, so the check fails")
-    else:
-        print(f"check: {n_pass} passed, {n_fail} failed, {n_skip} skipped")
-    return result.exit_code

@@ -1,10 +1,10 @@
 """N ranks of one measurement point: launch them, bound them in time, gather their measurements into one record.
 
     run_distributed(spec) -> record          # the parent side (tmath measure, tmath sweep)
-    python -m harness.distributed rank DIR   # one rank: reads DIR/payload.json, writes DIR/rank<R>.json
+    python -m harness.rank DIR               # one rank (harness.rank): reads DIR/payload.json, writes DIR/rank<R>.json
 
-Each rank runs the single-process protocol of `harness.measure` (through `harness.zero.DeepSpeedTrainer`)
-on its own device and writes its measured dict. The record has every rank's measurement in
+Each rank runs the single-process protocol of `harness.measure` (through the spec's trainer, e.g.
+`harness.trainers.deepspeed`) on its own device and writes its outcome. The record has every rank's measurement in
 `measured.ranks`, the per-term maximum over ranks in `measured.memory_bytes` (the rank that decides
 whether a job fits), and the worst rank status. A rank that dies leaves a record, never a hang: the
 launcher tears the others down when one fails (torch elastic's agent, DeepSpeed's launcher), the parent
@@ -20,6 +20,7 @@ WORLD_SIZE, MASTER_ADDR and MASTER_PORT, which is all a rank reads.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -32,8 +33,10 @@ from pathlib import Path
 from formulas.spec import RunSpec
 from harness.environment import REPO_ROOT
 from harness.errors import UsageError
-from harness.record import make_record
-from harness.runner import _tail, worker_env
+from harness.processes import free_port, tail, worker_env
+from harness.progress import Callback, StderrReader
+from harness.records import Measurement, Outcome, RankResult, Record, RunError, Status
+from harness.trainers import resolve_device
 
 LAUNCHERS: tuple[str, ...] = ("torchrun", "deepspeed")
 
@@ -69,7 +72,7 @@ def hostfile_nodes(path: str) -> list[tuple[str, int]]:
 
 def rank_command(rank_dir: Path) -> list[str]:
     """What each rank runs (tests replace it to simulate a rank that dies)."""
-    return [sys.executable, "-m", "harness.distributed", "rank", str(rank_dir)]
+    return [sys.executable, "-m", "harness.rank", str(rank_dir)]
 
 
 def launch_command(
@@ -104,14 +107,6 @@ def rank_env(spec: RunSpec, device: str) -> dict:
     return env
 
 
-def _resolved_device(spec: RunSpec) -> str:
-    if spec.device != "auto":
-        return spec.device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _kill_launch(proc: subprocess.Popen, rank_dir: Path) -> None:
     """Stop the launcher (it forwards SIGTERM to its ranks), then SIGKILL its process group and every rank."""
     for sig, wait_s in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
@@ -137,8 +132,9 @@ def run_distributed(
     launcher: str = "torchrun",
     hostfile: str | None = None,
     rank_dir: str | None = None,
-) -> dict:
-    """Measure `spec` on `spec.gpus` ranks and return one record; a failed run is a record, and only a layout
+    progress: Callback | None = None,
+) -> Record:
+    """Measure `spec` on `spec.parallel.gpus` ranks and return one record; a failed run is a record, and only a layout
     that cannot be launched (too few GPUs on this node, a bad hostfile) raises UsageError.
 
     `max_memory_bytes` (CPU runs) is shared: each rank's address space is capped at an N-th of it.
@@ -148,23 +144,23 @@ def run_distributed(
     """
     if launcher not in LAUNCHERS:
         raise UsageError(f"launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
-    device = _resolved_device(spec)
+    device = resolve_device(spec.measurement.device)
     nodes = 1
     if hostfile:
         if launcher != "deepspeed":
             raise UsageError("--hostfile needs --launcher deepspeed (torchrun is started on each node by hand)")
         nodes = len(hostfile_nodes(hostfile))
-        if spec.gpus % nodes:
-            raise UsageError(f"--gpus {spec.gpus} must be a multiple of the {nodes} nodes in {hostfile}")
+        if spec.parallel.gpus % nodes:
+            raise UsageError(f"--gpus {spec.parallel.gpus} must be a multiple of the {nodes} nodes in {hostfile}")
     elif device == "cuda":
         import torch
 
-        if torch.cuda.device_count() < spec.gpus:
+        if torch.cuda.device_count() < spec.parallel.gpus:
             raise UsageError(
-                f"--gpus {spec.gpus}: this node has {torch.cuda.device_count()} CUDA device(s); "
+                f"--gpus {spec.parallel.gpus}: this node has {torch.cuda.device_count()} CUDA device(s); "
                 "for several nodes use --launcher deepspeed --hostfile FILE"
             )
-    per_node = spec.gpus // nodes
+    per_node = spec.parallel.gpus // nodes
     payload = {
         "spec": spec.to_dict(),
         "argv": argv if argv is not None else sys.argv,
@@ -178,28 +174,35 @@ def run_distributed(
     with tempfile.TemporaryDirectory(prefix="tmath-ranks-", dir=rank_dir) as tmp:
         work = Path(tmp)
         (work / "payload.json").write_text(json.dumps(payload))
-        from harness.zero import free_port
-
         cmd = launch_command(launcher, per_node, free_port(), work, hostfile=hostfile, nodes=nodes)
         proc = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             env=rank_env(spec, device),
             cwd=REPO_ROOT,
             start_new_session=True,  # the launcher's own process group, killed as one at the time limit
         )
+        if progress is not None:
+            progress(f"{spec.parallel.gpus} ranks started ({launcher})")
+        reader = StderrReader(proc.stdout, progress)
         timed_out = False
         try:
-            out, err = proc.communicate(timeout=timeout)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
             _kill_launch(proc, work)
-            try:
-                out, err = proc.communicate(timeout=KILL_GRACE_S)
-            except subprocess.TimeoutExpired:  # a rank outlived its launcher and holds the pipes: stop reading
-                out, err = b"", b"(output lost: a rank kept the launcher's pipes open after the kill)"
-        ranks = [_read_rank(work, r) for r in range(spec.gpus)]
+            with contextlib.suppress(subprocess.TimeoutExpired):  # a rank outlived the launcher: reported below
+                proc.wait(timeout=KILL_GRACE_S)
+        except BaseException:
+            _kill_launch(proc, work)
+            raise
+        output = reader.text(timeout=KILL_GRACE_S)
+        if reader.still_open:  # a rank outlived its launcher and holds the pipes: stop reading
+            output += "\n(output cut: a rank kept the launcher's pipes open after the kill)"
+        if progress is not None:
+            progress("gathering the ranks' measurements")
+        ranks = [_read_rank(work, r) for r in range(spec.parallel.gpus)]
     return gather(
         spec,
         ranks,
@@ -207,27 +210,24 @@ def run_distributed(
         timed_out=timed_out,
         timeout=timeout,
         returncode=proc.returncode,
-        stderr=(err or b"").decode(errors="replace") + (out or b"").decode(errors="replace")[-2000:],
+        stderr=output,
         elapsed_s=time.perf_counter() - t0,
     )
 
 
-def _read_rank(work: Path, rank: int) -> dict | None:
+def _read_rank(work: Path, rank: int) -> Outcome | None:
     path = work / f"rank{rank}.json"
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        return Outcome.from_dict(json.loads(path.read_text()), f"rank {rank}")
+    except (json.JSONDecodeError, ValueError):
         return None
-
-
-_MAX_KEYS_SKIP = frozenset({"pre_model_reserved"})
 
 
 def gather(
     spec: RunSpec,
-    ranks: list[dict | None],
+    ranks: list[Outcome | None],
     *,
     launcher: str,
     timed_out: bool,
@@ -235,101 +235,58 @@ def gather(
     returncode: int | None,
     stderr: str,
     elapsed_s: float,
-) -> dict:
-    """One record from the ranks' results: every rank in `measured.ranks`, per-term maxima in
+) -> Record:
+    """One record from the ranks' outcomes: every rank in `measured.ranks`, per-term maxima in
     `measured.memory_bytes`, rank 0's step time and FLOPs (a data-parallel step is synchronous), and the
-    worst status. A rank without a result is `timeout` when the launch hit the time limit, else `killed`."""
-    statuses = []
-    per_rank = []
-    errors = []
+    worst status. A rank without an outcome is `timeout` when the launch hit the time limit, else `killed`."""
+    statuses: list[Status] = []
+    per_rank: list[RankResult] = []
+    errors: list[tuple[Status, RunError]] = []
     for r, result in enumerate(ranks):
         if result is None:
-            status = "timeout" if timed_out else "killed"
+            status: Status = "timeout" if timed_out else "killed"
             how = (
                 f"killed after the {timeout:g} s time limit"
                 if timed_out
                 else f"died without a result (launcher exit status {returncode})"
             )
-            errors.append((status, {"type": status, "message": f"rank {r} {how}"}))
-            per_rank.append({"rank": r, "status": status})
+            errors.append((status, RunError(type=status, message=f"rank {r} {how}")))
+            per_rank.append(RankResult(rank=r, status=status))
         else:
-            status = result["status"]
-            if result.get("error"):
-                err = result["error"]
-                errors.append((status, {**err, "message": f"rank {r}: {err.get('message', '')}"}))
-            per_rank.append({"rank": r, "status": status, "elapsed_s": result.get("elapsed_s"), **result["measured"]})
+            status = result.status
+            if result.error is not None:
+                err = result.error
+                errors.append((status, dataclasses.replace(err, message=f"rank {r}: {err.message}")))
+            per_rank.append(RankResult(rank=r, status=status, elapsed_s=result.elapsed_s, measured=result.measured))
         statuses.append(status)
     worst = min(statuses, key=STATUS_SEVERITY.index) if statuses else "killed"
 
-    measured: dict = {}
-    first = next((m for m in per_rank if "memory_bytes" in m), None)
+    measured = Measurement()
+    first = next(
+        (m.measured for m in per_rank if m.measured is not None and m.measured.memory_bytes.weights is not None), None
+    )
     if first is not None:
-        measured = {k: v for k, v in first.items() if k not in ("rank", "status", "elapsed_s", "zero")}
-        maxima: dict = {}
+        measured = dataclasses.replace(first, engine=None, ranks=[])
+        memory = first.memory_bytes
         for m in per_rank:
-            for key, value in (m.get("memory_bytes") or {}).items():
-                if isinstance(value, int) and not isinstance(value, bool) and key not in _MAX_KEYS_SKIP:
-                    maxima[key] = max(maxima.get(key, value), value)
-        measured["memory_bytes"] = maxima
-        measured["methods"] = {
-            **(first.get("methods") or {}),
-            "memory_bytes": "per-term maximum over ranks; measured.ranks[i].memory_bytes holds rank i's own",
+            if m.measured is not None:
+                memory = memory.maxima(m.measured.memory_bytes)
+        measured.memory_bytes = memory
+        measured.methods = {
+            **first.methods,
+            "memory_bytes": "per-term maximum over ranks; measured.ranks[i].measured.memory_bytes holds rank i's own",
             "step_ms": "rank 0's (a data-parallel step ends with every rank)",
         }
-    measured["ranks"] = per_rank
-    measured["world_size"] = len(ranks)
-    measured["launcher"] = launcher
+    measured.ranks = per_rank
+    measured.world_size = len(ranks)
+    measured.launcher = launcher
 
     error = None
     if worst != "ok":
-        chosen = next((e for s, e in errors if s == worst), errors[0][1] if errors else {"type": worst, "message": ""})
-        error = {**chosen, "stderr_tail": _tail(stderr)}
+        chosen = next((e for s, e in errors if s == worst), errors[0][1] if errors else RunError(worst, ""))
+        error = dataclasses.replace(chosen, stderr_tail=tail(stderr))
         if len(errors) > 1:
-            error["ranks"] = [e["message"][:300] for _, e in errors]
-    environment = next((r.get("environment") for r in ranks if r and r.get("environment")), None)
-    return make_record(spec, measured=measured, status=worst, error=error, environment=environment, elapsed_s=elapsed_s)
-
-
-# --------------------------------------------------------------------------------------------------
-# The rank side
-
-
-def rank_main(rank_dir: str) -> int:
-    """One rank: measure with the protocol of `harness.measure` and write rank<R>.json, whatever happens."""
-    from harness.worker import _die_with_parent, measure_payload
-
-    _die_with_parent()  # torchrun starts each rank in a session of its own: die with the launcher
-    if os.getppid() == 1:  # the launcher died before the request took effect
-        return 137
-    work = Path(rank_dir)
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    (work / f"rank{rank}.pid").write_text(str(os.getpid()))
-    payload = json.loads((work / "payload.json").read_text())
-
-    def before(spec):
-        import torch
-
-        if spec.device in ("cuda", "auto") and torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)  # "cuda" is then this rank's GPU for every allocation
-
-    # The rank's outcome only: the parent's `gather` makes the one record (and its prediction) from all ranks.
-    _, outcome = measure_payload(payload, before_measure=before, with_environment=rank == 0)
-    outcome["rank"] = rank
-    tmp = work / f"rank{rank}.tmp"
-    tmp.write_text(json.dumps(outcome, allow_nan=False))
-    os.replace(tmp, work / f"rank{rank}.json")
-    return 0
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) == 3 and argv[1] == "rank":
-        return rank_main(argv[2])
-    print(
-        "usage: python -m harness.distributed rank DIR  (run by a launcher; see harness.distributed)", file=sys.stderr
-    )
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+            error.ranks = [e.message[:300] for _, e in errors]
+    environment = next((r.environment for r in ranks if r is not None and r.environment is not None), None)
+    outcome = Outcome(status=worst, measured=measured, error=error, environment=environment, elapsed_s=elapsed_s)
+    return Record.make(spec, outcome)

@@ -16,8 +16,8 @@ from functools import cache
 from importlib import metadata
 from pathlib import Path
 
-HARNESS_VERSION = "1"
-"""Bump whenever the measurement method changes (what is counted, how, or when)."""
+from harness.records import HARNESS_VERSION, Environment
+from harness.schema import from_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,7 +105,7 @@ def nvml_snapshot(index: int = 0) -> dict | None:
         pynvml.nvmlShutdown()
 
 
-def environment(device: str | None = None, argv: list[str] | None = None) -> dict:
+def environment(device: str | None = None, argv: list[str] | None = None) -> Environment:
     """Everything needed to reproduce or compare a record. Imports torch (the harness side only)."""
     import torch
 
@@ -141,4 +141,4 @@ def environment(device: str | None = None, argv: list[str] | None = None) -> dic
             "multiprocessors": props.multi_processor_count,
             "nvml": nvml_snapshot(0),
         }
-    return env
+    return from_json(Environment, env, "environment")

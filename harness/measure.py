@@ -23,18 +23,25 @@ import contextlib
 import gc
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
 
-from formulas.compute import matmul_flops_per_step
 from formulas.hardware import match_device_name
 from formulas.precision import compute_dtype
 from formulas.predict import predict
 from formulas.spec import RunSpec
-from harness.errors import UsageError
-from harness.memtrack import LiveTensorTracker, SavedTensorTracker
-from harness.training import Trainer, param_dtype, unique_storage_bytes
-from harness.zero import DeepSpeedTrainer, check_deepspeed, uses_deepspeed
+from harness.environment import nvml_snapshot
+from harness.memtrack import LiveTensorTracker, SavedTensorTracker, unique_storage_bytes
+from harness.records import Measurement, StepTimes, Throughput
+from harness.trainers import Trainer, check_measurable, resolve_device
+from harness.trainers.plain import param_dtype
+from models.build import build_model, make_batch, transformer_blocks
+
+Progress = Callable[[str], None]
+"""Told what the protocol is doing ("building", "step 2 of 3"): `tmath measure` prints it on stderr."""
 
 MEASUREMENT_METHODS = {
     "weights": "unique parameter storages after the model is built (bytes)",
@@ -49,31 +56,6 @@ MEASUREMENT_METHODS = {
     "step_ms": {"cuda": "CUDA events around each step", "cpu": "time.perf_counter around each step"},
     "flops": "torch.utils.flop_counter.FlopCounterMode over one step",
 }
-
-
-def resolve_device(requested: str) -> str:
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device cuda: no CUDA device is available (torch {torch.__version__})")
-    return requested
-
-
-def check_measurable(spec: RunSpec, device: str) -> None:
-    """What `measure` cannot run, as one-line errors before anything is built."""
-    if spec.arch is None:
-        raise UsageError("measure needs an architecture (--model or --layers/--hidden/--heads), not only --params")
-    if spec.tp > 1 or spec.pp > 1:
-        raise UsageError(
-            "measure runs data parallelism (ZeRO over --gpus); tensor and pipeline parallelism are predicted only"
-        )
-    if spec.optimizer == "adam8bit" and device != "cuda":
-        raise UsageError("--optimizer adam8bit (bitsandbytes) needs a CUDA device")
-    if spec.impl == "hf" and spec.recompute == "selective":
-        raise UsageError("selective recompute is implemented for --impl reference only")
-    if device == "meta" and (spec.zero or spec.gpus > 1):
-        raise UsageError("--device meta measures one process with fake tensors; it cannot run DeepSpeed/ZeRO")
-    check_deepspeed(spec, device)
 
 
 @contextlib.contextmanager
@@ -137,6 +119,10 @@ class _TrackedMemory:
         return self.tracker.peak_bytes
 
 
+def _quiet(message: str) -> None:
+    """Progress goes nowhere unless someone listens."""
+
+
 _CUDA_PEAKS = {
     "peak_allocated": "allocated_bytes.all.peak",
     "peak_reserved": "reserved_bytes.all.peak",
@@ -144,11 +130,12 @@ _CUDA_PEAKS = {
 }
 
 
-def _timed_steps(step, work, n: int, cuda: bool) -> tuple[list[float], dict]:
+def _timed_steps(step, work, n: int, cuda: bool, progress: Progress) -> tuple[list[float], dict]:
     """Per-step milliseconds of `step(work)` and, on CUDA, the largest per-step allocator peaks."""
     times: list[float] = []
     stats = dict.fromkeys(_CUDA_PEAKS, 0) if cuda else {}
-    for _ in range(n):
+    for i in range(n):
+        progress(f"timed step {i + 1} of {n}")
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -171,126 +158,122 @@ def _timed_steps(step, work, n: int, cuda: bool) -> tuple[list[float], dict]:
     return times, stats
 
 
-def _finish_timing(spec: RunSpec, measured: dict, times: list[float], tokens: int) -> None:
+def _finish_timing(measured: Measurement, times: list[float], tokens: int, model_flops: int, hw_flops: int) -> None:
     """Step-time statistics and throughput from the timed steps (nothing when none were timed)."""
     if not times:
-        measured["step_ms"] = None
         return
-    measured["step_ms"] = {"median": statistics.median(times), "min": min(times), "max": max(times), "all": times}
-    seconds = measured["step_ms"]["median"] / 1e3
-    flops = measured["flops"]
-    measured["tflops"] = {
-        "model": flops["model_per_step"] / seconds / 1e12,
-        "hardware": flops["hardware_per_step"] / seconds / 1e12,
-        "counted": flops["counted"] / seconds / 1e12,
-    }
-    measured["tokens_per_second"] = tokens / seconds
+    measured.step_ms = StepTimes(median=statistics.median(times), min=min(times), max=max(times), all=times)
+    seconds = measured.step_ms.median / 1e3
+    measured.tflops = Throughput(
+        model=model_flops / seconds / 1e12,
+        hardware=hw_flops / seconds / 1e12,
+        counted=measured.flops_counted / seconds / 1e12,
+    )
+    measured.tokens_per_second = tokens / seconds
 
 
-def _cuda_epilogue(spec: RunSpec, measured: dict, cuda_stats: dict) -> None:
+def _cuda_epilogue(spec: RunSpec, measured: Measurement, cuda_stats: dict) -> None:
     """Allocator peaks of the timed steps, NVML's view, and utilisation against the device's peak."""
-    from harness.environment import nvml_snapshot
-
-    mem = measured["memory_bytes"]
-    mem["peak_allocated"] = max(mem.get("peak_allocated", 0), cuda_stats.pop("peak_allocated", 0))
-    mem.update(cuda_stats)
+    mem = measured.memory_bytes
+    mem.peak_allocated = max(mem.peak_allocated or 0, cuda_stats.pop("peak_allocated", 0))
+    for key, value in cuda_stats.items():
+        setattr(mem, key, value)
     after = nvml_snapshot(torch.cuda.current_device())
-    mem["nvml_used"] = after["memory_used_bytes"] if after else None
+    mem.nvml_used = after["memory_used_bytes"] if after else None
     gpu = match_device_name(torch.cuda.get_device_name())
-    measured["gpu"] = gpu.name if gpu else None
-    peak = gpu.peak(compute_dtype(spec.precision)) if gpu else None
-    if peak and measured.get("tflops"):
-        measured["peak_tflops"] = peak
-        measured["mfu"] = measured["tflops"]["model"] / peak
-        measured["hfu"] = measured["tflops"]["hardware"] / peak
+    measured.gpu = gpu.name if gpu else None
+    peak = gpu.peak(compute_dtype(spec.training.precision)) if gpu else None
+    if peak and measured.tflops is not None:
+        measured.peak_tflops = peak
+        measured.mfu = measured.tflops.model / peak
+        measured.hfu = measured.tflops.hardware / peak
 
 
-def _warm_cuda(dtype: torch.dtype, mem: dict) -> None:
+def _warm_cuda(dtype: torch.dtype, mem) -> None:
     """Create the CUDA context and cuBLAS workspace before the model, and record what they hold."""
-    from harness.environment import nvml_snapshot
-
     torch.cuda.init()
     warm = torch.randn(256, 256, device="cuda", dtype=dtype)
     (warm @ warm).sum().item()
     del warm
     torch.cuda.synchronize()
-    mem["pre_model_allocated"] = torch.cuda.memory_allocated()
-    mem["pre_model_reserved"] = torch.cuda.memory_reserved()
+    mem.pre_model_allocated = torch.cuda.memory_allocated()
+    mem.pre_model_reserved = torch.cuda.memory_reserved()
     before = nvml_snapshot(torch.cuda.current_device())
-    mem["nvml_used_before_model"] = before["memory_used_bytes"] if before else None
+    mem.nvml_used_before_model = before["memory_used_bytes"] if before else None
 
 
-def measure(spec: RunSpec, measured: dict) -> None:
-    """Run the protocol for `spec`, filling `measured` phase by phase (a failure keeps what was measured)."""
-    from torch.utils.flop_counter import FlopCounterMode
+def measure(spec: RunSpec, measured: Measurement | None = None, progress: Progress | None = None) -> Measurement:
+    """Run the protocol for `spec` and return its Measurement.
 
-    from models.build import build_model, make_batch, transformer_blocks
-
-    device = resolve_device(spec.device)
-    check_measurable(spec, device)
+    `measured` is filled phase by phase: pass one in to keep what was measured when a later phase fails.
+    """
+    measured = measured if measured is not None else Measurement()
+    progress = progress or _quiet
+    device = resolve_device(spec.measurement.device)
+    entry = check_measurable(spec, device)
     cuda, fake = device == "cuda", device == "meta"
     torch_device = "cuda" if cuda else "cpu"
-    dtype = param_dtype(spec.precision)
-    arch = spec.arch
-    inference = spec.mode == "inference"
-    measured.update(device=device, mode=spec.mode, methods=MEASUREMENT_METHODS)
-    measured.update(step_ms=None, tflops=None, mfu=None, hfu=None, peak_tflops=None)
-    mem: dict = {}
-    measured["memory_bytes"] = mem
+    dtype = param_dtype(spec.training.precision)
+    arch = spec.model.arch
+    inference = spec.measurement.mode == "inference"
+    measured.device, measured.mode, measured.trainer = device, spec.measurement.mode, entry.name
+    measured.methods = dict(MEASUREMENT_METHODS)
+    mem = measured.memory_bytes
     torch.manual_seed(0)
     if cuda:
         _warm_cuda(dtype, mem)
+    prediction = predict(spec)
 
     with contextlib.ExitStack() as outer:
         if fake:
-            from torch._subclasses.fake_tensor import FakeTensorMode
-
             outer.enter_context(FakeTensorMode())
         with contextlib.ExitStack() as tracked:
             tracker = tracked.enter_context(LiveTensorTracker(category="model"))
             probe = _CudaMemory(tracker) if cuda else _TrackedMemory(tracker)
+            progress(f"building {spec.model.name} ({spec.measurement.impl}) on {device}")
             with default_dtype(dtype):
                 model = build_model(
-                    arch, impl=spec.impl, attention=spec.attention, recompute=spec.recompute,
-                    device=torch_device, dtype=dtype,
+                    arch, impl=spec.measurement.impl, attention=spec.training.attention,
+                    recompute=spec.training.recompute, device=torch_device, dtype=dtype,
                 )  # fmt: skip
             generator = None if fake else torch.Generator(device=torch_device).manual_seed(0)
+            t = spec.training
             batches = [
-                make_batch(arch, spec.batch, spec.seq, device=torch_device, generator=generator, impl=spec.impl)
-                for _ in range(1 if inference else spec.grad_accum)
+                make_batch(arch, t.batch, t.seq, device=torch_device, generator=generator, impl=spec.measurement.impl)
+                for _ in range(1 if inference else t.grad_accum)
             ]
-            if uses_deepspeed(spec):
-                trainer = DeepSpeedTrainer(model, spec, device_type=torch_device, probe=probe)
-            else:
-                trainer = Trainer(model, precision=spec.precision, optimizer=spec.optimizer,
-                                  device_type=torch_device, inference=inference)  # fmt: skip
+            trainer: Trainer = entry.load()(model, spec, device_type=torch_device, probe=probe)
             tracker.track(*model.parameters(), category="weights")
             tracker.track(*model.buffers(), category="buffers")
             tracker.track(*(t for b in batches for t in b.values()), category="inputs")
             tracker.track(*trainer.optimizer_tensors(), category="optimizer")
-            mem["weights"] = trainer.weight_bytes()
-            mem["buffers"] = trainer.buffer_bytes()
-            mem["inputs"] = unique_storage_bytes(t for b in batches for t in b.values())
-            mem["after_model"] = probe.live()
-            prediction = predict(spec)
+            mem.weights = trainer.weight_bytes()
+            mem.buffers = trainer.buffer_bytes()
+            mem.inputs = unique_storage_bytes(t for b in batches for t in b.values())
+            mem.after_model = probe.live()
             if inference:
-                _inference_steps(spec, measured, trainer, batches[0], probe, FlopCounterMode, prediction)
+                progress("inference forward")
+                _inference_steps(spec, measured, trainer, batches[0], probe)
             else:
-                _first_steps(spec, measured, trainer, batches, probe, transformer_blocks(model), FlopCounterMode,
-                             prediction)  # fmt: skip
-                if hasattr(trainer, "finish_measurement"):  # DeepSpeed: the per-rank account of model states
-                    trainer.finish_measurement(measured)
+                _first_steps(measured, trainer, batches, probe, transformer_blocks(model), progress)
+                trainer.finish(measured)
         if fake:
-            return
+            return measured
         step = trainer.infer if inference else trainer.train_step
         work = batches[0] if inference else batches
-        for _ in range(spec.warmup):
+        for i in range(spec.measurement.warmup):
+            progress(f"warm-up step {i + 1} of {spec.measurement.warmup}")
             step(work)
-        times, cuda_stats = _timed_steps(step, work, spec.steps, cuda)
-    tokens = spec.batch * spec.seq * (1 if inference else spec.grad_accum)
-    _finish_timing(spec, measured, times, tokens)
+        times, cuda_stats = _timed_steps(step, work, spec.measurement.steps, cuda, progress)
+    tokens = t.batch * t.seq * (1 if inference else t.grad_accum)
+    if inference:
+        forward = prediction.flops.per_step_model // (3 * t.grad_accum)
+        _finish_timing(measured, times, tokens, forward, forward)
+    else:
+        _finish_timing(measured, times, tokens, prediction.flops.per_step_model, prediction.flops.per_step_hardware)
     if cuda:
         _cuda_epilogue(spec, measured, cuda_stats)
+    return measured
 
 
 def _phased_step(trainer: Trainer, batches: list[dict], tracker: LiveTensorTracker) -> None:
@@ -309,81 +292,72 @@ def _phased_step(trainer: Trainer, batches: list[dict], tracker: LiveTensorTrack
     tracker.category = "other"
 
 
-def _first_steps(spec, measured, trainer, batches, probe, blocks, flop_counter, prediction) -> None:
+def _first_steps(measured: Measurement, trainer: Trainer, batches, probe, blocks, progress: Progress) -> None:
     """Step 1 instrumented (activations, gradients, optimizer state, first-step peak); step 2 gives the
     steady-state peak and, under FlopCounterMode (which allocates nothing), the counted FLOPs."""
-    mem = measured["memory_bytes"]
+    mem = measured.memory_bytes
     tracker = probe.tracker
     saved = SavedTensorTracker(exclude=trainer.model, modules=blocks)
+    progress("first step (activations, gradients, optimizer state)")
     with gc_frozen():
         probe.reset_peak()
         before_forward = probe.live()
         tracker.category = "activations"
         with saved:
             loss = trainer.forward(batches[0])
-        mem["graph_retained"] = probe.live() - before_forward
+        mem.graph_retained = probe.live() - before_forward
         tracker.category = "backward"
         trainer.backward(loss)
         del loss
         for batch in batches[1:]:
             trainer.backward(trainer.forward(batch))
-        mem["gradients"] = trainer.gradient_bytes()
+        mem.gradients = trainer.gradient_bytes()
         tracker.track(*(p.grad for p in trainer.model.parameters() if p.grad is not None), category="gradients")
         tracker.category = "optimizer step"
         trainer.step()
-        mem["peak_allocated_first_step"] = probe.peak()
+        mem.peak_allocated_first_step = probe.peak()
         first_breakdown = dict(tracker.peak_snapshot)
-    mem["optimizer"] = trainer.optimizer_bytes()
+    mem.optimizer = trainer.optimizer_bytes()
     # Also registers AdamW's `step` counters, which torch.tensor(0.) creates without a dispatched op.
     tracker.track(*trainer.optimizer_tensors(), category="optimizer")
     tracker.category = "other"
 
     by_layer = [saved.bytes_by_module.get(name, 0) for name, _ in blocks]
-    mem["activations"] = saved.total_bytes
-    mem["activations_layers"] = sum(by_layer)
-    mem["activations_other"] = saved.total_bytes - sum(by_layer)
-    measured["activations_by_layer"] = by_layer
-    measured["activations_by_dtype"] = {str(k).removeprefix("torch."): v for k, v in saved.bytes_by_dtype.items()}
-    measured["saved_parameter_bytes"] = saved.excluded_bytes
+    mem.activations = saved.total_bytes
+    mem.activations_layers = sum(by_layer)
+    mem.activations_other = saved.total_bytes - sum(by_layer)
+    measured.activations_by_layer = by_layer
+    measured.activations_by_dtype = {str(k).removeprefix("torch."): v for k, v in saved.bytes_by_dtype.items()}
+    measured.saved_parameter_bytes = saved.excluded_bytes
 
+    progress("steady step (peak, FLOPs)")
     with gc_frozen():
         probe.reset_peak()
-        with flop_counter(display=False) as counter:
+        with FlopCounterMode(display=False) as counter:
             _phased_step(trainer, batches, tracker)
-        mem["peak_allocated"] = probe.peak()
-        measured["peak_breakdown"] = {"first_step": first_breakdown, "steady": dict(tracker.peak_snapshot)}
-    measured["flops"] = {
-        "counted": int(counter.get_total_flops()),
-        "formula_matmul": matmul_flops_per_step(spec.arch, spec.batch, spec.seq, spec.recompute) * spec.grad_accum,
-        "model_per_step": prediction.flops.per_step_model,
-        "hardware_per_step": prediction.flops.per_step_hardware,
-    }
+        mem.peak_allocated = probe.peak()
+        measured.peak_breakdown = {"first_step": first_breakdown, "steady": dict(tracker.peak_snapshot)}
+    measured.flops_counted = int(counter.get_total_flops())
 
 
-def _inference_steps(spec, measured, trainer, batch, probe, flop_counter, prediction) -> None:
+def _inference_steps(spec: RunSpec, measured: Measurement, trainer: Trainer, batch, probe) -> None:
     """One no-grad forward (a prefill: logits and, for transformers decoders, the KV cache kept alive):
     its peak against Transformer Math 101's 1.2 × weights + KV cache."""
-    mem = measured["memory_bytes"]
+    mem = measured.memory_bytes
     probe.tracker.category = "activations"
     with gc_frozen():
         probe.reset_peak()
-        with flop_counter(display=False) as counter:
+        with FlopCounterMode(display=False) as counter:
             output = trainer.infer(batch)
-        mem["peak_allocated"] = probe.peak()
-        measured["peak_breakdown"] = {"inference": dict(probe.tracker.peak_snapshot)}
-    mem["kv_cache"] = unique_storage_bytes(_cache_tensors(output))
-    mem["output"] = probe.live() - mem["after_model"]
+        mem.peak_allocated = probe.peak()
+        measured.peak_breakdown = {"inference": dict(probe.tracker.peak_snapshot)}
+    mem.kv_cache = unique_storage_bytes(_cache_tensors(output))
+    mem.output = probe.live() - mem.after_model
     del output
-    forward = prediction.flops.per_step_model // (3 * spec.grad_accum)
-    measured["flops"] = {
-        "counted": int(counter.get_total_flops()),
-        "formula_matmul": matmul_flops_per_step(spec.arch, spec.batch, spec.seq) // 3,
-        "model_per_step": forward,
-        "hardware_per_step": forward,
-    }
+    measured.flops_counted = int(counter.get_total_flops())
     # Transformer Math 101's "Model Memory" is everything the model holds: weights and buffers.
-    model_bytes = mem["weights"] + mem["buffers"]
-    measured["inference_overhead"] = mem["peak_allocated"] / model_bytes if model_bytes else None
+    model_bytes = mem.weights + mem.buffers
+    measured.inference_overhead = mem.peak_allocated / model_bytes if model_bytes else None
 
 
 def _cache_tensors(output):

@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from formulas.architecture import Architecture
-
-IMPLS: tuple[str, ...] = ("reference", "hf")
+from formulas.spec import IMPLS
 
 
 def _check_impl(impl: str) -> None:

@@ -34,10 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from formulas.activations import ATTENTIONS, RECOMPUTES
 from formulas.architecture import Architecture
-
-ATTENTIONS: tuple[str, ...] = ("eager", "flash")
-RECOMPUTES: tuple[str, ...] = ("none", "selective", "full")
 
 INIT_STD = 0.02
 """Weight init N(0, 0.02), as GPT-2 and nanoGPT (biases zero, norm weights one)."""

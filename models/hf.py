@@ -14,62 +14,11 @@ import torch
 from torch import nn
 
 from formulas.architecture import Architecture
+from formulas.families import hf_family
 from models.gpt import check_options
-
-HF_SUPPORTED = (
-    "GPT-2 (decoder, learned positions, layernorm, gelu, biases, kv-heads = heads), "
-    "GPT-NeoX (decoder, rotary, layernorm, gelu, biases, kv-heads = heads), "
-    "Llama (decoder, rotary, rmsnorm, swiglu) and "
-    "BERT (encoder, learned positions, layernorm, gelu, biases, kv-heads = heads, type_vocab >= 1, "
-    "heads: pooler+mlm+nsp, mlm only, or no mlm and no nsp)"
-)
 
 NEOX_ROTARY_PCT = 0.25
 """Pythia and GPT-NeoX-20B rotate a quarter of each head (`rotary_pct` in their Hub configs)."""
-
-
-def _features(arch: Architecture) -> str:
-    kv = "" if arch.n_kv_heads == arch.n_heads else f", kv_heads={arch.n_kv_heads}"
-    heads = ""
-    if arch.family == "encoder":
-        heads = f", pooler={arch.pooler}, mlm_head={arch.mlm_head}, nsp_head={arch.nsp_head}"
-        heads += f", type_vocab={arch.type_vocab}"
-    bias = "bias" if arch.bias else "no bias"
-    return f"{arch.family}, {arch.position} positions, {arch.norm}, {arch.mlp}, {bias}{kv}{heads}"
-
-
-def hf_family(arch: Architecture) -> str:
-    """`gpt2`, `gpt_neox`, `llama` or `bert`: the transformers model type that has exactly these parameters."""
-    mha = arch.n_kv_heads == arch.n_heads
-    if arch.family == "decoder":
-        if arch.position == "learned" and arch.norm == "layernorm" and arch.mlp == "gelu" and arch.bias and mha:
-            return "gpt2"
-        if arch.position == "rotary" and arch.norm == "layernorm" and arch.mlp == "gelu" and arch.bias and mha:
-            return "gpt_neox"
-        if arch.position == "rotary" and arch.norm == "rmsnorm" and arch.mlp == "swiglu":
-            return "llama"
-    elif _bert_body(arch) and _bert_heads(arch):
-        return "bert"
-    raise ValueError(f"no transformers class for {_features(arch)}; supported: {HF_SUPPORTED}; or use --impl reference")
-
-
-def _bert_body(arch: Architecture) -> bool:
-    """BertConfig has no knob for rotary, RMSNorm, SwiGLU, biases, GQA or a missing token-type table."""
-    return (
-        arch.position == "learned"
-        and arch.norm == "layernorm"
-        and arch.mlp == "gelu"
-        and arch.bias
-        and arch.n_kv_heads == arch.n_heads
-        and arch.type_vocab >= 1
-    )
-
-
-def _bert_heads(arch: Architecture) -> bool:
-    """BertForPreTraining (all three heads), BertForMaskedLM (MLM only) or BertModel (no MLM, no NSP)."""
-    all_three = arch.pooler and arch.mlm_head and arch.nsp_head
-    mlm_only = arch.mlm_head and not arch.pooler and not arch.nsp_head
-    return all_three or mlm_only or not (arch.mlm_head or arch.nsp_head)
 
 
 def attn_implementation(attention: str, *, device=None, dtype=None) -> str:

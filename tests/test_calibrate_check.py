@@ -13,52 +13,69 @@ from harness.calibrate import calibrate, fit_line, fit_ratio
 from harness.check import check_records, judge
 from harness.cli import main
 from harness.errors import UsageError
-from harness.record import append_jsonl, make_record
+from harness.records import Environment, GpuInfo, Record
+from harness.results import append_record
 from harness.specbuild import build_spec
+from tests.helpers import make_record
 
 ALPHA, BETA = 1.25, 3 * 2**28
 RESERVED, CONTEXT = 1.125, 5 * 2**27
 INFERENCE = 1.375
 
 
-def record(settings: dict, measured: dict, *, status: str = "ok", device: str = "cuda") -> dict:
+def record(settings: dict, measured: dict, *, status: str = "ok", device: str = "cuda") -> Record:
     spec = build_spec({"layers": 2, "hidden": 64, "heads": 4, "vocab": 128, "seq": 32, **settings})
     return make_record(spec, measured={"device": device, **measured}, status=status)
 
 
-def cuda_run(batch: int, gpu: str = "a100-80gb", mfu: float = 0.4, mode: str = "train") -> dict:
+def edited(r: Record, edit) -> Record:
+    """`r` with its JSON form changed by `edit(data)` (a record as another tool might have written it)."""
+    data = r.to_dict()
+    edit(data)
+    return Record.from_dict(data)
+
+
+def cuda_run(batch: int, gpu: str = "a100-80gb", mfu: float = 0.4, mode: str = "train") -> Record:
     """A CUDA record whose memory follows the factors above exactly (integers, as measured)."""
     r = record({"batch": batch, "mode": mode, "device": "cuda", "gpu": gpu}, {})
-    total = r["predicted"]["memory_bytes"]["total"] * 4  # a multiple of 4: α·total is an integer
-    weights = r["predicted"]["memory_bytes"]["weights"] * 8
+    formula = r.prediction("korthikanti").memory_bytes
+    total = formula.total * 4  # a multiple of 4: α·total is an integer
+    weights = formula.weights * 8
     peak = INFERENCE * weights if mode == "inference" else ALPHA * total + BETA
-    r["predicted"]["memory_bytes"]["total"] = total
     reserved = RESERVED * peak
-    r["measured"] = {
-        "device": "cuda",
-        "gpu": gpu,
-        "mfu": mfu,
-        "tflops": {"model": mfu * GPUS[gpu].peak("bf16"), "hardware": mfu * GPUS[gpu].peak("bf16")},
-        "memory_bytes": {
-            "weights": weights,
-            "peak_allocated": int(peak),
-            "peak_reserved": int(reserved),
-            "nvml_used": int(reserved + CONTEXT),
-        },
-    }
+    tflops = mfu * GPUS[gpu].peak("bf16")
+
+    def edit(data):
+        data["predicted"]["korthikanti"]["memory_bytes"]["total"] = total
+        data["measured"] = {
+            "device": "cuda",
+            "gpu": gpu,
+            "mfu": mfu,
+            "tflops": {"model": tflops, "hardware": tflops, "counted": tflops},
+            "memory_bytes": {
+                "weights": weights,
+                "peak_allocated": int(peak),
+                "peak_reserved": int(reserved),
+                "nvml_used": int(reserved + CONTEXT),
+            },
+        }
+
     assert peak == int(peak) and reserved == int(reserved)
-    return r
+    return edited(r, edit)
 
 
-def cpu_run(batch: int, ratio: float = 2.0) -> dict:
+def cpu_run(batch: int, ratio: float = 2.0) -> Record:
     r = record({"batch": batch, "device": "cpu"}, {}, device="cpu")
-    total = r["predicted"]["memory_bytes"]["total"]
-    r["measured"]["memory_bytes"] = {"weights": 1, "peak_allocated": int(ratio * total)}
-    r["measured"]["tflops"] = {"model": 0.05}
-    return r
+    total = r.prediction("korthikanti").memory_bytes.total
+
+    def edit(data):
+        data["measured"]["memory_bytes"] = {"weights": 1, "peak_allocated": int(ratio * total)}
+        data["measured"]["tflops"] = {"model": 0.05, "hardware": 0.05, "counted": 0.05}
+
+    return edited(r, edit)
 
 
-def synthetic_records() -> list[dict]:
+def synthetic_records() -> list[Record]:
     runs = [cuda_run(b, "a100-80gb", mfu) for b, mfu in ((1, 0.40), (2, 0.45), (4, 0.50), (8, 0.47))]
     runs += [cuda_run(b, "h100-sxm", mfu) for b, mfu in ((1, 0.30), (16, 0.35))]
     runs += [cuda_run(b, mode="inference", mfu=0.2) for b in (1, 3)]
@@ -117,7 +134,7 @@ def test_fits():
 def test_calibrate_cli_writes_what_predict_applies(tmp_path, capsys):
     runs = tmp_path / "res" / "runs.jsonl"
     for r in synthetic_records():
-        append_jsonl(runs, r)
+        append_record(runs, r)
     assert main(["calibrate", str(runs.parent)]) == 0
     out = capsys.readouterr().out
     assert "1.2500 · predicted total" in out and "calibration.json" in out
@@ -141,14 +158,14 @@ def test_calibrate_cli_writes_what_predict_applies(tmp_path, capsys):
 _BATCH = itertools.count(1)
 
 
-def timed(tflops: float, gpu: str | None = "a100-80gb", device: str = "cuda", env_name: str | None = None) -> dict:
+def timed(tflops: float, gpu: str | None = "a100-80gb", device: str = "cuda", env_name: str | None = None) -> Record:
     """A timed run; each call a distinct spec (its own batch), as the runs of a sweep are."""
-    measured = {"tflops": {"model": tflops, "hardware": tflops * 1.3}}
+    measured = {"tflops": {"model": tflops, "hardware": tflops * 1.3, "counted": tflops}}
     if gpu:
         measured["gpu"] = gpu
     r = record({"device": device, "batch": next(_BATCH)}, measured, device=device)
     if env_name:
-        r["environment"] = {"gpu": {"name": env_name}}
+        r.environment = Environment(gpu=GpuInfo(name=env_name))
     return r
 
 
@@ -156,7 +173,7 @@ def run_check(tmp_path, capsys, records, *argv):
     runs = tmp_path / "runs.jsonl"
     runs.unlink(missing_ok=True)
     for r in records:
-        append_jsonl(runs, r)
+        append_record(runs, r)
     code = main(["check", str(tmp_path), *argv])
     return code, capsys.readouterr().out
 
@@ -168,7 +185,7 @@ def test_check_exit_codes(tmp_path, capsys):
     assert code == 1 and "FAIL" in out and "98.50 <  115.00" in out and "a100-80gb" in out
     # Non-ok and untimed (fake-tensor) runs are skipped, not failed.
     skipped = [record({"batch": 999}, {}, status="oom"), timed(0, gpu=None, device="meta")]
-    skipped[1]["measured"]["tflops"] = None
+    skipped[1].measured.tflops = None
     code, out = run_check(tmp_path, capsys, [timed(120), *skipped], "--min-tflops", "115")
     assert code == 0 and "SKIP  status oom" in out and "SKIP  not timed (device meta)" in out
     # A check that checked nothing fails.

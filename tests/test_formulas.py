@@ -27,7 +27,7 @@ def test_formulas_import_no_torch():
     # A fresh interpreter: the calculator path (formulas + presets) must not pull torch in.
     import subprocess
 
-    code = "import formulas, models.presets, sys; formulas.predict(formulas.RunSpec(arch=models.presets.PRESETS['gpt2'], seq=1024)); print('torch' in sys.modules)"
+    code = "import formulas, models.presets, sys; formulas.predict(formulas.RunSpec.build(arch=models.presets.PRESETS['gpt2'], seq=1024)); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -151,7 +151,7 @@ def test_offload_moves_states_to_the_host():
 
 def test_3d_parallel_shards():
     # Transformer Math 101: model / (PP × TP), optimizer / No. GPUs with ZeRO-1 over DP = GPUs/(PP·TP).
-    spec = RunSpec(arch=GPT3, model="megatron-175b", gpus=64, tp=8, pp=4, zero=1, seq=2048)
+    spec = RunSpec.build(arch=GPT3, model="megatron-175b", gpus=64, tp=8, pp=4, zero=1, seq=2048)
     p = predict(spec)
     n = parameter_count(GPT3).total
     shard = -(-n // 32)
@@ -170,12 +170,12 @@ def test_gpt3_training_compute():
 
 
 def test_flops_per_token_attention_term():
-    spec = RunSpec(arch=PRESETS["gpt2"], model="gpt2", seq=1024, batch=2)
+    spec = RunSpec.build(arch=PRESETS["gpt2"], model="gpt2", seq=1024, batch=2)
     p = predict(spec)
     n = parameter_count(PRESETS["gpt2"]).total
     assert p.flops.per_token_model == 6 * n + 12 * 12 * 1024 * 768
     assert p.flops.per_step_model == p.flops.per_token_model * 2 * 1024
-    full = predict(replace(spec, recompute="full"))
+    full = predict(spec.replace(recompute="full"))
     assert full.flops.per_step_hardware == p.flops.per_step_model * 4 // 3  # one more forward: 8PD/6PD
 
 
@@ -234,7 +234,7 @@ def test_naive_formula_hand_values():
 
 
 def test_naive_underestimates_korthikanti():
-    spec = RunSpec(arch=PRESETS["gpt2"], model="gpt2", seq=1024, batch=4)
+    spec = RunSpec.build(arch=PRESETS["gpt2"], model="gpt2", seq=1024, batch=4)
     naive = predict(spec, method="naive")
     paper = predict(spec)
     assert naive.states.optimizer == 0
@@ -249,13 +249,13 @@ def test_kv_cache_llama2_7b():
 
 
 # ---- invariants ----
-BASE = RunSpec(arch=PRESETS["gpt2-medium"], model="gpt2-medium", seq=512, batch=2, gpus=8)
+BASE = RunSpec.build(arch=PRESETS["gpt2-medium"], model="gpt2-medium", seq=512, batch=2, gpus=8)
 
 
 @pytest.mark.parametrize("field", ["batch", "seq"])
 def test_monotonic_in_batch_and_seq(field):
-    totals = [predict(replace(BASE, **{field: v})).total for v in (1, 2, 4, 8, 16)]
-    acts = [predict(replace(BASE, **{field: v})).activations for v in (1, 2, 4, 8, 16)]
+    totals = [predict(BASE.replace(**{field: v})).total for v in (1, 2, 4, 8, 16)]
+    acts = [predict(BASE.replace(**{field: v})).activations for v in (1, 2, 4, 8, 16)]
     assert totals == sorted(totals) and len(set(totals)) == 5
     assert acts == sorted(acts)
 
@@ -263,28 +263,28 @@ def test_monotonic_in_batch_and_seq(field):
 @pytest.mark.parametrize("model", ["gpt2-xl", "llama-2-7b", "bert-large-uncased", "pythia-1b"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "bf16"])
 def test_each_zero_stage_never_needs_more(model, precision):
-    spec = RunSpec(arch=PRESETS[model], model=model, seq=512, gpus=8, precision=precision)
-    totals = [predict(replace(spec, zero=z)).total for z in range(4)]
+    spec = RunSpec.build(arch=PRESETS[model], model=model, seq=512, gpus=8, precision=precision)
+    totals = [predict(spec.replace(zero=z)).total for z in range(4)]
     assert totals == sorted(totals, reverse=True)
 
 
 def test_recompute_and_flash_order():
-    spec = replace(BASE, seq=1024)
-    none, sel, full = (predict(replace(spec, recompute=r)).activations for r in ("none", "selective", "full"))
+    spec = BASE.replace(seq=1024)
+    none, sel, full = (predict(spec.replace(recompute=r)).activations for r in ("none", "selective", "full"))
     assert none > sel > full
-    assert predict(replace(spec, attention="flash")).activations < none
+    assert predict(spec.replace(attention="flash")).activations < none
 
 
 def test_tensor_and_sequence_parallel_reduce_activations():
-    spec = RunSpec(arch=GPT3, model="gpt3", seq=2048, gpus=8)
+    spec = RunSpec.build(arch=GPT3, model="gpt3", seq=2048, gpus=8)
     t1 = predict(spec).activations
-    t8 = predict(replace(spec, tp=8)).activations
-    t8sp = predict(replace(spec, tp=8, sequence_parallel=True)).activations
+    t8 = predict(spec.replace(tp=8)).activations
+    t8sp = predict(spec.replace(tp=8, sequence_parallel=True)).activations
     assert t1 > t8 > t8sp
 
 
 def test_params_only_prediction():
-    p = predict(RunSpec(arch=None, params=7 * 10**9, gpus=8, zero=2))
+    p = predict(RunSpec.build(arch=None, params=7 * 10**9, gpus=8, zero=2))
     assert p.activations is None
     assert p.states.weights == 14 * 10**9
     assert p.states.gradients == 14 * 10**9 // 8
@@ -314,7 +314,7 @@ def test_optimizer_table_is_complete():
 )
 def test_spec_validation_messages(changes, message):
     with pytest.raises(ValueError, match=message):
-        replace(BASE, **changes)
+        BASE.replace(**changes)
 
 
 def test_architecture_validation():
@@ -327,9 +327,9 @@ def test_architecture_validation():
 
 
 def test_spec_roundtrip_and_key():
-    spec = replace(BASE, zero=2, extra={"sweep": "x"})
+    spec = BASE.replace(zero=2, extra={"sweep": "x"})
     again = RunSpec.from_dict(spec.to_dict())
     assert again == spec
     assert again.key() == spec.key()
-    assert replace(spec, extra={"sweep": "y"}).key() == spec.key()  # tags do not change identity
-    assert replace(spec, batch=3).key() != spec.key()
+    assert spec.replace(extra={"sweep": "y"}).key() == spec.key()  # tags do not change identity
+    assert spec.replace(batch=3).key() != spec.key()

@@ -24,16 +24,19 @@ BERT_TINY = {"model": "bert-base-uncased", **TINY}
 
 def run(settings: dict) -> tuple:
     spec = build_spec({"device": "cpu", "steps": 0, "warmup": 0, **settings})
-    measured: dict = {}
-    measure(spec, measured)
-    return spec, measured
+    return spec, measure(spec)
 
 
 def n_param_tensors(spec) -> int:
     from models.build import build_model
 
     with torch.device("meta"):
-        model = build_model(spec.arch, impl=spec.impl, attention=spec.attention, recompute=spec.recompute)
+        model = build_model(
+            spec.model.arch,
+            impl=spec.measurement.impl,
+            attention=spec.training.attention,
+            recompute=spec.training.recompute,
+        )
     return len(list(model.parameters()))
 
 
@@ -43,15 +46,23 @@ def n_param_tensors(spec) -> int:
 def test_reference_activations_per_layer_match_formula(model, precision, recompute):
     spec, m = run({**model, "precision": precision, "recompute": recompute})
     e = 4 if precision == "fp32" else 2
-    layer = m["activations_by_layer"]
-    paper = act.layer_bytes(spec.arch, spec.seq, spec.batch, elem_bytes=e, mask_bytes=1, recompute=recompute)
+    layer = m.activations_by_layer
+    paper = act.layer_bytes(
+        spec.model.arch, spec.training.seq, spec.training.batch, elem_bytes=e, mask_bytes=1, recompute=recompute
+    )
     # The generalised Korthikanti formula, within 1% of every layer ...
     assert all(abs(x - paper) <= 0.01 * paper for x in layer), (layer, paper)
     # ... and exact once the norms' per-token statistics are counted (on CPU in the input dtype).
     exact = act.layer_bytes(
-        spec.arch, spec.seq, spec.batch, elem_bytes=e, mask_bytes=1, recompute=recompute, stats_bytes=e
+        spec.model.arch,
+        spec.training.seq,
+        spec.training.batch,
+        elem_bytes=e,
+        mask_bytes=1,
+        recompute=recompute,
+        stats_bytes=e,
     )
-    assert layer == [exact] * spec.arch.n_layers
+    assert layer == [exact] * spec.model.arch.n_layers
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-mixed"])
@@ -60,50 +71,50 @@ def test_model_states_exact(precision, optimizer):
     spec, m = run({**GPT_TINY, "precision": precision, "optimizer": optimizer})
     p = spec.total_params
     wbytes = 4 if precision == "fp32" else 2
-    mem = m["memory_bytes"]
-    assert mem["weights"] == wbytes * p
-    assert mem["gradients"] == wbytes * p
+    mem = m.memory_bytes
+    assert mem.weights == wbytes * p
+    assert mem.gradients == wbytes * p
     # torch's AdamW also keeps a 0-dim fp32 `step` per parameter tensor; SGD's momentum is all it keeps.
     steps = 4 * n_param_tensors(spec) if optimizer == "adamw" else 0
-    assert mem["optimizer"] == optimizer_bytes_per_param(optimizer, precision) * p + steps
+    assert mem.optimizer == optimizer_bytes_per_param(optimizer, precision) * p + steps
 
 
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 @pytest.mark.parametrize("model", [GPT_TINY, {**GPT_TINY, "dropout": 0.0}, BERT_TINY], ids=["gpt", "gpt-p0", "bert"])
 def test_flops_counted_equal_exact_formula(model, recompute):
     spec, m = run({**model, "recompute": recompute})
-    assert m["flops"]["counted"] == matmul_flops_per_step(spec.arch, spec.batch, spec.seq, recompute)
+    assert m.flops_counted == matmul_flops_per_step(spec.model.arch, spec.training.batch, spec.training.seq, recompute)
 
 
 def test_fake_tensors_measure_the_same_bytes():
     _, real = run({**GPT_TINY, "recompute": "selective"})
     _, fake = run({**GPT_TINY, "recompute": "selective", "device": "meta"})
     for key in ("weights", "gradients", "optimizer", "activations", "graph_retained", "peak_allocated"):
-        assert fake["memory_bytes"][key] == real["memory_bytes"][key], key
+        assert getattr(fake.memory_bytes, key) == getattr(real.memory_bytes, key), key
     # AdamW creates its fp32 `step` counters with torch.tensor(0.), which no dispatched op allocates: the
     # live tracker sees them under fake tensors only, until they are registered after the first step.
-    gap = fake["memory_bytes"]["peak_allocated_first_step"] - real["memory_bytes"]["peak_allocated_first_step"]
+    gap = fake.memory_bytes.peak_allocated_first_step - real.memory_bytes.peak_allocated_first_step
     assert 0 <= gap <= 4 * n_param_tensors(build_spec(GPT_TINY))
-    assert fake["activations_by_layer"] == real["activations_by_layer"]
-    assert fake["step_ms"] is None and real["flops"] == fake["flops"]
+    assert fake.activations_by_layer == real.activations_by_layer
+    assert fake.step_ms is None and real.flops_counted == fake.flops_counted
 
 
 def test_peak_bounds():
     _, m = run(GPT_TINY)
-    mem = m["memory_bytes"]
+    mem = m.memory_bytes
     # The peak splits, exactly, into what each phase had allocated and still held at that moment.
-    steady = m["peak_breakdown"]["steady"]
-    assert sum(steady.values()) == mem["peak_allocated"]
-    assert steady["weights"] == mem["weights"] and steady["optimizer"] == mem["optimizer"]
-    persistent = mem["weights"] + mem["optimizer"]
+    steady = m.peak_breakdown["steady"]
+    assert sum(steady.values()) == mem.peak_allocated
+    assert steady["weights"] == mem.weights and steady["optimizer"] == mem.optimizer
+    persistent = mem.weights + mem.optimizer
     # Gradients (set to None between steps) are created in backward while activations are freed, so
     # the peak holds at least the larger of the two on top of weights and optimizer state ...
-    assert mem["peak_allocated"] >= persistent + max(mem["activations"], mem["gradients"])
+    assert mem.peak_allocated >= persistent + max(mem.activations, mem.gradients)
     # ... and, here, less than Transformer Math 101's sum, which counts both at once.
-    assert mem["peak_allocated"] < persistent + mem["activations"] + mem["gradients"]
+    assert mem.peak_allocated < persistent + mem.activations + mem.gradients
     # Live bytes the forward added: the saved storages, except the input ids and labels (saved by the
     # embedding and the loss, but allocated before the forward), plus the loss itself.
-    assert mem["graph_retained"] == mem["activations"] - mem["inputs"] + 4
+    assert mem.graph_retained == mem.activations - mem.inputs + 4
 
 
 def test_inference_mode_kv_cache_and_overhead():
@@ -112,34 +123,34 @@ def test_inference_mode_kv_cache_and_overhead():
     spec, m = run(settings)
     from formulas import predict
 
-    assert m["memory_bytes"]["kv_cache"] == predict(spec).inference.kv_cache  # 2·L·b·s·kv_width·4
-    assert "optimizer" not in m["memory_bytes"]  # inference builds no optimizer
-    assert m["inference_overhead"] > 1.0
+    assert m.memory_bytes.kv_cache == predict(spec).inference.kv_cache  # 2·L·b·s·kv_width·4
+    assert m.memory_bytes.optimizer is None  # inference builds no optimizer
+    assert m.inference_overhead > 1.0
 
 
 def test_timed_steps_produce_throughput():
     _, m = run({**GPT_TINY, "steps": 2, "warmup": 1})
-    assert len(m["step_ms"]["all"]) == 2 and m["step_ms"]["min"] <= m["step_ms"]["median"] <= m["step_ms"]["max"]
-    assert m["tflops"]["model"] > 0 and m["tokens_per_second"] > 0
-    assert m["mfu"] is None  # no device peak on a CPU
+    assert len(m.step_ms.all) == 2 and m.step_ms.min <= m.step_ms.median <= m.step_ms.max
+    assert m.tflops.model > 0 and m.tokens_per_second > 0
+    assert m.mfu is None  # no device peak on a CPU
 
 
 def test_oom_becomes_a_record():
     # 200 000 sequences of 64 tokens: the first (B, a, s, s) score tensor alone is 13 GB, over the 3 GiB cap.
     spec = build_spec({**GPT_TINY, "batch": 200_000, "device": "cpu", "steps": 0, "warmup": 0})
     record = run_point(spec, max_memory_bytes=3 * 2**30, timeout=300)
-    assert record["status"] == "oom", record["error"]
-    assert record["measured"]["memory_bytes"]["weights"] > 0  # what was measured before the failure is kept
-    assert record["environment"]["torch"] == torch.__version__
-    assert "allocate" in record["error"]["message"].lower() or "memory" in record["error"]["message"].lower()
+    assert record.status == "oom", record.error
+    assert record.measured.memory_bytes.weights > 0  # what was measured before the failure is kept
+    assert record.environment.torch == torch.__version__
+    assert "allocate" in record.error.message.lower() or "memory" in record.error.message.lower()
 
 
 def test_timeout_becomes_a_record():
     spec = build_spec({**GPT_TINY, "device": "cpu", "steps": 10_000, "warmup": 0})
     record = run_point(spec, timeout=3)
-    assert record["status"] == "timeout"
-    assert "time limit" in record["error"]["message"]
-    assert record["spec"]["steps"] == 10_000 and record["predicted"]["memory_bytes"]["total"] > 0
+    assert record.status == "timeout"
+    assert "time limit" in record.error.message
+    assert record.spec.measurement.steps == 10_000 and record.prediction("korthikanti").memory_bytes.total > 0
 
 
 def test_crash_without_record_is_recorded(monkeypatch):
@@ -149,7 +160,7 @@ def test_crash_without_record_is_recorded(monkeypatch):
 
     monkeypatch.setattr(runner, "_worker_command", lambda result: ["/bin/sh", "-c", "kill -9 $$"])
     record = run_point(spec, timeout=30)
-    assert record["status"] == "killed" and "SIGKILL" in record["error"]["message"]
+    assert record.status == "killed" and "SIGKILL" in record.error.message
 
 
 @pytest.mark.parametrize(
@@ -198,12 +209,14 @@ def test_measure_cli_json_and_out(tmp_path):
 @pytest.mark.gpu
 def test_cuda_protocol():
     spec, m = run({**GPT_TINY, "device": "cuda", "precision": "bf16", "steps": 3, "warmup": 1})
-    mem = m["memory_bytes"]
-    assert mem["pre_model_allocated"] > 0  # the cuBLAS workspace, recorded apart
-    assert mem["peak_allocated"] >= mem["weights"] + mem["gradients"] + mem["optimizer"] + mem["activations"]
-    assert mem["peak_reserved"] >= mem["peak_allocated"] and mem["num_ooms"] == 0
+    mem = m.memory_bytes
+    assert mem.pre_model_allocated > 0  # the cuBLAS workspace, recorded apart
+    assert mem.peak_allocated >= mem.weights + mem.gradients + mem.optimizer + mem.activations
+    assert mem.peak_reserved >= mem.peak_allocated and mem.num_ooms == 0
     # CUDA LayerNorm keeps fp32 statistics; native_dropout bool masks: exact with stats_bytes=4.
-    exact = act.layer_bytes(spec.arch, spec.seq, spec.batch, elem_bytes=2, mask_bytes=1, stats_bytes=4)
-    assert m["activations_by_layer"] == [exact] * spec.arch.n_layers
-    assert len(m["step_ms"]["all"]) == 3 and m["tflops"]["model"] > 0
-    assert m["gpu"] is None or m["mfu"] > 0
+    exact = act.layer_bytes(
+        spec.model.arch, spec.training.seq, spec.training.batch, elem_bytes=2, mask_bytes=1, stats_bytes=4
+    )
+    assert m.activations_by_layer == [exact] * spec.model.arch.n_layers
+    assert len(m.step_ms.all) == 3 and m.tflops.model > 0
+    assert m.gpu is None or m.mfu > 0

@@ -9,42 +9,45 @@ import pandas as pd
 import pytest
 
 from harness.cli import main
-from harness.record import append_jsonl, make_record
-from harness.report import build_report, flat_row, latest_records, run_label
+from harness.records import Record
+from harness.report.build import build_report
+from harness.report.frame import flat_row
+from harness.results import append_record, latest_records, run_label
 from harness.specbuild import build_spec
+from harness.zero.estimator import EstimatorBytes, EstimatorPrediction
+from tests.helpers import make_record
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = {"layers": 2, "hidden": 64, "heads": 4, "vocab": 128, "seq": 32, "batch": 2, "precision": "fp32"}
 
 
-def synthetic(settings: dict, *, status: str = "ok", device: str = "cpu", scale: float = 1.0, **extra) -> dict:
+def synthetic(settings: dict, *, status: str = "ok", device: str = "cpu", scale: float = 1.0, **extra) -> Record:
     """A record whose measured terms are the predicted ones × `scale` (peak: the total × 1.2)."""
     spec = build_spec({**TINY, **settings}).replace(extra={"sweep": "synthetic"})
     if status != "ok":
         return make_record(
-            spec, measured={}, status=status, error={"type": "OutOfMemoryError", "message": "tried to allocate 80 GiB"}
+            spec, status=status, error={"type": "OutOfMemoryError", "message": "tried to allocate 80 GiB"}
         )
-    rec = make_record(spec, measured={}, status="ok", elapsed_s=1.0, environment=extra.pop("environment", None))
-    pm = rec["predicted"]["memory_bytes"]
-    act = rec["predicted"]["activation_bytes"]
+    formula = make_record(spec).prediction("korthikanti")
+    pm, act = formula.memory_bytes, formula.activation_bytes
     timed = device != "meta"
-    rec["measured"] = {
+    measured = {
         "device": device,
         "memory_bytes": {
-            "weights": pm["weights"],
-            "gradients": pm["gradients"],
-            "optimizer": pm["optimizer"],
-            "activations": round(pm["activations"] * scale),
-            "activations_layers": round(act["per_layer"] * act["layers"] * scale),
-            "peak_allocated": round(pm["total"] * 1.2),
+            "weights": pm.weights,
+            "gradients": pm.gradients,
+            "optimizer": pm.optimizer,
+            "activations": round(pm.activations * scale),
+            "activations_layers": round(act.per_layer * act.layers * scale),
+            "peak_allocated": round(pm.total * 1.2),
         },
         "step_ms": {"median": 100.0, "min": 90.0, "max": 120.0, "all": [90.0, 100.0, 120.0]} if timed else None,
         "tflops": {"model": 130.0, "hardware": 140.0, "counted": 129.0} if timed else None,
         "tokens_per_second": 640.0 if timed else None,
         "methods": {"weights": "unique parameter storages"},
-        **extra,
+        **{k: v for k, v in extra.items() if k != "environment"},
     }
-    return rec
+    return make_record(spec, measured=measured, elapsed_s=1.0, environment=extra.get("environment"))
 
 
 def a100_env() -> dict:
@@ -70,9 +73,12 @@ def results(tmp_path):
         peak_tflops=312.0,
         environment=a100_env(),
     )
-    cuda["measured"]["memory_bytes"].update(peak_reserved=2 * 2**30, nvml_used=3 * 2**30)
+    cuda.measured.memory_bytes.peak_reserved, cuda.measured.memory_bytes.nvml_used = 2 * 2**30, 3 * 2**30
     zero = synthetic({"device": "cuda", "zero": 2, "gpus": 8}, device="cuda", gpu="a100-80gb", mfu=0.3)
-    zero["predicted"]["deepspeed_estimator"] = {"memory_bytes": {"model_states": 123_456_789}}
+    zero.predicted["deepspeed"] = EstimatorPrediction(
+        function="estimate_zero2_model_states_mem_needs", memory_bytes=EstimatorBytes(gpu=123_456_789, cpu=0),
+        args={}, assumes="16-bit parameters and Adam",
+    )  # fmt: skip
     records = [
         synthetic({"recompute": "none"}),
         synthetic({"recompute": "selective"}, scale=1.01),
@@ -91,7 +97,7 @@ def results(tmp_path):
     records.insert(0, synthetic({"batch": 3}, status="error"))
     records.append(synthetic({"batch": 3}))
     for r in records:
-        append_jsonl(runs, r)
+        append_record(runs, r)
     return runs.parent, records
 
 
@@ -142,28 +148,28 @@ def test_flat_row_terms():
     row = flat_row(rec)
     assert row["measured_weights_bytes"] == row["predicted_weights_bytes"]
     assert row["measured_activations_bytes"] == round(1.5 * row["predicted_activations_bytes"])
-    assert row["predicted_activations_per_layer_bytes"] == rec["predicted"]["activation_bytes"]["per_layer"]
+    assert row["predicted_activations_per_layer_bytes"] == rec.prediction("korthikanti").activation_bytes.per_layer
     assert row["naive_activations_per_layer_bytes"] == row["naive_activations_bytes"] / 2
-    assert row["predicted_peak_bytes"] == rec["predicted"]["memory_bytes"]["total"]
+    assert row["predicted_peak_bytes"] == rec.prediction("korthikanti").memory_bytes.total
     assert row["measured_model_states_bytes"] == row["predicted_model_states_bytes"]
     inf_rec = synthetic({"mode": "inference"})
     inf = flat_row(inf_rec)
     assert inf["measured_peak_bytes"] is None and inf["measured_inference_peak_bytes"] is not None
     # Transformer Math 101's rule, 1.2 × weights, plus the KV cache of the prompt.
-    pred = inf_rec["predicted"]["inference"]
-    assert inf["predicted_inference_peak_bytes"] == pred["total"] == round(1.2 * pred["weights"]) + pred["kv_cache"]
+    pred = inf_rec.prediction("korthikanti").inference
+    assert inf["predicted_inference_peak_bytes"] == pred.total == round(1.2 * pred.weights) + pred.kv_cache
 
 
 def test_implementation_variant_is_a_method():
     """`predicted.implementation` (formulas.variants) is compared on activations only, as its own method."""
-    from harness.report import error_frame, frame
+    from harness.report.frame import error_frame, frame
 
     rec = synthetic({"impl": "hf", "device": "cpu"})
-    impl = rec["predicted"]["implementation"]
-    assert impl is not None and impl["device"] == "cpu"
+    impl = rec.prediction("implementation")
+    assert impl is not None and impl.device == "cpu"
     row = flat_row(rec)
-    assert row["implementation_activations_bytes"] == impl["total"]
-    assert row["implementation_activations_per_layer_bytes"] == sum(impl["layers"]) / len(impl["layers"])
+    assert row["implementation_activations_bytes"] == impl.total
+    assert row["implementation_activations_per_layer_bytes"] == sum(impl.layers) / len(impl.layers)
     assert row["implementation_weights_bytes"] is None
     errors = error_frame(frame([rec]))
     assert set(errors[errors["method"] == "implementation"]["term"]) == {"activations", "activations_per_layer"}
@@ -171,30 +177,26 @@ def test_implementation_variant_is_a_method():
 
 def test_offloaded_states_are_their_own_term():
     rec = synthetic({"zero": 2, "gpus": 2, "offload_optimizer": "cpu"})
-    host = rec["predicted"]["host_memory_bytes"]
-    assert host["optimizer"] > 0 and host["gradients"] > 0 and rec["predicted"]["memory_bytes"]["optimizer"] == 0
-    rec["measured"]["memory_bytes"]["host_model_states"] = host["total"]
+    host = rec.prediction("korthikanti").host_memory_bytes
+    assert host.optimizer > 0 and host.gradients > 0 and rec.prediction("korthikanti").memory_bytes.optimizer == 0
+    rec.measured.memory_bytes.host_model_states = host.total
     row = flat_row(rec)
-    assert row["measured_host_model_states_bytes"] == row["predicted_host_model_states_bytes"] == host["total"]
+    assert row["measured_host_model_states_bytes"] == row["predicted_host_model_states_bytes"] == host.total
     # A CPU run's tracker sees host and device as one memory: the predicted peak counts both.
-    assert row["predicted_peak_bytes"] == rec["predicted"]["memory_bytes"]["total"] + host["total"]
+    assert row["predicted_peak_bytes"] == rec.prediction("korthikanti").memory_bytes.total + host.total
     assert flat_row(synthetic({"zero": 2, "gpus": 2}))["predicted_host_model_states_bytes"] is None
 
 
 def test_latest_records_keeps_first_position_newest_content():
-    a1, b, a2 = (
-        {"spec_key": "a", "status": "error"},
-        {"spec_key": "b", "status": "ok"},
-        {"spec_key": "a", "status": "ok"},
-    )
+    a1, b, a2 = synthetic({"batch": 1}, status="error"), synthetic({"batch": 2}), synthetic({"batch": 1})
     assert latest_records([a1, b, a2]) == [a2, b]
 
 
 def test_run_label():
-    spec = build_spec({**TINY, "model": "gpt2", "recompute": "full", "zero": 1, "gpus": 8}).to_dict()
+    spec = build_spec({**TINY, "model": "gpt2", "recompute": "full", "zero": 1, "gpus": 8})
     assert run_label(spec) == "gpt2 L2 h64 fp32 rc=full ZeRO-1 ×8 b2 s32 auto"
     assert run_label(spec, without=("seq",), device="cuda") == "gpt2 L2 h64 fp32 rc=full ZeRO-1 ×8 b2 cuda"
-    offload = build_spec({**TINY, "model": "gpt2", "zero": 3, "gpus": 2, "offload_params": "cpu"}).to_dict()
+    offload = build_spec({**TINY, "model": "gpt2", "zero": 3, "gpus": 2, "offload_params": "cpu"})
     assert run_label(offload) == "gpt2 L2 h64 fp32 ZeRO-3 off-param=cpu ×2 b2 s32 auto"
 
 

@@ -15,10 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from harness import sweep as sw
 from harness.cli import main
 from harness.errors import UsageError
-from harness.record import make_record, read_jsonl
+from harness.launch import Limits
+from harness.results import latest_records, read_records, repair_torn_tail
+from harness.sweep import local
+from harness.sweep.file import load_sweep, parse_size
+from harness.sweep.run import run_sweep
+from tests.helpers import make_record
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -32,8 +36,12 @@ def write(tmp_path: Path, text: str, name: str = "s.yaml") -> Path:
     return path
 
 
-def fake_record(spec, **_) -> dict:
+def fake_record(spec, limits=None):
     return make_record(spec, measured={"device": "cpu"}, status="ok", elapsed_s=0.0)
+
+
+def read_jsonl(path: Path):
+    return read_records(path).records
 
 
 # --------------------------------------------------------------------------------------------------
@@ -44,7 +52,7 @@ def test_shipped_sweeps_expand():
     names = {p.stem for p in SWEEPS}
     assert names >= {"cpu-smoke", "a100-node", "h100", "recompute", "seq-scaling", "zero-stages", "bert", "inference"}
     for path in SWEEPS:
-        sweep = sw.load_sweep(path)
+        sweep = load_sweep(path)
         assert sweep.name == path.stem, "make run reports results/<file stem>"
         assert sweep.points
         assert all(p.spec.extra == {"sweep": sweep.name} for p in sweep.points)
@@ -52,16 +60,18 @@ def test_shipped_sweeps_expand():
 
 
 def test_cpu_smoke_covers_the_measurement_paths():
-    specs = [p.spec for p in sw.load_sweep(REPO / "sweeps" / "cpu-smoke.yaml").points]
-    assert {s.recompute for s in specs} == {"none", "selective", "full"}
-    assert {s.precision for s in specs} >= {"fp32", "bf16-mixed"}
-    assert {s.impl for s in specs} == {"reference", "hf"}
-    assert any(s.arch.family == "encoder" for s in specs)
-    assert any(s.arch.mlp == "swiglu" and s.impl == "hf" for s in specs)
-    assert any(s.device == "meta" for s in specs)
-    assert any(s.mode == "inference" for s in specs)
+    specs = [p.spec for p in load_sweep(REPO / "sweeps" / "cpu-smoke.yaml").points]
+    assert {s.training.recompute for s in specs} == {"none", "selective", "full"}
+    assert {s.training.precision for s in specs} >= {"fp32", "bf16-mixed"}
+    assert {s.measurement.impl for s in specs} == {"reference", "hf"}
+    assert any(s.model.arch.family == "encoder" for s in specs)
+    assert any(s.model.arch.mlp == "swiglu" and s.measurement.impl == "hf" for s in specs)
+    assert any(s.measurement.device == "meta" for s in specs)
+    assert any(s.measurement.mode == "inference" for s in specs)
     # bf16 matmuls crawl on CPUs without bf16 units: keep bf16 points tiny.
-    assert all(s.arch.hidden <= 256 for s in specs if s.precision != "fp32" and s.device != "meta")
+    assert all(
+        s.model.arch.hidden <= 256 for s in specs if s.training.precision != "fp32" and s.measurement.device != "meta"
+    )
 
 
 def test_grid_times_points_minus_exclude(tmp_path):
@@ -83,25 +93,25 @@ def test_grid_times_points_minus_exclude(tmp_path):
         max_memory: 512MiB
         """,
     )
-    sweep = sw.load_sweep(path)
+    sweep = load_sweep(path)
     assert len(sweep.points) == 3 * 2 * 2 - 2 + 2
     grid = sweep.points[:-2]
-    assert [(p.spec.recompute, p.spec.impl, p.spec.grad_accum) for p in grid[:3]] == [
+    assert [(p.spec.training.recompute, p.spec.measurement.impl, p.spec.training.grad_accum) for p in grid[:3]] == [
         ("none", "reference", 1),
         ("none", "reference", 2),
         ("none", "hf", 1),
     ]
-    assert not any(p.spec.impl == "hf" and p.spec.recompute == "selective" for p in grid)
-    assert all(p.spec.arch.hidden == 32 and p.spec.seq == 16 for p in grid)
-    assert sweep.points[-2].spec.seq == 32 and sweep.points[-2].origin == "points[0]"
+    assert not any(p.spec.measurement.impl == "hf" and p.spec.training.recompute == "selective" for p in grid)
+    assert all(p.spec.model.arch.hidden == 32 and p.spec.training.seq == 16 for p in grid)
+    assert sweep.points[-2].spec.training.seq == 32 and sweep.points[-2].origin == "points[0]"
     last = sweep.points[-1].spec
-    assert (last.arch.n_kv_heads, last.batch, last.arch.hidden) == (1, 2, 32)
+    assert (last.model.arch.n_kv_heads, last.training.batch, last.model.arch.hidden) == (1, 2, 32)
     assert sweep.timeout == 12 and sweep.max_memory_bytes == 512 * 2**20
 
 
 def test_points_only_and_name_default(tmp_path):
     path = write(tmp_path, f"defaults: {TINY}\npoints: [{{}}, {{batch: 2}}]\n", name="my-sweep.yaml")
-    sweep = sw.load_sweep(path)
+    sweep = load_sweep(path)
     assert sweep.name == "my-sweep" and len(sweep.points) == 2
 
 
@@ -160,129 +170,119 @@ def test_dry_run_lists_points(tmp_path, capsys):
 
 
 def test_refuses_existing_results_without_resume(tmp_path):
-    sweep = sw.load_sweep(write(tmp_path, f"name: r\ndefaults: {TINY}\ngrid: {{batch: [1, 2]}}\n"))
+    sweep = load_sweep(write(tmp_path, f"name: r\ndefaults: {TINY}\ngrid: {{batch: [1, 2]}}\n"))
     out = tmp_path / "res"
-    sw.run_sweep(sweep, out, runner=fake_record, quiet=True)
+    run_sweep(sweep, out, runner=fake_record, quiet=True)
     with pytest.raises(UsageError, match="already holds 2 record"):
-        sw.run_sweep(sweep, out, runner=fake_record, quiet=True)
-    result = sw.run_sweep(sweep, out, resume=True, runner=fake_record, quiet=True)
+        run_sweep(sweep, out, runner=fake_record, quiet=True)
+    result = run_sweep(sweep, out, resume=True, runner=fake_record, quiet=True)
     assert (result.ran, result.skipped) == (0, 2)
 
 
 def test_one_writer_per_results_file(tmp_path):
     fcntl = pytest.importorskip("fcntl")
-    sweep = sw.load_sweep(write(tmp_path, f"name: l\ndefaults: {TINY}\npoints: [{{}}]\n"))
+    sweep = load_sweep(write(tmp_path, f"name: l\ndefaults: {TINY}\npoints: [{{}}]\n"))
     runs = tmp_path / "res" / "runs.jsonl"
     runs.parent.mkdir()
     with runs.open("a") as other:  # another sweep process holding the file
         fcntl.flock(other, fcntl.LOCK_EX)
         with pytest.raises(UsageError, match="another sweep is writing"):
-            sw.run_sweep(sweep, runs.parent, runner=fake_record, quiet=True)
-    assert sw.run_sweep(sweep, runs.parent, runner=fake_record, quiet=True).ran == 1
+            run_sweep(sweep, runs.parent, runner=fake_record, quiet=True)
+    assert run_sweep(sweep, runs.parent, runner=fake_record, quiet=True).ran == 1
 
 
 def test_interrupted_sweep_resumes_without_loss_or_repeat(tmp_path):
-    sweep = sw.load_sweep(write(tmp_path, f"name: r\ndefaults: {TINY}\ngrid: {{batch: [1, 2, 3, 4, 5]}}\n"))
+    sweep = load_sweep(write(tmp_path, f"name: r\ndefaults: {TINY}\ngrid: {{batch: [1, 2, 3, 4, 5]}}\n"))
     out = tmp_path / "res"
     calls: list[str] = []
 
-    def flaky(spec, **kw):
+    def flaky(spec, limits):
         if len(calls) == 2:
             raise KeyboardInterrupt
         calls.append(spec.key())
         return fake_record(spec)
 
     with pytest.raises(KeyboardInterrupt):
-        sw.run_sweep(sweep, out, runner=flaky, quiet=True)
+        run_sweep(sweep, out, runner=flaky, quiet=True)
     assert len(read_jsonl(out / "runs.jsonl")) == 2
     ran: list[str] = []
 
-    def counting(spec, **kw):
+    def counting(spec, limits):
         ran.append(spec.key())
         return fake_record(spec)
 
-    sw.run_sweep(sweep, out, resume=True, runner=counting, quiet=True)
-    keys = [r["spec_key"] for r in read_jsonl(out / "runs.jsonl")]
+    run_sweep(sweep, out, resume=True, runner=counting, quiet=True)
+    keys = [r.spec_key for r in read_jsonl(out / "runs.jsonl")]
     assert sorted(keys) == sorted(p.spec.key() for p in sweep.points)
     assert not set(ran) & set(calls)
 
 
 def test_failures_are_recorded_and_retry_failed(tmp_path):
-    sweep = sw.load_sweep(write(tmp_path, f"name: f\ndefaults: {TINY}\ngrid: {{batch: [1, 2, 3]}}\n"))
+    sweep = load_sweep(write(tmp_path, f"name: f\ndefaults: {TINY}\ngrid: {{batch: [1, 2, 3]}}\n"))
     out = tmp_path / "res"
 
-    def runner(spec, **kw):
-        if spec.batch == 1:
+    def runner(spec, limits):
+        if spec.training.batch == 1:
             raise RuntimeError("the harness itself broke")
-        if spec.batch == 2:
-            return make_record(spec, measured={}, status="oom", error={"type": "OutOfMemoryError", "message": "boom"})
+        if spec.training.batch == 2:
+            return make_record(spec, status="oom", error={"type": "OutOfMemoryError", "message": "boom"})
         return fake_record(spec)
 
-    # run_any turns a raising runner into an error record; here the injected runner is wrapped the same way.
-    def safe(spec, **kw):
-        try:
-            return runner(spec, **kw)
-        except RuntimeError as exc:
-            return sw._error_record(spec, type(exc).__name__, str(exc))
-
-    result = sw.run_sweep(sweep, out, runner=safe, quiet=True)
+    # The sweep records a runner that raises as an error and goes on (harness.sweep.local.guarded).
+    result = run_sweep(sweep, out, runner=runner, quiet=True)
     assert result.statuses == {"error": 1, "oom": 1, "ok": 1}
-    result = sw.run_sweep(sweep, out, resume=True, retry_failed=True, runner=fake_record, quiet=True)
+    broken = next(r for r in read_jsonl(out / "runs.jsonl") if r.status == "error")
+    assert "the harness itself broke" in broken.error.message and "RuntimeError" in broken.error.traceback_tail
+    result = run_sweep(sweep, out, resume=True, retry_failed=True, runner=fake_record, quiet=True)
     assert result.ran == 2
-    from harness.report import latest_records
-
     latest = latest_records(read_jsonl(out / "runs.jsonl"))
-    assert [r["status"] for r in latest] == ["ok", "ok", "ok"]
+    assert [r.status for r in latest] == ["ok", "ok", "ok"]
 
 
-def test_run_any_turns_harness_failures_into_records(monkeypatch):
-    from harness import runner as runner_module
+def test_a_harness_failure_is_an_error_record():
     from harness.specbuild import build_spec
 
     spec = build_spec({"layers": 1, "hidden": 32, "heads": 2, "vocab": 64, "seq": 16})
 
-    def broken(*a, **k):
+    def broken(spec, limits):
         raise OSError("no such interpreter")
 
-    monkeypatch.setattr(runner_module, "run_point", broken)
-    record = sw.run_any(spec)
-    assert record["status"] == "error" and "no such interpreter" in record["error"]["message"]
+    record = local.guarded(spec, Limits(), broken)
+    assert record.status == "error" and "no such interpreter" in record.error.message
+    assert record.prediction("korthikanti") is not None, "a failed point still carries its prediction"
 
 
-def test_multi_rank_points_are_dispatched_to_the_distributed_runner(monkeypatch):
-    from harness.specbuild import build_spec
+def test_sweep_limits_reach_multi_rank_points(tmp_path, monkeypatch):
+    """A sweep's time limit and memory cap apply to multi-rank points too (they once lost the cap)."""
+    import harness.launch as launch_module
 
-    spec = build_spec({"layers": 1, "hidden": 32, "heads": 2, "vocab": 64, "seq": 16, "zero": 2, "gpus": 2})
-    assert sw.is_multi_rank(spec)
     seen = {}
 
-    class Fake:
-        @staticmethod
-        def run_distributed(spec, timeout=None):
-            seen["timeout"] = timeout
-            return fake_record(spec)
+    def fake_distributed(spec, **kwargs):
+        seen.update(kwargs)
+        return fake_record(spec)
 
-    monkeypatch.setitem(sys.modules, "harness.distributed", Fake)
-    assert sw.run_any(spec, timeout=7)["status"] == "ok" and seen == {"timeout": 7}
-    monkeypatch.setitem(sys.modules, "harness.distributed", None)  # import fails
-    record = sw.run_any(spec)
-    assert record["status"] == "error" and "harness.distributed" in record["error"]["message"]
+    monkeypatch.setattr(launch_module, "run_distributed", fake_distributed)
+    text = f"name: z\ndefaults: {TINY}\npoints: [{{zero: 2, gpus: 2, device: cpu}}]\ntimeout: 7\nmax_memory: 16GiB\n"
+    sweep = load_sweep(write(tmp_path, text))
+    assert run_sweep(sweep, tmp_path / "res", quiet=True).statuses == {"ok": 1}
+    assert seen["timeout"] == 7 and seen["max_memory_bytes"] == 16 * 2**30
 
 
 def test_torn_tail_is_repaired(tmp_path):
     path = tmp_path / "runs.jsonl"
     path.write_text('{"spec_key": "a", "status": "ok"}\n{"spec_key": "b", "sta')
-    assert sw.repair_torn_tail(path) == len('{"spec_key": "b", "sta')
+    assert repair_torn_tail(path) == len('{"spec_key": "b", "sta')
     assert path.read_text() == '{"spec_key": "a", "status": "ok"}\n'
-    assert sw.repair_torn_tail(path) == 0
+    assert repair_torn_tail(path) == 0
 
 
 def test_parse_size():
-    assert sw.parse_size("8GiB", "x") == 8 * 2**30
-    assert sw.parse_size("1.5 GB", "x") == 1_500_000_000
-    assert sw.parse_size(4096, "x") == 4096
+    assert parse_size("8GiB", "x") == 8 * 2**30
+    assert parse_size("1.5 GB", "x") == 1_500_000_000
+    assert parse_size(4096, "x") == 4096
     with pytest.raises(UsageError, match="x: not a size"):
-        sw.parse_size("8 gigs", "x")
+        parse_size("8 gigs", "x")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,14 +291,14 @@ def test_parse_size():
 
 _SLOW_SWEEP = """
 import sys, time
-from harness import sweep
-from harness.record import make_record
+import harness.sweep.run
+from tests.helpers import make_record
 
-def slow(spec, **kw):
+def slow(spec, limits):
     time.sleep(0.4)
     return make_record(spec, measured={"device": "cpu"}, status="ok", elapsed_s=0.4)
 
-sweep.run_any = slow
+harness.sweep.run.launch = slow
 from harness.cli import main
 sys.exit(main(["sweep", *sys.argv[1:]]))
 """
@@ -332,7 +332,7 @@ def test_sigkilled_sweep_resumes_losing_nothing_repeating_nothing(tmp_path):
     _wait_for(lambda: len(read_jsonl(runs)) >= 3, what="three records")
     proc.kill()
     proc.wait()
-    first = [r["spec_key"] for r in read_jsonl(runs)]
+    first = [r.spec_key for r in read_jsonl(runs)]
     assert 3 <= len(first) < 8
     # A kill in the middle of a write leaves a partial line: the resumed sweep must not glue onto it.
     with runs.open("a") as fh:
@@ -341,8 +341,8 @@ def test_sigkilled_sweep_resumes_losing_nothing_repeating_nothing(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()
     assert "dropped a torn last line" in err.decode()
-    keys = [r["spec_key"] for r in read_jsonl(runs)]
-    expected = sorted(p.spec.key() for p in sw.load_sweep(path).points)
+    keys = [r.spec_key for r in read_jsonl(runs)]
+    expected = sorted(p.spec.key() for p in load_sweep(path).points)
     assert sorted(keys) == expected, "every point exactly once"
     assert keys[: len(first)] == first, "records already written are kept as they were"
     assert all(json.loads(line) for line in runs.read_text().splitlines())
@@ -384,9 +384,9 @@ def test_sigterm_kills_the_running_worker_and_resume_completes(tmp_path):
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err.decode()
     records = read_jsonl(out / "runs.jsonl")
-    assert len(records) == 2 and len({r["spec_key"] for r in records}) == 2
+    assert len(records) == 2 and len({r.spec_key for r in records}) == 2
     assert records[: len(done)] == done
-    assert all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
+    assert all(r.status == "ok" for r in records), [r.error for r in records]
 
 
 @pytest.mark.slow
@@ -406,10 +406,10 @@ def test_impossible_point_is_recorded_and_the_sweep_continues(tmp_path):
     out = tmp_path / "res"
     assert main(["sweep", str(path), "--out", str(out)]) == 0
     first, second = read_jsonl(out / "runs.jsonl")
-    assert first["status"] == "oom", first["error"]
-    assert "allocate" in first["error"]["message"]
-    assert first["error"]["stderr_tail"] is not None
-    assert second["status"] == "ok"
+    assert first.status == "oom", first.error
+    assert "allocate" in first.error.message
+    assert first.error.stderr_tail is not None
+    assert second.status == "ok"
     assert main(["sweep", str(path), "--out", str(out), "--resume", "--strict"]) == 1
 
 
@@ -417,20 +417,18 @@ def test_impossible_point_is_recorded_and_the_sweep_continues(tmp_path):
 def test_submitit_executor_appends_records(tmp_path):
     pytest.importorskip("submitit")
     path = write(tmp_path, f"name: sub\ndefaults: {TINY}\npoints: [{{device: meta}}, {{device: meta, batch: 2}}]\n")
-    sweep = sw.load_sweep(path)
+    sweep = load_sweep(path)
     out = tmp_path / "res"
-    result = sw.run_sweep(
-        sweep, out, executor="slurm", slurm={"cluster": "local", "poll_s": 0.2}, timeout=120, quiet=True
-    )
+    result = run_sweep(sweep, out, executor="slurm", slurm={"cluster": "local", "poll_s": 0.2}, timeout=120, quiet=True)
     records = read_jsonl(out / "runs.jsonl")
-    assert result.ran == 2 and sorted(r["spec_key"] for r in records) == sorted(p.spec.key() for p in sweep.points)
-    assert all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
-    assert all(r["spec"]["extra"] == {"sweep": "sub"} for r in records)
+    assert result.ran == 2 and sorted(r.spec_key for r in records) == sorted(p.spec.key() for p in sweep.points)
+    assert all(r.status == "ok" for r in records), [r.error for r in records]
+    assert all(r.spec.extra == {"sweep": "sub"} for r in records)
 
 
 def test_slurm_without_sbatch_is_a_usage_error(tmp_path, monkeypatch):
     pytest.importorskip("submitit")
     monkeypatch.setenv("PATH", str(tmp_path))
-    sweep = sw.load_sweep(write(tmp_path, f"name: s\ndefaults: {TINY}\npoints: [{{device: meta}}]\n"))
+    sweep = load_sweep(write(tmp_path, f"name: s\ndefaults: {TINY}\npoints: [{{device: meta}}]\n"))
     with pytest.raises(UsageError, match="sbatch is not on PATH"):
-        sw.run_sweep(sweep, tmp_path / "o", executor="slurm", runner=fake_record, quiet=True)
+        run_sweep(sweep, tmp_path / "o", executor="slurm", runner=fake_record, quiet=True)

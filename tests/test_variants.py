@@ -17,8 +17,9 @@ from formulas import activations as act
 from formulas import variants as V
 from harness.measure import default_dtype, measure
 from harness.memtrack import SavedTensorTracker
+from harness.records import Outcome, Record
 from harness.specbuild import build_spec
-from harness.training import Trainer, param_dtype
+from harness.trainers.plain import PlainTrainer, param_dtype
 from models.build import build_model, make_batch, transformer_blocks
 
 SHAPE = {"layers": 2, "hidden": 64, "heads": 4, "vocab": 128, "seq": 16, "batch": 2}
@@ -33,8 +34,8 @@ MODELS = {
 def saved_bytes(settings: dict) -> tuple:
     """(spec, bytes per layer, bytes outside the layers) of one forward, as `harness.measure` attributes them."""
     spec = build_spec({"steps": 0, "warmup": 0, **settings})
-    dtype = param_dtype(spec.precision)
-    fake = spec.device == "meta"
+    dtype = param_dtype(spec.training.precision)
+    fake = spec.measurement.device == "meta"
     if fake:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -44,10 +45,17 @@ def saved_bytes(settings: dict) -> tuple:
     with mode:
         with default_dtype(dtype):
             model = build_model(
-                spec.arch, impl=spec.impl, attention=spec.attention, recompute=spec.recompute, device="cpu", dtype=dtype
+                spec.model.arch,
+                impl=spec.measurement.impl,
+                attention=spec.training.attention,
+                recompute=spec.training.recompute,
+                device="cpu",
+                dtype=dtype,
             )
-        batch = make_batch(spec.arch, spec.batch, spec.seq, device="cpu", impl=spec.impl)
-        trainer = Trainer(model, precision=spec.precision, optimizer="sgd", device_type="cpu")
+        batch = make_batch(
+            spec.model.arch, spec.training.batch, spec.training.seq, device="cpu", impl=spec.measurement.impl
+        )
+        trainer = PlainTrainer(model, spec.replace(optimizer="sgd"), device_type="cpu")
         blocks = transformer_blocks(model)
         with SavedTensorTracker(exclude=model, modules=blocks) as saved:
             loss = trainer.forward(batch)
@@ -58,21 +66,21 @@ def saved_bytes(settings: dict) -> tuple:
 
 def variant_of(spec) -> V.ActivationVariant:
     return V.activation_variant(
-        spec.arch,
-        impl=spec.impl,
-        precision=spec.precision,
-        attention=spec.attention,
-        recompute=spec.recompute,
-        device=spec.device,
+        spec.model.arch,
+        impl=spec.measurement.impl,
+        precision=spec.training.precision,
+        attention=spec.training.attention,
+        recompute=spec.training.recompute,
+        device=spec.measurement.device,
     )
 
 
 def check_exact(settings: dict) -> V.LayerAccount:
     spec, by_layer, outside = saved_bytes(settings)
     variant = variant_of(spec)
-    account = V.layer_account(spec.arch, spec.seq, spec.batch, variant)
-    assert by_layer == account.layers(spec.arch.n_layers), (by_layer, account)
-    assert outside == V.outside_account(spec.arch, spec.seq, spec.batch, variant).total
+    account = V.layer_account(spec.model.arch, spec.training.seq, spec.training.batch, variant)
+    assert by_layer == account.layers(spec.model.arch.n_layers), (by_layer, account)
+    assert outside == V.outside_account(spec.model.arch, spec.training.seq, spec.training.batch, variant).total
     return account
 
 
@@ -152,24 +160,23 @@ def test_fake_tensor_departures_are_the_only_meta_cpu_difference():
     _, meta, _ = saved_bytes({**settings, "device": "meta"})
     _, cpu, _ = saved_bytes({**settings, "device": "cpu"})
     spec = build_spec({**settings, "device": "meta"})
-    s, b, h, kv = spec.seq, spec.batch, spec.arch.hidden, spec.arch.kv_width
+    s, b, h, kv = spec.training.seq, spec.training.batch, spec.model.arch.hidden, spec.model.arch.kv_width
     assert [x - y for x, y in zip(meta, cpu, strict=True)] == [2 * b * s * s + 2 * 2 * s * b * (h - kv)] * 2
-    departures = V.layer_account(spec.arch, s, b, variant_of(spec)).departures
+    departures = V.layer_account(spec.model.arch, s, b, variant_of(spec)).departures
     assert departures["sdpa_fake_mask"] == 2 * b * s * s and departures["repeat_kv"] == 2 * 2 * s * b * (h - kv)
 
 
 def test_tracker_helper_agrees_with_measure():
     settings = {**MODELS["pythia"], "impl": "hf", "precision": "bf16", "attention": "flash", "device": "meta"}
     _, by_layer, outside = saved_bytes(settings)
-    measured: dict = {}
-    measure(build_spec({"steps": 0, "warmup": 0, **settings}), measured)
-    assert measured["activations_by_layer"] == by_layer
-    assert measured["memory_bytes"]["activations_other"] == outside
+    measured = measure(build_spec({"steps": 0, "warmup": 0, **settings}))
+    assert measured.activations_by_layer == by_layer
+    assert measured.memory_bytes.activations_other == outside
 
 
 # ---- the formulas alone (no model) ----
 
-ARCHS = {name: build_spec({**settings, "device": "meta"}).arch for name, settings in MODELS.items()}
+ARCHS = {name: build_spec({**settings, "device": "meta"}).model.arch for name, settings in MODELS.items()}
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
@@ -203,37 +210,45 @@ def test_unmodelled_settings_raise():
 
 
 def test_constants_match_the_model_builders():
+    """The family rule the variants use is the model type that transformers builds, preset by preset, and an
+    architecture the rule refuses is one that `models.hf` cannot build."""
+    from dataclasses import replace
+
     from models import hf, presets
 
     assert hf.NEOX_ROTARY_PCT == V.NEOX_ROTARY_FRACTION
+    checked = set()
     for arch in presets.PRESETS.values():
-        try:
-            expected = hf.hf_family(arch)
-        except ValueError:
-            continue
-        assert V.hf_family(arch) == expected
+        family = V.hf_family(arch)
+        assert hf.hf_config(arch).model_type == family
+        checked.add(family)
+    assert checked == {"gpt2", "gpt_neox", "llama", "bert"}
+    odd = replace(presets.PRESETS["gpt2"], norm="rmsnorm")  # learned positions with RMSNorm: no such class
+    with pytest.raises(ValueError, match="no transformers class"):
+        V.hf_family(odd)
+    with pytest.raises(ValueError, match="no transformers class"):
+        hf.hf_config(odd)
 
 
 def test_summary_for_records():
     spec = build_spec({**MODELS["llama"], "impl": "hf", "precision": "bf16", "attention": "flash", "device": "meta"})
     summary = V.implementation_summary(spec)
-    account = V.layer_account(spec.arch, spec.seq, spec.batch, variant_of(spec))
-    assert summary["per_layer"] == account.per_layer and summary["layers"] == account.layers(spec.arch.n_layers)
-    assert summary["total"] == account.total(spec.arch.n_layers) + summary["outside"]["total"]
+    account = V.layer_account(spec.model.arch, spec.training.seq, spec.training.batch, variant_of(spec))
+    assert summary.per_layer == account.per_layer and summary.layers == account.layers(spec.model.arch.n_layers)
+    assert summary.total == account.total(spec.model.arch.n_layers) + summary.outside.total
     assert V.implementation_summary(spec.replace(device="auto")) is None
     assert V.implementation_summary(spec.replace(device="cuda", precision="bf16-mixed")) is None
 
 
 def test_records_carry_the_implementation_account():
-    """`make_record` puts the variant beside the paper's count, for the device the run was measured on."""
-    from harness.record import make_record
+    """A record puts the variant beside the paper's count, for the device the run was measured on."""
+    from tests.helpers import make_record
 
     settings = {**MODELS["gpt2"], "impl": "hf", "precision": "bf16", "device": "meta", "steps": 0, "warmup": 0}
     spec = build_spec(settings)
-    measured: dict = {}
-    measure(spec, measured)
-    record = make_record(spec, measured=measured, status="ok")
-    impl = record["predicted"]["implementation"]
-    assert impl["device"] == "meta" and impl["layers"] == measured["activations_by_layer"]
-    assert impl["total"] == measured["memory_bytes"]["activations"]
-    assert make_record(spec.replace(device="auto"), measured={}, status="error")["predicted"]["implementation"] is None
+    measured = measure(spec)
+    record = Record.make(spec, Outcome(status="ok", measured=measured))
+    impl = record.prediction("implementation")
+    assert impl.device == "meta" and impl.layers == measured.activations_by_layer
+    assert impl.total == measured.memory_bytes.activations
+    assert make_record(spec.replace(device="auto"), status="error").prediction("implementation") is None

@@ -9,6 +9,7 @@ total minus everything walked in the engine is zero on every snapshot.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -22,9 +23,10 @@ from formulas.precision import optimizer_bytes_per_param, weight_bytes_per_param
 from harness import distributed
 from harness.cli import main
 from harness.distributed import gather, run_distributed
-from harness.record import predicted_summary
+from harness.predictions import predict_all
+from harness.records import Outcome, RankResult, Record
 from harness.specbuild import build_spec
-from harness.zero import BucketSizes, deep_merge, deepspeed_available, deepspeed_config, effective_config
+from harness.zero.config import BucketSizes, deep_merge, deepspeed_available, deepspeed_config, effective_config
 
 needs_deepspeed = pytest.mark.skipif(not deepspeed_available(), reason="needs DeepSpeed (pip install deepspeed)")
 
@@ -38,24 +40,22 @@ def spec_of(**settings):
     return build_spec({**TINY, **RUN, "precision": "fp32", **settings})
 
 
-def ranks_ok(record: dict) -> list[dict]:
-    assert record["status"] == "ok", record["error"]
-    ranks = record["measured"]["ranks"]
-    assert [r["rank"] for r in ranks] == [0, 1] and all(r["status"] == "ok" for r in ranks)
+def ranks_ok(record: Record) -> list[RankResult]:
+    assert record.status == "ok", record.error
+    ranks = record.measured.ranks
+    assert [r.rank for r in ranks] == [0, 1] and all(r.status == "ok" for r in ranks)
     return ranks
 
 
-def assert_accounted(rank: dict) -> None:
+def assert_accounted(rank: RankResult) -> None:
     """Live bytes = everything walked in the engine, on every snapshot (after the communication threads
     have released the last collective's tensors: `settle_ms`)."""
-    for name, snap in rank["zero"]["snapshots"].items():
-        assert snap["residual_bytes"] == 0, (name, snap["residual_bytes"], snap.get("residual_by_phase"))
+    for name, snap in rank.measured.engine.snapshots.items():
+        assert snap.residual_bytes == 0, (name, snap.residual_bytes, snap.residual_by_phase)
 
 
-def held(rank: dict, snapshot: str, term: str, word: str) -> int:
-    return sum(
-        h["nbytes"] for h in rank["zero"]["snapshots"][snapshot]["held"] if h["term"] == term and word in h["name"]
-    )
+def held(rank: RankResult, snapshot: str, term: str, word: str) -> int:
+    return sum(h.nbytes for h in rank.measured.engine.snapshots[snapshot].held if h.term == term and word in h.name)
 
 
 def param_sizes(spec) -> list[int]:
@@ -64,7 +64,7 @@ def param_sizes(spec) -> list[int]:
     from models.build import build_model
 
     with torch.device("meta"):
-        return [p.numel() for p in build_model(spec.arch).parameters()]
+        return [p.numel() for p in build_model(spec.model.arch).parameters()]
 
 
 def n_param_tensors(spec) -> int:
@@ -77,7 +77,7 @@ def records():
     return {}
 
 
-def record_of(records: dict, name: str, **settings) -> dict:
+def record_of(records: dict, name: str, **settings) -> Record:
     if name not in records:
         records[name] = run_distributed(spec_of(**settings), timeout=600)
     return records[name]
@@ -94,12 +94,12 @@ def test_stage0_replicates_everything(records):
     record = record_of(records, "z0", zero=0)
     p = spec.total_params
     for rank in ranks_ok(record):
-        mem = rank["memory_bytes"]
-        assert mem["weights"] == 4 * p and mem["gradients"] == 4 * p
+        mem = rank.measured.memory_bytes
+        assert mem.weights == 4 * p and mem.gradients == 4 * p
         # torch's AdamW: m and v (8 B/param) and a 4-byte `step` per parameter tensor.
-        assert mem["optimizer"] == optimizer_bytes_per_param("adamw", "fp32") * p + 4 * n_param_tensors(spec)
+        assert mem.optimizer == optimizer_bytes_per_param("adamw", "fp32") * p + 4 * n_param_tensors(spec)
         assert_accounted(rank)
-    assert record["predicted"].get("deepspeed_estimator") is None
+    assert record.prediction("deepspeed") is None
 
 
 @pytest.mark.slow
@@ -110,18 +110,18 @@ def test_stage1_shards_optimizer_state(records):
     record = record_of(records, "z1", zero=1, grad_accum=2)
     p = spec.total_params
     for rank in ranks_ok(record):
-        mem, ex = rank["memory_bytes"], rank["zero"]["explained_bytes"]
-        partition = ex["partition_elements"]
+        mem, ex = rank.measured.memory_bytes, rank.measured.engine.explained_bytes
+        partition = ex.partition_elements
         assert partition == -(-p // 2)
         master = held(rank, "steady", "optimizer", "master")
         assert master == 4 * partition  # DeepSpeed's fp32 master partition, kept for fp32 parameters too
         # The rest is AdamW's m and v for the partition: total/2 (+ one 4-byte step).
-        assert mem["optimizer"] - master == pytest.approx(8 * p / 2, rel=0.05)
-        assert mem["optimizer"] - master - 4 == 8 * partition
+        assert mem.optimizer - master == pytest.approx(8 * p / 2, rel=0.05)
+        assert mem.optimizer - master - 4 == 8 * partition
         # Gradients are whole until the end of backward, then only the partition's (and boundary params') stay.
-        assert ex["gradients_before_reduction_bytes"] == 4 * p
-        assert mem["gradients"] - ex["gradients_boundary_parameter_bytes"] == 4 * partition
-        assert mem["weights"] == 4 * p + ex["weights_alignment_padding_bytes"]
+        assert ex.gradients_before_reduction_bytes == 4 * p
+        assert mem.gradients - ex.gradients_boundary_parameter_bytes == 4 * partition
+        assert mem.weights == 4 * p + ex.weights_alignment_padding_bytes
         assert_accounted(rank)
 
 
@@ -132,29 +132,29 @@ def test_stage2_from_the_cli_shards_gradients(records, capsys):
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, **RUN}.items()]
     argv = ["measure", *flags, "--precision", "fp32", "--zero", "2"]
     assert main([*argv, "--format", "json"]) == 0
-    record = json.loads(capsys.readouterr().out)
+    record = Record.from_dict(json.loads(capsys.readouterr().out))
     records["z2"] = record
     spec = spec_of(zero=2)
     p = spec.total_params
     maxima = {}
     for rank in ranks_ok(record):
-        mem, ex = rank["memory_bytes"], rank["zero"]["explained_bytes"]
-        partition = ex["partition_elements"]
-        boundary = ex["gradients_boundary_parameter_bytes"]
-        assert mem["gradients"] - boundary == 4 * partition  # total/2, plus the named boundary parameters
-        assert mem["optimizer"] - held(rank, "steady", "optimizer", "master") - 4 == 8 * partition
-        assert ex["reduce_bucket_bytes_max"] == 4 * BucketSizes.for_hidden(64).reduce_bucket_elements
+        mem, ex = rank.measured.memory_bytes, rank.measured.engine.explained_bytes
+        partition = ex.partition_elements
+        boundary = ex.gradients_boundary_parameter_bytes
+        assert mem.gradients - boundary == 4 * partition  # total/2, plus the named boundary parameters
+        assert mem.optimizer - held(rank, "steady", "optimizer", "master") - 4 == 8 * partition
+        assert ex.reduce_bucket_bytes_max == 4 * BucketSizes.for_hidden(64).reduce_bucket_elements
         assert_accounted(rank)
-        for key, value in mem.items():
+        for key, value in dataclasses.asdict(mem).items():
             if isinstance(value, int):
                 maxima[key] = max(maxima.get(key, value), value)
-    assert record["measured"]["memory_bytes"]["gradients"] == maxima["gradients"]
-    assert "maximum over ranks" in record["measured"]["methods"]["memory_bytes"]
-    estimate = record["predicted"]["deepspeed_estimator"]
-    assert estimate["function"] == "estimate_zero2_model_states_mem_needs"
-    assert estimate["memory_bytes"]["gpu"] == 2 * p + int(18 * p / 2)
+    assert record.measured.memory_bytes.gradients == maxima["gradients"]
+    assert "maximum over ranks" in record.measured.methods["memory_bytes"]
+    estimate = record.prediction("deepspeed")
+    assert estimate.function == "estimate_zero2_model_states_mem_needs"
+    assert estimate.memory_bytes.gpu == 2 * p + int(18 * p / 2)
 
-    from harness.display import print_measurement
+    from harness.display.measurement import print_measurement
 
     print_measurement(record)
     out = capsys.readouterr().out
@@ -173,25 +173,25 @@ def test_stage3_shards_weights_with_padding_and_persistent_params(records):
     partition = 4 * sum(-(-n // 2) for n in sizes)  # ZeRO-3 splits each parameter: ceil(numel/2) per rank
     real = 0
     for rank in ranks_ok(record):
-        mem, ex = rank["memory_bytes"], rank["zero"]["explained_bytes"]
-        padding, persistent = ex["weights_partition_padding_bytes"], ex["weights_persistent_parameter_bytes"]
+        mem, ex = rank.measured.memory_bytes, rank.measured.engine.explained_bytes
+        padding, persistent = ex.weights_partition_padding_bytes, ex.weights_persistent_parameter_bytes
         assert held(rank, "steady", "weights", "ds_tensor") == partition
-        assert padding == (4 * odd if rank["rank"] == 1 else 0)  # the last rank's halves are the short ones
+        assert padding == (4 * odd if rank.rank == 1 else 0)  # the last rank's halves are the short ones
         real += partition - padding
         assert persistent > 0  # biases and norms under the 10·h-element persistence threshold stay whole
         # The gathered persistent parameters live in all-gather buffers of 2·ceil(numel/2) elements.
-        assert ex["weights_gather_padding_bytes"] == 4 * sum(n % 2 for n in sizes if n < 10 * 65)
-        assert mem["weights"] == partition + persistent + ex["weights_gather_padding_bytes"]
-        assert mem["weights"] - persistent - padding == pytest.approx(4 * p / 2, rel=0.05)
-        assert mem["gradients"] == partition
-        assert mem["optimizer"] - held(rank, "steady", "optimizer", "master") - 4 == 8 * partition // 4
+        assert ex.weights_gather_padding_bytes == 4 * sum(n % 2 for n in sizes if n < 10 * 65)
+        assert mem.weights == partition + persistent + ex.weights_gather_padding_bytes
+        assert mem.weights - persistent - padding == pytest.approx(4 * p / 2, rel=0.05)
+        assert mem.gradients == partition
+        assert mem.optimizer - held(rank, "steady", "optimizer", "master") - 4 == 8 * partition // 4
         # Gathered parameters: at least the largest module, at most the whole model (max_live_parameters).
-        assert 4 * largest_module_params(spec.arch) <= mem["zero3_live_params"] <= 4 * p
+        assert 4 * largest_module_params(spec.model.arch) <= mem.zero3_live_params <= 4 * p
         assert_accounted(rank)
     assert real == 4 * p  # the partitions hold every parameter exactly once
-    estimate = record["predicted"]["deepspeed_estimator"]
-    assert estimate["function"] == "estimate_zero3_model_states_mem_needs"
-    assert estimate["terms"]["zero3_live_params"] == 4 * largest_module_params(spec.arch)
+    estimate = record.prediction("deepspeed")
+    assert estimate.function == "estimate_zero3_model_states_mem_needs"
+    assert estimate.terms["zero3_live_params"] == 4 * largest_module_params(spec.model.arch)
 
 
 @pytest.mark.slow
@@ -201,14 +201,13 @@ def test_activations_do_not_depend_on_the_stage(records):
     from harness.measure import measure
 
     by_stage = {
-        "z0": ranks_ok(record_of(records, "z0", zero=0))[0]["memory_bytes"]["activations"],
-        "z1": ranks_ok(record_of(records, "z1", zero=1, grad_accum=2))[0]["memory_bytes"]["activations"],
+        "z0": ranks_ok(record_of(records, "z0", zero=0))[0].measured.memory_bytes.activations,
+        "z1": ranks_ok(record_of(records, "z1", zero=1, grad_accum=2))[0].measured.memory_bytes.activations,
     }
     assert len(set(by_stage.values())) == 1, by_stage
-    plain: dict = {}
-    measure(build_spec({**ODD, **RUN, "gpus": 1, "precision": "fp32"}), plain)  # one process, no DeepSpeed
+    plain = measure(build_spec({**ODD, **RUN, "gpus": 1, "precision": "fp32"}))  # one process, no DeepSpeed
     z3 = record_of(records, "z3-odd", **{**ODD, "zero": 3})
-    assert {r["memory_bytes"]["activations"] for r in ranks_ok(z3)} == {plain["memory_bytes"]["activations"]}
+    assert {r.measured.memory_bytes.activations for r in ranks_ok(z3)} == {plain.memory_bytes.activations}
 
 
 @pytest.mark.slow
@@ -221,12 +220,15 @@ def test_stage3_live_params_are_the_largest_module_only_without_reuse(tmp_path):
     user.write_text(json.dumps({"zero_optimization": no_reuse}))
     spec = spec_of(zero=3, deepspeed_config=str(user))
     record = run_distributed(spec, timeout=600)
-    h = spec.arch.hidden
+    h = spec.model.arch.hidden
     for rank in ranks_ok(record):
-        assert rank["zero"]["config"]["zero_optimization"]["stage3_max_live_parameters"] == 0
+        assert rank.measured.engine.config["zero_optimization"]["stage3_max_live_parameters"] == 0
         # The MLP's h×4h weight; its bias is below the persistence threshold and stays whole anyway.
-        assert rank["memory_bytes"]["zero3_live_params"] == 4 * h * 4 * h
-        assert rank["memory_bytes"]["zero3_live_params"] <= record["predicted"]["memory_bytes"]["zero3_live_params"]
+        assert rank.measured.memory_bytes.zero3_live_params == 4 * h * 4 * h
+        assert (
+            rank.measured.memory_bytes.zero3_live_params
+            <= record.prediction("korthikanti").memory_bytes.zero3_live_params
+        )
         assert_accounted(rank)
 
 
@@ -238,12 +240,12 @@ def test_stage3_bf16_mixed():
     p = spec.total_params
     assert weight_bytes_per_param("bf16-mixed") == 2
     for rank in ranks_ok(record):
-        mem, ex = rank["memory_bytes"], rank["zero"]["explained_bytes"]
-        assert mem["weights"] - ex["weights_persistent_parameter_bytes"] == 2 * p // 2
-        assert mem["gradients"] == 2 * p // 2
+        mem, ex = rank.measured.memory_bytes, rank.measured.engine.explained_bytes
+        assert mem.weights - ex.weights_persistent_parameter_bytes == 2 * p // 2
+        assert mem.gradients == 2 * p // 2
         # Mixed precision: the fp32 master is the formula's too (12 B/param = master + m + v), so no named extra.
-        assert mem["optimizer"] == pytest.approx(optimizer_bytes_per_param("adamw", "bf16-mixed") * p / 2, rel=0.05)
-        assert rank["zero"]["optimizer_class"] == "DeepSpeedZeroOptimizer_Stage3"
+        assert mem.optimizer == pytest.approx(optimizer_bytes_per_param("adamw", "bf16-mixed") * p / 2, rel=0.05)
+        assert rank.measured.engine.optimizer_class == "DeepSpeedZeroOptimizer_Stage3"
         assert_accounted(rank)
 
 
@@ -254,22 +256,22 @@ def test_offload_measures_device_and_host():
     record = run_distributed(spec, timeout=600)
     p = spec.total_params
     for rank in ranks_ok(record):
-        host = rank["zero"]["host_bytes"]
+        host = rank.measured.engine.host_bytes
         # Master, m, v (12 B/param over 2 ranks) and the parameter partitions live in host memory.
         assert host["optimizer"] == pytest.approx(12 * p / 2, rel=0.05)
         assert host["weights"] == pytest.approx(4 * p / 2, rel=0.05)
-        assert rank["memory_bytes"]["optimizer"] == 0
-        assert rank["memory_bytes"]["host_model_states"] >= host["optimizer"] + host["weights"]
+        assert rank.measured.memory_bytes.optimizer == 0
+        assert rank.measured.memory_bytes.host_model_states >= host["optimizer"] + host["weights"]
         # The formulas' host terms (ZeRO-Offload / ZeRO-Infinity) against the measured ones. The optimizer
         # is checked above: DeepSpeed keeps an fp32 master copy of fp32 parameters too (12 B/param, not 8).
-        predicted_host = record["predicted"]["host_memory_bytes"]
+        predicted_host = record.prediction("korthikanti").host_memory_bytes
         for term in ("weights", "gradients"):
-            assert host[term] == pytest.approx(predicted_host[term], rel=0.05), term
-        assert rank["memory_bytes"]["gradients"] == pytest.approx(
-            record["predicted"]["memory_bytes"]["gradients"], rel=0.05
+            assert host[term] == pytest.approx(getattr(predicted_host, term), rel=0.05), term
+        assert rank.measured.memory_bytes.gradients == pytest.approx(
+            record.prediction("korthikanti").memory_bytes.gradients, rel=0.05
         )
         assert_accounted(rank)
-    assert record["predicted"]["deepspeed_estimator"]["args"]["cpu_offload_params"] is True
+    assert record.prediction("deepspeed").args["cpu_offload_params"] is True
 
 
 @pytest.mark.slow
@@ -277,11 +279,11 @@ def test_offload_measures_device_and_host():
 def test_the_deepspeed_launcher_runs_the_same_ranks(records):
     """`--launcher deepspeed` (the multi-node path, here on one node) measures what torchrun measures."""
     record = run_distributed(spec_of(zero=1, grad_accum=2), timeout=600, launcher="deepspeed")
-    assert record["measured"]["launcher"] == "deepspeed"
+    assert record.measured.launcher == "deepspeed"
     reference = record_of(records, "z1", zero=1, grad_accum=2)
     for rank, expected in zip(ranks_ok(record), ranks_ok(reference), strict=True):
         for term in ("weights", "gradients", "optimizer", "activations"):
-            assert rank["memory_bytes"][term] == expected["memory_bytes"][term], term
+            assert getattr(rank.measured.memory_bytes, term) == getattr(expected.measured.memory_bytes, term), term
         assert_accounted(rank)
 
 
@@ -291,9 +293,9 @@ def test_a_deepspeed_error_on_the_ranks_becomes_a_record(tmp_path):
     bad = tmp_path / "ds.json"
     bad.write_text(json.dumps({"train_batch_size": 999}))  # inconsistent with micro-batch × accumulation × ranks
     record = run_distributed(spec_of(zero=1, deepspeed_config=str(bad)), timeout=600)
-    assert record["status"] == "error"
-    assert record["error"]["message"].startswith("rank ")
-    assert [r["status"] for r in record["measured"]["ranks"]] == ["error", "error"]
+    assert record.status == "error"
+    assert record.error.message.startswith("rank ")
+    assert [r.status for r in record.measured.ranks] == ["error", "error"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -312,8 +314,8 @@ def test_timed_out_ranks_are_killed_and_recorded(monkeypatch, tmp_path):
     t0 = time.perf_counter()
     record = run_distributed(spec_of(zero=2), timeout=8)
     assert time.perf_counter() - t0 < 60
-    assert record["status"] == "timeout" and "time limit" in record["error"]["message"]
-    assert [r["status"] for r in record["measured"]["ranks"]] == ["timeout", "timeout"]
+    assert record.status == "timeout" and "time limit" in record.error.message
+    assert [r.status for r in record.measured.ranks] == ["timeout", "timeout"]
     time.sleep(0.5)
     for pid_file in pids.iterdir():
         with pytest.raises(ProcessLookupError):
@@ -326,9 +328,9 @@ def test_a_killed_rank_becomes_a_record(monkeypatch):
     )
     _fake_ranks(monkeypatch, code)
     record = run_distributed(spec_of(zero=2), timeout=120)
-    assert record["status"] == "killed"
-    assert "rank 1" in " ".join(record["error"].get("ranks", [record["error"]["message"]]))
-    assert len(record["measured"]["ranks"]) == 2
+    assert record.status == "killed"
+    assert "rank 1" in " ".join(record.error.ranks or [record.error.message])
+    assert len(record.measured.ranks) == 2
 
 
 def test_gather_takes_the_worst_status_and_per_term_maxima():
@@ -336,14 +338,16 @@ def test_gather_takes_the_worst_status_and_per_term_maxima():
 
     def rank(status, weights, message=None):
         error = {"type": "X", "message": message} if message else None
-        return {"status": status, "error": error, "measured": {"memory_bytes": {"weights": weights}, "device": "cpu"}}
+        return Outcome.from_dict(
+            {"status": status, "error": error, "measured": {"memory_bytes": {"weights": weights}, "device": "cpu"}}
+        )
 
     record = gather(spec, [rank("error", 10, "broken pipe"), rank("oom", 7, "out of memory"), None], launcher="torchrun",
                     timed_out=False, timeout=None, returncode=1, stderr="tail", elapsed_s=1.0)  # fmt: skip
-    assert record["status"] == "oom" and record["error"]["message"] == "rank 1: out of memory"
-    assert record["measured"]["memory_bytes"]["weights"] == 10
-    assert [r["status"] for r in record["measured"]["ranks"]] == ["error", "oom", "killed"]
-    assert record["error"]["stderr_tail"] == "tail"
+    assert record.status == "oom" and record.error.message == "rank 1: out of memory"
+    assert record.measured.memory_bytes.weights == 10
+    assert [r.status for r in record.measured.ranks] == ["error", "oom", "killed"]
+    assert record.error.stderr_tail == "tail"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -378,14 +382,14 @@ def test_user_config_is_deep_merged(tmp_path):
 @needs_deepspeed
 def test_estimator_columns_in_the_prediction():
     p = spec_of(zero=2).total_params
-    z2 = predicted_summary(spec_of(zero=2))["deepspeed_estimator"]
-    assert z2["memory_bytes"]["gpu"] == 2 * p + int(18 * p / 2) and z2["args"]["num_gpus_per_node"] == 2
-    assert z2["terms"]["weights"] == 2 * p
-    z3 = predicted_summary(spec_of(zero=3))["deepspeed_estimator"]
-    assert set(z3["memory_bytes"]) == {"gpu", "cpu"} and z3["args"]["zero_init"] is False
-    assert "deepspeed_estimator" in predicted_summary(spec_of(zero=1))  # stage 1: None (no DeepSpeed estimator)
-    assert predicted_summary(spec_of(zero=1))["deepspeed_estimator"] is None
-    assert "deepspeed_estimator" not in predicted_summary(spec_of(zero=0))
+    z2 = predict_all(spec_of(zero=2), "cpu")["deepspeed"]
+    assert z2.memory_bytes.gpu == 2 * p + int(18 * p / 2) and z2.args["num_gpus_per_node"] == 2
+    assert z2.terms["weights"] == 2 * p
+    z3 = predict_all(spec_of(zero=3), "cpu")["deepspeed"]
+    assert z3.memory_bytes.gpu > 0 and z3.memory_bytes.cpu >= 0 and z3.args["zero_init"] is False
+    assert "deepspeed" in predict_all(spec_of(zero=1), "cpu")  # stage 1: None (no DeepSpeed estimator)
+    assert predict_all(spec_of(zero=1), "cpu")["deepspeed"] is None
+    assert predict_all(spec_of(zero=0), "cpu")["deepspeed"] is None
 
 
 MEASURE = ["measure", "--model", "gpt2", "--layers", "1", "--hidden", "64", "--heads", "4", "--seq", "32",
@@ -420,13 +424,15 @@ def test_malformed_user_config_is_one_line(capsys, tmp_path):
 
 
 def test_deepspeed_missing_is_one_line(capsys, monkeypatch):
-    import harness.zero
+    import harness.zero.config
+    import harness.zero.estimator
 
-    monkeypatch.setattr(harness.zero, "deepspeed_available", lambda: False)
+    monkeypatch.setattr(harness.zero.config, "deepspeed_available", lambda: False)
+    monkeypatch.setattr(harness.zero.estimator, "deepspeed_available", lambda: False)
     assert main([*MEASURE, "--zero", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "DeepSpeed, which is not installed" in err
-    assert harness.zero.deepspeed_estimate(spec_of(zero=2)) is None
+    assert harness.zero.estimator.deepspeed_estimate(spec_of(zero=2)) is None
 
 
 def test_calculator_path_never_imports_deepspeed():

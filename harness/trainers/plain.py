@@ -1,4 +1,4 @@
-"""One training step per precision and optimizer, the same code on CUDA, CPU and fake tensors.
+"""The plain trainer: one process, one training step per precision and optimizer, on CUDA, CPU and fake tensors.
 
 Precision semantics (the ones Transformer Math 101 counts):
 - fp32: fp32 weights, gradients and optimizer state (AdamW m, v: 8 B/param), no master copy.
@@ -13,12 +13,14 @@ Precision semantics (the ones Transformer Math 101 counts):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import torch
 
 from formulas.precision import compute_dtype, is_mixed
+from formulas.spec import RunSpec
 from harness.errors import UsageError
+from harness.memtrack import unique_storage_bytes
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -26,17 +28,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def param_dtype(precision: str) -> torch.dtype:
     """dtype of the model's own parameters: fp32, or 16-bit for pure and mixed half precision."""
     return DTYPES[compute_dtype(precision)]
-
-
-def unique_storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind `tensors` (views and tied weights count once)."""
-    seen: dict[int, int] = {}
-    for t in tensors:
-        if t is None:
-            continue
-        st = t.untyped_storage()
-        seen.setdefault(st._cdata, st.nbytes())
-    return sum(seen.values())
 
 
 def make_torch_optimizer(name: str, params: list[torch.Tensor], device_type: str) -> torch.optim.Optimizer:
@@ -99,18 +90,17 @@ def _optimizer_state_tensors(opt) -> Iterator[torch.Tensor]:
         yield from (v for v in state.values() if isinstance(v, torch.Tensor))
 
 
-class Trainer:
-    """Forward, backward and optimizer step of a plain (single-process) training run."""
+class PlainTrainer:
+    """Forward, backward and optimizer step of a plain (single-process) training run (`harness.trainers.Trainer`)."""
 
-    def __init__(
-        self, model: torch.nn.Module, *, precision: str, optimizer: str, device_type: str, inference: bool = False
-    ):
+    def __init__(self, model: torch.nn.Module, spec: RunSpec, *, device_type: str, probe=None):
         self.model = model
+        precision, optimizer = spec.training.precision, spec.training.optimizer
         self.precision = precision
         self.device_type = device_type
         self.mixed = is_mixed(precision)
         params = list(model.parameters())
-        if inference:
+        if spec.measurement.mode == "inference":
             # Inference holds weights only: no optimizer state, no master copy, dropout off.
             self.optimizer, self.scaler = None, None
             model.eval()
@@ -183,3 +173,6 @@ class Trainer:
 
     def optimizer_bytes(self) -> int:
         return unique_storage_bytes(self.optimizer_tensors())
+
+    def finish(self, measurement) -> None:
+        """Nothing to add: the protocol's own counts are this engine's account."""

@@ -1,0 +1,41 @@
+"""`tmath presets` and `tmath gpus`: the named architectures and the accelerator table."""
+
+from __future__ import annotations
+
+import json
+
+from formulas.hardware import GPUS, tflops_bar
+from formulas.params import parameter_count
+from harness.display.prediction import print_gpus, print_presets
+from models.presets import PRESETS
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--format", default="table", choices=("table", "json"))
+
+
+def run_presets(args) -> int:
+    rows = [(name, arch, parameter_count(arch).total) for name, arch in PRESETS.items()]
+    if args.format == "json":
+        print(json.dumps({n: {"params": p, **a.to_dict()} for n, a, p in rows}, indent=2))
+    else:
+        print_presets(rows)
+    return 0
+
+
+def run_gpus(args) -> int:
+    if args.format == "json":
+        out = {
+            g.name: {
+                "label": g.label,
+                "memory_bytes": g.memory_bytes,
+                "peak_tflops": g.peak_tflops,
+                "tflops_bar": tflops_bar(g),
+                "source": g.source,
+            }
+            for g in GPUS.values()
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        print_gpus(list(GPUS.values()))
+    return 0

@@ -1,0 +1,136 @@
+"""`tmath predict`, `tmath presets` and `tmath gpus` as terminal tables."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from formulas.hardware import tflops_bar
+from harness.display import console, run_title
+from harness.formatting import gib, human
+
+
+def print_prediction(pred) -> None:
+    con = console()
+    spec = pred.spec
+    con.print(f"[bold]{run_title(spec)}[/bold]  (method: {pred.method})")
+    mem = pred.memory_bytes()
+    table = Table(title="Memory per GPU", title_justify="left")
+    table.add_column("term")
+    table.add_column("GiB", justify="right")
+    table.add_column("bytes", justify="right")
+    table.add_column("source")
+    for term in ("weights", "gradients", "optimizer", "zero3_live_params", "activations"):
+        if term == "zero3_live_params" and not mem[term]:
+            continue
+        value = mem[term]
+        source = pred.sources.get(term, "unknown without an architecture (--params)")
+        table.add_row(term, gib(value), "-" if value is None else f"{value:,}", source)
+    terms = pred.activation_terms
+    if terms is not None:
+        stage = "" if terms.stage == "only" else f" ({terms.stage} pipeline stage)"
+        held = f" × {terms.in_flight} micro-batches" if terms.in_flight > 1 else ""
+        table.add_row(
+            "  of which layers",
+            gib(terms.layers_total),
+            f"{terms.layers_total:,}",
+            f"{terms.layers} layers × {terms.per_layer:,} B{held}{stage}",
+        )
+        table.add_row(
+            "  embedding", gib(terms.embedding * terms.in_flight), f"{terms.embedding * terms.in_flight:,}", ""
+        )
+        table.add_row("  output + loss", gib(terms.output), f"{terms.output:,}", "")
+    table.add_row("[bold]total[/bold]", f"[bold]{gib(pred.total)}[/bold]", f"{pred.total:,}", "sum of the terms above")
+    host = pred.host_memory_bytes()
+    if host["total"]:
+        parts = ", ".join(
+            f"{term} {gib(host[term])} GiB" for term in ("weights", "gradients", "optimizer") if host[term]
+        )
+        table.add_row(
+            "host memory (offload)", gib(host["total"]), f"{host['total']:,}", f"per rank, not on the GPU: {parts}"
+        )
+    if pred.calibration is not None:
+        table.add_row(
+            "calibrated peak",
+            gib(pred.calibrated_peak),
+            f"{pred.calibrated_peak:,}",
+            f"α·total + β (α={pred.calibration.peak_alpha:.3f}, β={gib(pred.calibration.peak_beta)} GiB)",
+        )
+        dev = pred.calibration.device_bytes(pred.total)
+        table.add_row(
+            "calibrated device",
+            gib(dev),
+            f"{dev:,}",
+            f"peak × {pred.calibration.reserved_ratio:.3f} reserved + {gib(pred.calibration.context_bytes)} GiB context",
+        )
+    con.print(table)
+    gpu = pred.gpu
+    verdict = "[green]fits[/green]" if pred.fits else "[red]does not fit[/red]"
+    con.print(
+        f"{gpu.label} ({gib(gpu.memory_bytes, 0)} GiB): {verdict}, headroom {gib(pred.headroom_bytes)} GiB"
+        + (" (calibrated)" if pred.calibration is not None else " (formula total; measure or calibrate for overheads)")
+    )
+
+    f, c = pred.flops, pred.cost
+    ct = Table(title="Compute", title_justify="left")
+    ct.add_column("quantity")
+    ct.add_column("value", justify="right")
+    ct.add_column("source")
+    exact = "" if pred.params == pred.exact_params else f"; FLOPs and time use the exact P, {pred.exact_params:,}"
+    ct.add_row("parameters P", f"{pred.params:,}", f"{pred.params_per_gpu:,} per model shard{exact}")
+    ct.add_row("FLOPs per token", human(f.per_token_model), "6P + 12·L·s·h (full s×s attention)")
+    ct.add_row(
+        "FLOPs per step (model)",
+        human(f.per_step_model),
+        f"{spec.training.batch}×{spec.training.seq}×{spec.training.grad_accum} tokens",
+    )
+    ct.add_row("FLOPs per step (hardware)", human(f.per_step_hardware), f"+ recompute {spec.training.recompute}")
+    ct.add_row("training tokens D", human(c.tokens), "given" if spec.budget.tokens else "Chinchilla 20·P")
+    ct.add_row("training FLOPs C", f"{c.flops:.3e}", "Transformer Math 101: C = 6·P·D")
+    ct.add_row("achieved TFLOP/s per GPU", f"{c.tflops_per_gpu:,.1f}", pred.tflops_source)
+    ct.add_row("time", f"{c.days:,.2f} days", f"C / ({c.gpus} GPUs × achieved)")
+    ct.add_row("GPU-hours", f"{c.gpu_hours:,.0f}", "")
+    ct.add_row("PetaFLOP-days", f"{c.pf_days:,.2f}", "C / (10¹⁵ × 86 400)")
+    inf = pred.inference
+    ct.add_row(
+        "inference memory",
+        f"{gib(inf.total)} GiB",
+        f"{inf.overhead_factor:g} × weights"
+        + (
+            f" + KV cache {gib(inf.kv_cache)} GiB (b={spec.training.batch}, s={spec.training.seq})"
+            if inf.kv_cache
+            else ""
+        ),
+    )
+    con.print(ct)
+
+
+def print_presets(rows) -> None:
+    table = Table(title="Presets")
+    for col in ("name", "params", "L", "h", "a", "kv", "ffn", "vocab", "layout"):
+        table.add_column(col, justify="left" if col in ("name", "layout") else "right")
+    for name, a, params in rows:
+        layout = f"{a.family}, {a.position}, {a.norm}, {a.mlp}" + ("" if a.tied_embeddings else ", untied")
+        table.add_row(
+            name,
+            f"{params:,}",
+            str(a.n_layers),
+            str(a.hidden),
+            str(a.n_heads),
+            str(a.n_kv_heads),
+            str(a.ffn_hidden),
+            str(a.vocab),
+            layout,
+        )
+    console().print(table)
+
+
+def print_gpus(gpus) -> None:
+    table = Table(title="Accelerators (dense peak TFLOP/s)")
+    for col in ("name", "label", "GiB", "fp32", "tf32", "fp16", "bf16", "fp8", "115-bar", "source"):
+        table.add_column(col, justify="left" if col in ("name", "label", "source") else "right")
+    for g in gpus:
+        peaks = [
+            f"{g.peak_tflops[k]:g}" if k in g.peak_tflops else "-" for k in ("fp32", "tf32", "fp16", "bf16", "fp8")
+        ]
+        table.add_row(g.name, g.label, f"{g.memory_gib:g}", *peaks, f"{tflops_bar(g):.1f}", g.source)
+    console().print(table)

@@ -1,0 +1,159 @@
+"""Trainers: one engine per file, all behind one protocol, chosen by the spec.
+
+    plain      harness.trainers.plain      one process: torch optimizers, autocast, an fp32 master copy
+    deepspeed  harness.trainers.deepspeed  DeepSpeed ZeRO 0-3 (and offload), one process per rank
+
+`harness.measure` runs the same protocol whatever the engine: it asks `select(spec)` for the entry, builds
+the trainer, and calls the methods of `Trainer`. A new engine (FSDP2, tensor or pipeline parallel) is a new
+file with a class that implements `Trainer`, and one entry in `TRAINERS`; `measure` does not change.
+Entries are light (no torch, no DeepSpeed): the CLI and the sweep consult them before anything is built.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from formulas.spec import RunSpec
+from harness.errors import UsageError
+from harness.schema import SchemaError
+from harness.zero.config import check_deepspeed, uses_deepspeed
+
+if TYPE_CHECKING:
+    import torch
+
+    from harness.records import Measurement
+
+
+class Trainer(Protocol):
+    """What `harness.measure` needs of an engine: the steps of training, and the bytes it holds by term.
+
+    Constructed as `cls(model, spec, device_type=..., probe=...)`, where `probe` is the measurement's memory
+    probe (its `tracker` labels live storages by phase). Byte methods count unique storages exactly, on the
+    accelerator (what decides an OOM); host bytes of offloaded state belong in the engine's report.
+    """
+
+    model: torch.nn.Module
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """One micro-batch's forward; returns the loss."""
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> None:
+        """The optimizer step (gradients are cleared after it)."""
+
+    def train_step(self, batches: list[dict]) -> None:
+        """grad_accum micro-batches, then one optimizer step."""
+
+    def infer(self, batch: dict) -> Any:
+        """One forward without gradients (inference mode)."""
+
+    def weight_bytes(self) -> int: ...
+
+    def buffer_bytes(self) -> int: ...
+
+    def gradient_bytes(self) -> int: ...
+
+    def optimizer_tensors(self) -> Iterable[torch.Tensor]:
+        """Every tensor of optimizer state, an fp32 master copy included."""
+
+    def optimizer_bytes(self) -> int: ...
+
+    def finish(self, measurement: Measurement) -> None:
+        """After the instrumented steps: set the engine's own view of the terms and its per-rank report
+        (`measurement.engine`); the plain trainer has nothing to add."""
+
+
+def _no_checks(spec: RunSpec, device: str) -> None:
+    if spec.training.optimizer == "adam8bit" and device != "cuda":
+        raise UsageError("--optimizer adam8bit (bitsandbytes) needs a CUDA device")
+
+
+def _single_process(spec: RunSpec) -> bool:
+    return not uses_deepspeed(spec) and spec.parallel.tp == 1 and spec.parallel.pp == 1
+
+
+def _data_parallel(spec: RunSpec) -> bool:
+    return uses_deepspeed(spec) and spec.parallel.tp == 1 and spec.parallel.pp == 1
+
+
+def _deepspeed_checks(spec: RunSpec, device: str) -> None:
+    if device == "meta":
+        raise UsageError("--device meta measures one process with fake tensors; it cannot run DeepSpeed/ZeRO")
+    check_deepspeed(spec, device)
+
+
+@dataclass(frozen=True)
+class TrainerEntry:
+    name: str
+    path: str
+    """`module:Class` of the Trainer, imported when a measurement builds it."""
+    applies: Callable[[RunSpec], bool]
+    launched: bool
+    """One process per rank through a launcher (torchrun, deepspeed), even for a single rank."""
+    check: Callable[[RunSpec, str], None]
+    """What it cannot measure on a device, as one-line UsageErrors, before anything is built."""
+    report: str | None = None
+    """`module:Class` of its per-rank report in a record (`measured.engine`, kind = the entry's name)."""
+
+    def load(self) -> type:
+        module, name = self.path.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+TRAINERS: tuple[TrainerEntry, ...] = (
+    TrainerEntry("plain", "harness.trainers.plain:PlainTrainer", _single_process, False, _no_checks),
+    TrainerEntry(
+        "deepspeed",
+        "harness.trainers.deepspeed:DeepSpeedTrainer",
+        _data_parallel,
+        True,
+        _deepspeed_checks,
+        report="harness.zero.account:ZeroAccount",
+    ),
+)
+
+
+def select(spec: RunSpec) -> TrainerEntry:
+    """The engine that measures `spec`, or a one-line UsageError when none does."""
+    for entry in TRAINERS:
+        if entry.applies(spec):
+            return entry
+    raise UsageError(
+        "measure runs data parallelism (ZeRO over --gpus); tensor and pipeline parallelism are predicted only"
+    )
+
+
+def engine_report_type(kind: str) -> type:
+    """The record type of an engine's per-rank report (`measured.engine.kind`)."""
+    for entry in TRAINERS:
+        if entry.name == kind and entry.report:
+            module, name = entry.report.split(":")
+            return getattr(importlib.import_module(module), name)
+    known = ", ".join(e.name for e in TRAINERS if e.report)
+    raise SchemaError(f"measured.engine.kind: {kind!r} is not an engine's report ({known})")
+
+
+def resolve_device(requested: str) -> str:
+    """`auto` → cuda when a GPU is visible, else cpu; `cuda` without one is a one-line error."""
+    import torch  # here, not at the top: the CLI's parent reads this registry without loading torch otherwise
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device cuda: no CUDA device is available (torch {torch.__version__})")
+    return requested
+
+
+def check_measurable(spec: RunSpec, device: str) -> TrainerEntry:
+    """What `measure` cannot run, as one-line errors before anything is built; the engine that will run it."""
+    if spec.model.arch is None:
+        raise UsageError("measure needs an architecture (--model or --layers/--hidden/--heads), not only --params")
+    if spec.measurement.impl == "hf" and spec.training.recompute == "selective":
+        raise UsageError("selective recompute is implemented for --impl reference only")
+    entry = select(spec)
+    entry.check(spec, device)
+    return entry
