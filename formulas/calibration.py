@@ -12,6 +12,7 @@ this module only holds and applies them, so that the calculator stays free of to
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -69,8 +70,21 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, data: dict) -> Calibration:
+        """The factors of a calibration.json; an unknown key or a value of the wrong type is a ValueError
+        naming it (a factor that silently kept its default would label an uncalibrated verdict calibrated)."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        for name in _NUMBERS:
+            if name in data and not _is_number(data[name]):
+                raise ValueError(f"{name} must be a number, got {data[name]!r}")
+        fractions = data.get("achieved_fraction", {})
+        if not isinstance(fractions, dict) or not all(_is_number(v) for v in fractions.values()):
+            raise ValueError(f"achieved_fraction must map GPU names to numbers, got {fractions!r}")
+        if not isinstance(data.get("fit", {}), dict) or not isinstance(data.get("source", ""), str):
+            raise ValueError("fit must be an object and source text")
+        return cls(**data)
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
@@ -78,8 +92,22 @@ class Calibration:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError:
             raise ValueError(f"calibration file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(
+                f"calibration file {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})"
+            ) from None
         except json.JSONDecodeError as exc:
             raise ValueError(f"calibration file {path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
         if not isinstance(data, dict):
             raise ValueError(f"calibration file {path} must hold a JSON object")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ValueError as exc:
+            raise ValueError(f"calibration file {path}: {exc}") from None
+
+
+_NUMBERS = ("peak_alpha", "peak_beta", "reserved_ratio", "context_bytes", "inference_overhead")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from formulas.spec import RunSpec
-from harness.environment import REPO_ROOT
+from harness import REPO_ROOT
 from harness.errors import UsageError
 from harness.processes import free_port, tail, worker_env
 from harness.progress import Callback, StderrReader

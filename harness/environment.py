@@ -16,10 +16,11 @@ from functools import cache
 from importlib import metadata
 from pathlib import Path
 
+import torch
+
+from harness import REPO_ROOT
 from harness.records import HARNESS_VERSION, Environment
 from harness.schema import from_json
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _version(package: str) -> str | None:
@@ -106,9 +107,7 @@ def nvml_snapshot(index: int = 0) -> dict | None:
 
 
 def environment(device: str | None = None, argv: list[str] | None = None) -> Environment:
-    """Everything needed to reproduce or compare a record. Imports torch (the harness side only)."""
-    import torch
-
+    """Everything needed to reproduce or compare a record."""
     env = {
         "harness_version": HARNESS_VERSION,
         "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

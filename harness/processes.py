@@ -7,7 +7,7 @@ import resource
 import signal
 import socket
 
-from harness.environment import REPO_ROOT
+from harness import REPO_ROOT
 
 STDERR_TAIL_CHARS = 4000
 """How much of a failed run's stderr its record keeps."""

@@ -185,10 +185,11 @@ def load_results(target: str | Path) -> tuple[Path, list[Record]]:
         where = f"{target} has no {RUNS_FILE}" if target.is_dir() else f"no results at {target}"
         raise UsageError(f"{where} (run `tmath sweep` first)")
     read = read_records(path)
-    warn(read.problems)
     records = latest_records(read.records)
     if not records:
-        raise UsageError(f"{path} holds no records")
+        skipped = f" ({len(read.problems)} line(s) skipped; the first: {read.problems[0]})" if read.problems else ""
+        raise UsageError(f"{path} holds no records{skipped}")
+    warn(read.problems)
     return path, records
 
 

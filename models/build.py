@@ -12,6 +12,9 @@ from torch import nn
 
 from formulas.architecture import Architecture
 from formulas.spec import IMPLS
+from models.bert import Bert
+from models.gpt import GPT
+from models.hf import HFLossModel, build_hf
 
 
 def _check_impl(impl: str) -> None:
@@ -35,16 +38,10 @@ def build_model(
     """
     _check_impl(impl)
     if impl == "hf":
-        from models.hf import build_hf
-
         model = build_hf(arch, attention=attention, recompute=recompute, device=device, dtype=dtype)
     elif arch.family == "decoder":
-        from models.gpt import GPT
-
         model = GPT(arch, attention=attention, recompute=recompute, device=device, dtype=dtype)
     else:
-        from models.bert import Bert
-
         model = Bert(arch, attention=attention, recompute=recompute, device=device, dtype=dtype)
     return model.train()
 
@@ -102,8 +99,6 @@ def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     Works for the reference models, the `HFLossModel` wrapper and bare transformers models.
     """
-    from models.hf import HFLossModel
-
     prefix, root = "", model
     if isinstance(model, HFLossModel):
         prefix, root = "model.", model.model

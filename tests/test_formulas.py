@@ -204,7 +204,8 @@ def test_tflops_bar_scaling():
 def test_every_gpu_has_source_and_half_precision_peak():
     for g in GPUS.values():
         assert g.source.startswith("https://")
-        assert g.half_precision_peak > 0 and g.memory_bytes > 0
+        assert g.half_precision_peak == g.peak_tflops.get("bf16", g.peak_tflops.get("fp16"))
+        assert g.memory_bytes == int(g.memory_gib * 2**30)
 
 
 @pytest.mark.parametrize(
@@ -292,9 +293,15 @@ def test_params_only_prediction():
 
 
 def test_optimizer_table_is_complete():
-    for o in ("adamw", "adam8bit", "sgd"):
-        for prec in ("fp32", "fp16", "bf16", "fp16-mixed", "bf16-mixed"):
-            assert optimizer_bytes_per_param(o, prec) > 0
+    """Transformer Math 101's optimizer bytes per parameter, every optimizer × precision: mixed precision adds
+    the 4-byte fp32 master copy; pure 16-bit keeps torch's states in the parameter dtype (no master)."""
+    expected = {
+        "adamw": {"fp32": 8, "fp16": 4, "bf16": 4, "fp16-mixed": 12, "bf16-mixed": 12},
+        "adam8bit": {"fp32": 2, "fp16": 2, "bf16": 2, "fp16-mixed": 6, "bf16-mixed": 6},
+        "sgd": {"fp32": 4, "fp16": 2, "bf16": 2, "fp16-mixed": 8, "bf16-mixed": 8},
+    }
+    table = {o: {p: optimizer_bytes_per_param(o, p) for p in expected[o]} for o in expected}
+    assert table == expected
 
 
 @pytest.mark.parametrize(

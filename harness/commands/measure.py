@@ -38,6 +38,8 @@ def run(args) -> int:
         if args.nodes is not None and args.nodes != nodes:
             raise UsageError(f"--nodes {args.nodes} contradicts the {nodes} hosts of {args.hostfile}")
         given["nodes"] = nodes
+    elif args.nodes not in (None, 1):
+        raise UsageError(f"--nodes {args.nodes}: ranks on several nodes start from a --hostfile (--launcher deepspeed)")
     spec = spec_from_args(args, **given)
     limits = Limits(timeout_s=args.timeout)
     options = LaunchOptions(launcher=args.launcher or "torchrun", hostfile=args.hostfile)

@@ -67,9 +67,11 @@ class Trainer(Protocol):
         (`measurement.engine`); the plain trainer has nothing to add."""
 
 
-def _no_checks(spec: RunSpec, device: str) -> None:
+def _plain_checks(spec: RunSpec, device: str) -> None:
     if spec.training.optimizer == "adam8bit" and device != "cuda":
         raise UsageError("--optimizer adam8bit (bitsandbytes) needs a CUDA device")
+    if spec.measurement.deepspeed_config:
+        raise UsageError("--deepspeed-config configures a DeepSpeed run: give it with --zero 1-3 or --gpus N")
 
 
 def _single_process(spec: RunSpec) -> bool:
@@ -105,7 +107,7 @@ class TrainerEntry:
 
 
 TRAINERS: tuple[TrainerEntry, ...] = (
-    TrainerEntry("plain", "harness.trainers.plain:PlainTrainer", _single_process, False, _no_checks),
+    TrainerEntry("plain", "harness.trainers.plain:PlainTrainer", _single_process, False, _plain_checks),
     TrainerEntry(
         "deepspeed",
         "harness.trainers.deepspeed:DeepSpeedTrainer",
