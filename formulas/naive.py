@@ -1,6 +1,7 @@
 """The Q&A seed's formula, kept as the naive baseline so reports show how far off it is.
 
-Source: the Stack Exchange answer in `shared/seeds/stackexchange-transformer-memory.txt`. With
+Source: the Stack Exchange answer to "roughly estimate the memory requirement of training an arbitrary
+Transformer model" (the project's Q&A seed), which derives M ≈ M_activations ≈ B·T²/(4·N·D²) for GPT. With
 C = N·D (N heads of width D), L layers, batch B and T tokens, it counts per block query, key,
 value and an MLP of width C (3C² + C²), ignores norms, biases, embeddings and optimizer state,
 and stores B·N·T² attention scores plus two B·N·T·D outputs per block:

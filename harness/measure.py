@@ -1,20 +1,21 @@
 """Measure one RunSpec in this process: each term the formulas predict, by one protocol on every device.
 
-Protocol (DESIGN.md; after stas00/ml-engineering's benchmarks):
+Protocol (after stas00/ml-engineering's benchmarks):
 1. CUDA only: initialise the context and cuBLAS workspace with a small matmul, and record what is
    allocated before the model exists (reported apart, never subtracted).
 2. Build the model and the optimizer; record weights and buffers (unique storages).
 3. Instrumented first step: activations = unique storages autograd saves during forward
    (`SavedTensorTracker`, parameters and buffers excluded), gradients after backward, optimizer
    state (with the fp32 master copy) after the step, peak allocated over the step.
-4. A second step for the steady-state peak (optimizer state now exists from the start).
-5. One step under `FlopCounterMode`: counted FLOPs, cross-checked with the formulas.
-6. `warmup` untimed steps, then `steps` timed steps: CUDA events (perf_counter on CPU) per step;
+4. A second step, under `FlopCounterMode`: the steady-state peak (optimizer state now exists from the
+   start) and the counted FLOPs, cross-checked with the formulas.
+5. `warmup` untimed steps, then `steps` timed steps: CUDA events (perf_counter on CPU) per step;
    median, min, max.
+The engine is the spec's trainer (`harness.trainers`): the same steps for the plain trainer and DeepSpeed.
 Peaks: `torch.cuda.max_memory_allocated` on CUDA; on CPU and with fake tensors the exact
 `LiveTensorTracker` (a TorchDispatchMode), which is switched off for the timed steps. Python's cyclic
 GC is collected before and frozen during the measured steps, so a peak does not depend on its timing.
-`--device meta` runs steps 2-5 under FakeTensorMode: shapes without data, nothing allocated.
+`--device meta` runs steps 2-4 under FakeTensorMode: shapes without data, nothing allocated.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ MEASUREMENT_METHODS = {
 
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype):
-    """Build parameters in `dtype` directly: `model.to(dtype)` fails on fake parameters (PLATFORM.md)."""
+    """Build parameters in `dtype` directly: `model.to(dtype)` fails on fake parameters (FakeTensorMode:
+    "Cannot swap t1 because it has weakref", torch 2.13)."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

@@ -18,7 +18,7 @@ in fp32; CPU keeps them in the input dtype), RMSNorm its fp32 1/rms (4·s·b byt
 
 Choices that make that exact:
 - dropout goes through `torch.native_dropout`, whose saved mask is 1-byte bool on CPU and CUDA
-  (CPU `F.dropout` saves it in the input dtype: shared/PLATFORM.md);
+  (CPU `F.dropout` saves it in the input dtype: ATen Dropout.cpp fuses to native_dropout on CUDA only);
 - RMSNorm is an autograd function that saves its input and the fp32 1/rms, as fused kernels do
   (`F.rms_norm` on CPU is composite and saves fp32 copies);
 - grouped-query attention groups the query heads instead of repeating K and V;

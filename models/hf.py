@@ -130,7 +130,7 @@ def instantiate_hf(arch: Architecture, attention: str = "eager", *, device=None,
     """The bare transformers model for `arch`, built directly on `device` in `dtype`, in train mode.
 
     The default dtype is set around the constructor (transformers' own `_from_config` does this), never
-    `model.to(dtype)`: that fails on fake parameters (shared/PLATFORM.md). On `meta` nothing is allocated.
+    `model.to(dtype)`: that fails on fake parameters ("Cannot swap t1 because it has weakref"). On `meta` nothing is allocated.
     """
     cls, kwargs = hf_model_class(arch)
     config = hf_config(arch, attention, device=device, dtype=dtype)

@@ -54,7 +54,7 @@ def test_korthikanti_table2(recompute, tp, sp, expected):
 
 
 def test_generalised_activation_coefficients():
-    # fp32 with 4-byte masks: 16e + 2m = 72, 2e + m = 12; fp32 with bool masks: 66 and 9 (DESIGN.md).
+    # fp32 with 4-byte masks: 16e + 2m = 72, 2e + m = 12; fp32 with bool masks: 66 and 9 (README, "The formulas and their sources").
     a = Architecture(n_layers=1, hidden=768, n_heads=12, vocab=100, max_positions=1024)
     s, b = 1024, 4
     sbh, as2b = s * b * 768, 12 * s * s * b

@@ -1,6 +1,6 @@
 """Reference and transformers models: exact parameter counts, recompute equivalence, attention variants.
 
-CPU only, tiny shapes, fp32 (bf16 matmul backward is ~100x slower on CPU: shared/PLATFORM.md).
+CPU only, tiny shapes, fp32 (bf16 matmul backward is ~100x slower on CPUs without bf16 units, measured here).
 """
 
 from __future__ import annotations

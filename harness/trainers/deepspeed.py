@@ -35,7 +35,8 @@ def init_distributed(device_type: str) -> None:
     """The default process group: NCCL on CUDA, gloo on CPU.
 
     Under a launcher (torchrun, deepspeed) RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT are
-    set; a single process sets them itself, or `deepspeed.initialize` tries MPI discovery (PLATFORM.md).
+    set; a single process sets them itself, or `deepspeed.init_distributed` falls back to MPI discovery
+    (`deepspeed.comm.comm.init_distributed`, `auto_mpi_discovery`), which needs mpi4py.
     """
     if dist.is_initialized():
         return

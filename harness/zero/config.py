@@ -58,7 +58,7 @@ def _optimizer_section(optimizer: str) -> dict | None:
     """AdamW and SGD as DeepSpeed builds them from its config; None for a client optimizer (8-bit Adam).
 
     `torch_adam: true` makes DeepSpeed build torch.optim.AdamW (`DeepSpeedEngine.get_optimizer_configuration`)
-    instead of FusedAdam or DeepSpeedCPUAdam, which it would JIT-compile (~45 s each, PLATFORM.md); the
+    instead of FusedAdam or DeepSpeedCPUAdam, which it would JIT-compile (~45 s each on a 2-core CPU, measured here); the
     hyper-parameters are those of `harness.training.make_torch_optimizer`.
     """
     if optimizer == "adamw":
