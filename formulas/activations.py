@@ -30,7 +30,7 @@ log-sum-exp per query and head (4·a·s·b bytes); its output is the projection 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import ClassVar, Literal, get_args
 
 from formulas.architecture import Architecture
 
@@ -191,6 +191,8 @@ class ActivationBreakdown:
     """Output-layer and loss bytes (0 when this stage holds no output layer)."""
     stage: str
     """Which pipeline stage is the busiest: `only` (no pipeline), `first` or `last`."""
+    DERIVED: ClassVar[tuple[str, ...]] = ("total",)
+    """Properties written out beside the fields (a record keeps them; its reader checks them)."""
 
     @property
     def layers_total(self) -> int:

@@ -9,6 +9,7 @@ elements (Pope et al. 2022, "Efficiently Scaling Transformer Inference", Section
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from formulas.architecture import Architecture
 
@@ -25,6 +26,8 @@ class InferenceMemory:
     weights: int
     overhead_factor: float
     kv_cache: int
+    DERIVED: ClassVar[tuple[str, ...]] = ("total",)
+    """Properties written out beside the fields (a record keeps them; its reader checks them)."""
 
     @property
     def total(self) -> int:

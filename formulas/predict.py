@@ -45,6 +45,11 @@ class Flops:
     """C = 6·P·D over the token budget (Transformer Math 101; no attention term)."""
     training_total_with_attention: int
     """(6P + 12·L·s·h)·D: the same budget with the attention term."""
+    per_step_forward: int | None = None
+    """One forward over the micro-batch, 2P + 4·L·s·h per token: an inference step's model FLOPs."""
+    per_step_matmul: int | None = None
+    """The step's matmul FLOPs counted exactly from the architecture (what FlopCounterMode counts); None with
+    `--params` only. An inference step is a third of one micro-batch's training matmuls."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,8 @@ class Prediction:
                 "per_step_hardware": self.flops.per_step_hardware,
                 "training_total": self.flops.training_total,
                 "training_total_with_attention": self.flops.training_total_with_attention,
+                "per_step_forward": self.flops.per_step_forward,
+                "per_step_matmul": self.flops.per_step_matmul,
             },
             "training": {
                 "tokens": self.cost.tokens,
@@ -189,20 +196,12 @@ class Prediction:
 
 
 def _korthikanti_activations(spec: RunSpec) -> act.ActivationBreakdown:
+    t, p = spec.training, spec.parallel
     return act.activation_breakdown(
-        spec.model.arch,
-        spec.training.seq,
-        spec.training.batch,
-        elem_bytes=activation_bytes_per_element(spec.training.precision),
-        mask_bytes=MASK_BYTES,
-        recompute=spec.training.recompute,
-        attention=spec.training.attention,
-        tp=spec.parallel.tp,
-        sequence_parallel=spec.parallel.sequence_parallel,
-        partition_activations=spec.parallel.partition_activations,
-        pp=spec.parallel.pp,
-        in_flight=spec.parallel.in_flight,
-    )
+        spec.model.arch, t.seq, t.batch, elem_bytes=activation_bytes_per_element(t.precision), mask_bytes=MASK_BYTES,
+        recompute=t.recompute, attention=t.attention, tp=p.tp, sequence_parallel=p.sequence_parallel,
+        partition_activations=p.partition_activations, pp=p.pp, in_flight=p.in_flight,
+    )  # fmt: skip
 
 
 def _activation_expression(spec: RunSpec) -> str:
@@ -268,70 +267,62 @@ def predict(spec: RunSpec, method: str = "korthikanti", calibration: Calibration
     gpu = hardware.get_gpu(spec.budget.gpu)
     params = spec.total_params
     arch = spec.model.arch if spec.model.params is None else None
+    t, p = spec.training, spec.parallel
 
     terms = None
     if method == "korthikanti":
         states = model_state_bytes(
-            params,
-            precision=spec.training.precision,
-            optimizer=spec.training.optimizer,
-            zero=spec.parallel.zero,
-            dp=spec.parallel.dp,
-            tp=spec.parallel.tp,
-            pp=spec.parallel.pp,
+            params, precision=t.precision, optimizer=t.optimizer, zero=p.zero, dp=p.dp, tp=p.tp, pp=p.pp,
             largest_module_params=largest_module_params(arch) if arch is not None else 0,
-            offload_optimizer=spec.parallel.offload_optimizer != "none",
-            offload_params=spec.parallel.offload_params != "none",
-        )
+            offload_optimizer=p.offload_optimizer != "none", offload_params=p.offload_params != "none",
+        )  # fmt: skip
         if arch is not None:
             terms = _korthikanti_activations(spec)
         activation = terms.total if terms is not None else None
         counted = params
     else:
         mlp4c = method == "naive-mlp4c"
-        states, activation = naive_memory(
-            spec.model.arch,
-            spec.training.seq,
-            spec.training.batch,
-            weight_bytes_per_param(spec.training.precision),
-            mlp4c=mlp4c,
-        )
+        elem = weight_bytes_per_param(t.precision)
+        states, activation = naive_memory(spec.model.arch, t.seq, t.batch, elem, mlp4c=mlp4c)
         counted = naive_params(spec.model.arch, mlp4c)
 
-    tokens_per_step = spec.training.batch * spec.training.seq * spec.training.grad_accum
-    per_token = compute.training_flops_per_token(params, arch, spec.training.seq)
-    per_token_hw = per_token + compute.recompute_flops_per_token(
-        params, spec.training.recompute, arch, spec.training.seq
-    )
+    tokens_per_step = t.batch * t.seq * t.grad_accum
+    per_token = compute.training_flops_per_token(params, arch, t.seq)
+    per_token_hw = per_token + compute.recompute_flops_per_token(params, t.recompute, arch, t.seq)
     budget = spec.budget.tokens if spec.budget.tokens is not None else compute.chinchilla_tokens(params)
     if calibration is not None and spec.budget.tflops is None:
-        tflops, tflops_source = calibration.achieved_tflops(gpu, spec.training.precision)
+        tflops, tflops_source = calibration.achieved_tflops(gpu, t.precision)
     elif spec.budget.tflops is not None:
         tflops, tflops_source = spec.budget.tflops, "given (--tflops)"
     else:
-        tflops, tflops_source = hardware.default_tflops(gpu, spec.training.precision)
-    cost = compute.training_cost(params, budget, spec.parallel.gpus, tflops)
+        tflops, tflops_source = hardware.default_tflops(gpu, t.precision)
+    cost = compute.training_cost(params, budget, p.gpus, tflops)
     flops = Flops(
         per_token_model=per_token,
         per_step_model=per_token * tokens_per_step,
         per_step_hardware=per_token_hw * tokens_per_step,
         training_total=cost.flops,
         training_total_with_attention=per_token * budget,
+        per_step_forward=compute.forward_flops_per_token(params, arch, t.seq) * t.batch * t.seq,
+        per_step_matmul=(
+            compute.matmul_flops_per_step(arch, t.batch, t.seq, t.recompute) * t.grad_accum
+            if arch is not None
+            else None
+        ),
     )
-    wbytes = weight_bytes_per_param(spec.training.precision)
     infer = inference_memory(
         params,
-        wbytes,
+        weight_bytes_per_param(t.precision),
         arch=arch,
-        batch=spec.training.batch,
-        context=spec.training.seq,
+        batch=t.batch,
+        context=t.seq,
         overhead_factor=calibration.inference_overhead if calibration is not None else INFERENCE_OVERHEAD,
     )
     return Prediction(
         spec=spec,
         method=method,
         params=counted,
-        params_per_gpu=params_per_model_shard(counted, spec.parallel.tp, spec.parallel.pp),
+        params_per_gpu=params_per_model_shard(counted, p.tp, p.pp),
         states=states,
         activations=activation,
         activation_terms=terms,

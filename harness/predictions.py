@@ -18,11 +18,13 @@ A record keeps each method's prediction under its name (`Record.predicted`), typ
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from formulas.compute import forward_flops_per_token, matmul_flops_per_step
-from formulas.predict import predict
+from formulas.activations import ActivationBreakdown
+from formulas.compute import matmul_flops_per_step
+from formulas.inference import InferenceMemory
+from formulas.predict import Flops, predict
 from formulas.spec import RunSpec
 from formulas.variants import ImplementationSummary, implementation_summary
 from harness.schema import SchemaError, from_json, to_json
@@ -87,51 +89,16 @@ class HostTerms:
 
 
 @dataclass(frozen=True)
-class ActivationTerms:
-    """Korthikanti et al.'s activations on the busiest GPU (`formulas.activations.ActivationBreakdown`)."""
-
-    per_layer: int
-    layers: int
-    in_flight: int
-    embedding: int
-    output: int
-    stage: str
-    total: int
-
-
-@dataclass(frozen=True)
-class FlopTerms:
-    per_token_model: int
-    """6P + 12·L·s·h."""
-    per_step_model: int
-    per_step_hardware: int
-    """Model FLOPs plus what recomputation repeats."""
-    training_total: int
-    training_total_with_attention: int
-    per_step_matmul: int | None = None
-    """The step's matmul FLOPs counted exactly from the architecture (what FlopCounterMode should count)."""
-    per_step_forward: int | None = None
-    """One forward over the micro-batch (2P + 4·L·s·h per token): an inference run's model FLOPs."""
-
-
-@dataclass(frozen=True)
-class InferenceTerms:
-    weights: int
-    overhead_factor: float
-    kv_cache: int
-    total: int
-
-
-@dataclass(frozen=True)
 class FormulaPrediction:
     """The harness's formulas for one run (the `korthikanti` method)."""
 
     params: int
     memory_bytes: MemoryTerms
-    flops: FlopTerms
-    inference: InferenceTerms
+    flops: Flops
+    """`per_step_matmul` is the measured step's: for an inference record, one forward's matmuls."""
+    inference: InferenceMemory
     host_memory_bytes: HostTerms | None = None
-    activation_bytes: ActivationTerms | None = None
+    activation_bytes: ActivationBreakdown | None = None
 
 
 @dataclass(frozen=True)
@@ -140,18 +107,19 @@ class NaivePrediction:
 
 
 def _formula(spec: RunSpec, device: str | None) -> FormulaPrediction:
-    p = predict(spec).to_dict()
-    arch, t = spec.model.arch, spec.training
-    flops = dict(p["flops"])
-    if arch is not None:
-        flops["per_step_matmul"] = (
-            matmul_flops_per_step(arch, t.batch, t.seq) // 3
-            if spec.measurement.mode == "inference"
-            else matmul_flops_per_step(arch, t.batch, t.seq, t.recompute) * t.grad_accum
-        )
-    flops["per_step_forward"] = forward_flops_per_token(spec.total_params, arch, t.seq) * t.batch * t.seq
-    data = {k: p[k] for k in ("params", "memory_bytes", "host_memory_bytes", "activation_bytes", "inference")}
-    return from_json(FormulaPrediction, {**data, "flops": flops}, "predicted.korthikanti")
+    p = predict(spec)
+    flops, arch, t = p.flops, spec.model.arch, spec.training
+    if spec.measurement.mode == "inference" and arch is not None:
+        flops = replace(flops, per_step_matmul=matmul_flops_per_step(arch, t.batch, t.seq) // 3)
+    host = p.host_memory_bytes()
+    return FormulaPrediction(
+        params=p.params,
+        memory_bytes=MemoryTerms(**p.memory_bytes()),
+        flops=flops,
+        inference=p.inference,
+        host_memory_bytes=HostTerms(**host),
+        activation_bytes=p.activation_terms,
+    )
 
 
 def _naive(name: str) -> Callable[[RunSpec, str | None], NaivePrediction | None]:

@@ -5,7 +5,9 @@
 DeepSpeed config) and raises `SchemaError("measured.memory_bytes.weights: expected an integer, got 'x'")`.
 Unknown keys are errors too: a record that does not match the schema is never half-read. Values are kept
 as they were written (an int in a float field stays an int), so a record renders the same after a round
-trip. `to_json` drops None fields; a reader treats a missing field as None.
+trip. `to_json` drops None fields; a reader treats a missing field as None. A dataclass may name
+properties in `DERIVED` (a total): they are written beside the fields, and on reading each must equal the
+property recomputed from the fields.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ def to_json(value: Any) -> Any:
             v = getattr(value, f.name)
             if v is not None:
                 out[f.name] = to_json(v)
+        for name in getattr(value, "DERIVED", ()):
+            out[name] = to_json(getattr(value, name))
         return out
     if isinstance(value, (list, tuple)):
         return [to_json(v) for v in value]
@@ -131,7 +135,8 @@ def _dataclass(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise _fail(where, "an object", data)
     known = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = [k for k in data if k not in known]
+    derived = getattr(cls, "DERIVED", ())
+    unknown = [k for k in data if k not in known and k not in derived]
     if unknown:
         raise SchemaError(f"{where + '.' if where else ''}{unknown[0]}: not a field of {cls.__name__}")
     hints = _hints(cls)
@@ -145,4 +150,9 @@ def _dataclass(cls: type, data: Any, where: str) -> Any:
                 values[name] = None
             else:
                 raise SchemaError(f"{path}: missing")
-    return cls(**values)
+    obj = cls(**values)
+    for name in derived:
+        if name in data and data[name] != getattr(obj, name):
+            path = f"{where}.{name}" if where else name
+            raise SchemaError(f"{path}: {data[name]!r} is not what the fields give ({getattr(obj, name)!r})")
+    return obj

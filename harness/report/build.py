@@ -46,7 +46,6 @@ def build_report(
     sweeps = sorted({s for s in df["sweep"].dropna()})
     name = ", ".join(sweeps) if sweeps else path.parent.name
     counts = df["status"].value_counts()
-    written: dict[str, Path] = {}
 
     doc = Document(f"transformer-math report: {name}")
     doc.para(
@@ -59,50 +58,42 @@ def build_report(
     doc.table(environment_table(records))
 
     doc.heading("Measured vs predicted, per term (Korthikanti et al.)")
-    terms = terms_table(df)
-    if terms.empty:
-        doc.para("No ok training runs.")
-    else:
-        doc.para(
-            "Each cell: measured / predicted (measured ÷ predicted). Bytes per GPU; GiB = 2^30 bytes. On CPU runs "
-            "with DeepSpeed offload the predicted total includes the offloaded terms: host and device are one memory."
-        )
-        doc.table(terms)
-    png = plot_measured_vs_predicted(errors, out / "measured_vs_predicted.png")
-    if png:
-        written["measured_vs_predicted"] = png
-        doc.image(png, "Measured (x) vs predicted (y) per term; the dashed line is y = x")
+    doc.table_or(
+        terms_table(df),
+        "No ok training runs.",
+        "Each cell: measured / predicted (measured ÷ predicted). Bytes per GPU; GiB = 2^30 bytes. On CPU runs "
+        "with DeepSpeed offload the predicted total includes the offloaded terms: host and device are one memory.",
+    )
+    doc.figure(
+        plot_measured_vs_predicted(errors, out / "measured_vs_predicted.png"),
+        "Measured (x) vs predicted (y) per term; the dashed line is y = x",
+    )
     inf = inference_table(df)
     if not inf.empty:
         doc.heading("Inference runs", 3)
         doc.table(inf)
 
     doc.heading("Prediction error by term and method")
-    summary = error_summary(errors)
-    if summary.empty:
-        doc.para("No ok runs to compare.")
-    else:
-        doc.para(
-            "predicted / measured: median [min–max] and the number of runs. "
-            + "; ".join(f"`{m.name}`: {m.description}" for m in METHODS)
-            + "."
-        )
-        doc.table(summary)
-    png = plot_error_distribution(errors, out / "error_by_term.png")
-    if png:
-        written["error_by_term"] = png
-        doc.image(png, "predicted / measured by term and method (log scale; 1 is exact)")
+    doc.table_or(
+        error_summary(errors),
+        "No ok runs to compare.",
+        "predicted / measured: median [min–max] and the number of runs. "
+        + "; ".join(f"`{m.name}`: {m.description}" for m in METHODS)
+        + ".",
+    )
+    doc.figure(
+        plot_error_distribution(errors, out / "error_by_term.png"),
+        "predicted / measured by term and method (log scale; 1 is exact)",
+    )
 
     doc.heading("Activations against sequence length")
-    png = plot_activations_vs_seq(df, records, out / "activations_vs_seq.png")
-    if png:
-        written["activations_vs_seq"] = png
-        doc.para(
-            "Measured bytes saved for backward per transformer layer (dots) and the per-layer formulas "
-            "(lines) over s, for each configuration (up to six)."
-        )
-        doc.image(png, "Activation bytes per layer vs sequence length, measured and by formula")
-    else:
+    shown = doc.figure(
+        plot_activations_vs_seq(df, records, out / "activations_vs_seq.png"),
+        "Activation bytes per layer vs sequence length, measured and by formula",
+        "Measured bytes saved for backward per transformer layer (dots) and the per-layer formulas "
+        "(lines) over s, for each configuration (up to six).",
+    )
+    if not shown:
         doc.para("No ok training runs with activation measurements.")
 
     doc.heading("Throughput")
@@ -116,10 +107,10 @@ def build_report(
             "(`tmath check --scale-to-gpu`). CPU runs have no bar and no MFU."
         )
         doc.table(throughput_table(timed))
-        png = plot_throughput(timed, out / "throughput.png", min_tflops)
-        if png:
-            written["throughput"] = png
-            doc.image(png, "Model TFLOP/s per configuration against the bar")
+        doc.figure(
+            plot_throughput(timed, out / "throughput.png", min_tflops),
+            "Model TFLOP/s per configuration against the bar",
+        )
 
     oh = overhead_table(df)
     if not oh.empty:
@@ -128,11 +119,7 @@ def build_report(
         doc.table(oh)
 
     doc.heading("Failed runs")
-    bad = failures_table(df)
-    if bad.empty:
-        doc.para("None: every run is ok.")
-    else:
-        doc.table(bad)
+    doc.table_or(failures_table(df), "None: every run is ok.")
 
     methods = next((r.measured.methods for r in records if r.measured.methods), None)
     if methods:
@@ -143,6 +130,7 @@ def build_report(
         ]
         doc.table(pd.DataFrame(rows))
 
+    written: dict[str, Path] = {png.stem: png for png in doc.images}
     md = out / "report.md"
     md.write_text(doc.markdown(), encoding="utf-8")
     page = out / "report.html"

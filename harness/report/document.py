@@ -30,6 +30,28 @@ class Document:
     def image(self, path: Path, alt: str) -> None:
         self.blocks.append(("img", (path, alt)))
 
+    def table_or(self, df, empty: str, intro: str | None = None) -> None:
+        """The table (after its introduction), or the sentence that says why there is none."""
+        if df.empty:
+            self.para(empty)
+            return
+        if intro:
+            self.para(intro)
+        self.table(df)
+
+    def figure(self, path: Path | None, alt: str, intro: str | None = None) -> bool:
+        """The plot (after its introduction) when there is one; whether there was."""
+        if path is None:
+            return False
+        if intro:
+            self.para(intro)
+        self.image(path, alt)
+        return True
+
+    @property
+    def images(self) -> list[Path]:
+        return [item[0] for kind, item in self.blocks if kind == "img"]
+
     def markdown(self) -> str:
         out = [f"# {self.title}", ""]
         for kind, item in self.blocks:
