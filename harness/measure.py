@@ -37,8 +37,9 @@ from formulas.spec import RunSpec
 from harness.environment import nvml_snapshot
 from harness.memtrack import LiveTensorTracker, SavedTensorTracker, unique_storage_bytes
 from harness.records import Measurement, StepTimes, Throughput
-from harness.trainers import Trainer, check_measurable, resolve_device
+from harness.trainers import check_measurable, resolve_device
 from harness.trainers.plain import param_dtype
+from harness.trainers.protocol import Trainer
 from models.build import build_model, make_batch, transformer_blocks
 
 Progress = Callable[[str], None]

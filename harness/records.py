@@ -30,8 +30,8 @@ from harness.predictions import (
     predictions_to_json,
     terms_of,
 )
-from harness.schema import SchemaError, Tagged, from_json, to_json
-from harness.trainers import engine_report_type
+from harness.schema import SchemaError, from_json, to_json
+from harness.trainers import EngineReport
 
 HARNESS_VERSION = "1"
 """The measurement method's version: bumped whenever what is counted, how, or when changes."""
@@ -117,14 +117,6 @@ class Throughput:
     model: float
     hardware: float
     counted: float
-
-
-class EngineReport(Tagged):
-    """An engine's per-rank account (DeepSpeed's: `harness.zero.account.ZeroAccount`), told apart by `kind`."""
-
-    @classmethod
-    def resolve(cls, kind: str) -> type:
-        return engine_report_type(kind)
 
 
 @dataclass

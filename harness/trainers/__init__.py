@@ -4,67 +4,22 @@
     deepspeed  harness.trainers.deepspeed  DeepSpeed ZeRO 0-3 (and offload), one process per rank
 
 `harness.measure` runs the same protocol whatever the engine: it asks `select(spec)` for the entry, builds
-the trainer, and calls the methods of `Trainer`. A new engine (FSDP2, tensor or pipeline parallel) is a new
-file with a class that implements `Trainer`, and one entry in `TRAINERS`; `measure` does not change.
+the trainer, and calls the methods of `harness.trainers.protocol.Trainer`. A new engine (FSDP2, tensor or
+pipeline parallel) is a new file with a class that implements `Trainer`, and one entry in `TRAINERS`;
+`measure` does not change.
 Entries are light (no torch, no DeepSpeed): the CLI and the sweep consult them before anything is built.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
 
 from formulas.spec import RunSpec
 from harness.errors import UsageError
-from harness.schema import SchemaError
+from harness.schema import SchemaError, Tagged
 from harness.zero.config import check_deepspeed, uses_deepspeed
-
-if TYPE_CHECKING:
-    import torch
-
-    from harness.records import Measurement
-
-
-class Trainer(Protocol):
-    """What `harness.measure` needs of an engine: the steps of training, and the bytes it holds by term.
-
-    Constructed as `cls(model, spec, device_type=..., probe=...)`, where `probe` is the measurement's memory
-    probe (its `tracker` labels live storages by phase). Byte methods count unique storages exactly, on the
-    accelerator (what decides an OOM); host bytes of offloaded state belong in the engine's report.
-    """
-
-    model: torch.nn.Module
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        """One micro-batch's forward; returns the loss."""
-
-    def backward(self, loss: torch.Tensor) -> None: ...
-
-    def step(self) -> None:
-        """The optimizer step (gradients are cleared after it)."""
-
-    def train_step(self, batches: list[dict]) -> None:
-        """grad_accum micro-batches, then one optimizer step."""
-
-    def infer(self, batch: dict) -> Any:
-        """One forward without gradients (inference mode)."""
-
-    def weight_bytes(self) -> int: ...
-
-    def buffer_bytes(self) -> int: ...
-
-    def gradient_bytes(self) -> int: ...
-
-    def optimizer_tensors(self) -> Iterable[torch.Tensor]:
-        """Every tensor of optimizer state, an fp32 master copy included."""
-
-    def optimizer_bytes(self) -> int: ...
-
-    def finish(self, measurement: Measurement) -> None:
-        """After the instrumented steps: set the engine's own view of the terms and its per-rank report
-        (`measurement.engine`); the plain trainer has nothing to add."""
 
 
 def _plain_checks(spec: RunSpec, device: str) -> None:
@@ -127,6 +82,15 @@ def select(spec: RunSpec) -> TrainerEntry:
     raise UsageError(
         "measure runs data parallelism (ZeRO over --gpus); tensor and pipeline parallelism are predicted only"
     )
+
+
+class EngineReport(Tagged):
+    """An engine's per-rank account in a record (`measured.engine`; DeepSpeed's: `harness.zero.account`),
+    told apart by `kind`, the name of its TrainerEntry."""
+
+    @classmethod
+    def resolve(cls, kind: str) -> type:
+        return engine_report_type(kind)
 
 
 def engine_report_type(kind: str) -> type:

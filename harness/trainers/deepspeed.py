@@ -47,7 +47,7 @@ def init_distributed(device_type: str) -> None:
 
 
 class DeepSpeedTrainer:
-    """The `harness.trainers.Trainer` protocol over a DeepSpeed engine, with the per-rank account.
+    """The `harness.trainers.protocol.Trainer` protocol over a DeepSpeed engine, with the per-rank account.
 
     The term methods return device bytes (what a GPU holds); host bytes of offloaded state are in the
     account (`finish`). Snapshots are taken where the protocol asks: weights after the engine

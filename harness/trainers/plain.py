@@ -91,7 +91,7 @@ def _optimizer_state_tensors(opt) -> Iterator[torch.Tensor]:
 
 
 class PlainTrainer:
-    """Forward, backward and optimizer step of a plain (single-process) training run (`harness.trainers.Trainer`)."""
+    """Forward, backward and optimizer step of a plain (single-process) training run (`harness.trainers.protocol.Trainer`)."""
 
     def __init__(self, model: torch.nn.Module, spec: RunSpec, *, device_type: str, probe=None):
         self.model = model

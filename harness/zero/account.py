@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from harness.records import EngineReport
+from harness.trainers import EngineReport
 
 TERMS: tuple[str, ...] = ("weights", "gradients", "optimizer", "extras")
 """Model-state terms of the formulas, plus what DeepSpeed holds that no formula term names."""

@@ -1,0 +1,50 @@
+"""What `harness.measure` needs of an engine (`harness.trainers` lists the engines)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import torch
+
+from harness.records import Measurement
+
+
+class Trainer(Protocol):
+    """What `harness.measure` needs of an engine: the steps of training, and the bytes it holds by term.
+
+    Constructed as `cls(model, spec, device_type=..., probe=...)`, where `probe` is the measurement's memory
+    probe (its `tracker` labels live storages by phase). Byte methods count unique storages exactly, on the
+    accelerator (what decides an OOM); host bytes of offloaded state belong in the engine's report.
+    """
+
+    model: torch.nn.Module
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """One micro-batch's forward; returns the loss."""
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> None:
+        """The optimizer step (gradients are cleared after it)."""
+
+    def train_step(self, batches: list[dict]) -> None:
+        """grad_accum micro-batches, then one optimizer step."""
+
+    def infer(self, batch: dict) -> Any:
+        """One forward without gradients (inference mode)."""
+
+    def weight_bytes(self) -> int: ...
+
+    def buffer_bytes(self) -> int: ...
+
+    def gradient_bytes(self) -> int: ...
+
+    def optimizer_tensors(self) -> Iterable[torch.Tensor]:
+        """Every tensor of optimizer state, an fp32 master copy included."""
+
+    def optimizer_bytes(self) -> int: ...
+
+    def finish(self, measurement: Measurement) -> None:
+        """After the instrumented steps: set the engine's own view of the terms and its per-rank report
+        (`measurement.engine`); the plain trainer has nothing to add."""
