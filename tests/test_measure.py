@@ -198,6 +198,8 @@ def test_measure_cli_json_and_out(tmp_path):
            "--warmup", "0", "--format", "json", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    # Progress on stderr as the protocol goes, stdout left to the record.
+    assert "tmath: building gpt2 (reference) on cpu" in proc.stderr and "tmath: timed step 1 of 1" in proc.stderr
     record = json.loads(proc.stdout)
     assert record["status"] == "ok"
     assert set(record) >= {"spec", "predicted", "measured", "environment", "status", "harness_version"}
