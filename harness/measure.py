@@ -7,15 +7,18 @@ Protocol (after stas00/ml-engineering's benchmarks):
 3. Instrumented first step: activations = unique storages autograd saves during forward
    (`SavedTensorTracker`, parameters and buffers excluded), gradients after backward, optimizer
    state (with the fp32 master copy) after the step, peak allocated over the step.
-4. A second step, under `FlopCounterMode`: the steady-state peak (optimizer state now exists from the
-   start) and the counted FLOPs, cross-checked with the formulas.
-5. `warmup` untimed steps, then `steps` timed steps: CUDA events (perf_counter on CPU) per step;
+4. A second step for the steady-state peak (optimizer state now exists from the start), the phase it
+   happened in and the live bytes after every op of the step (a timeline, downsampled).
+5. A step of its own under `FlopCounterMode` (the first warm-up step, or one more when there is none):
+   the counted FLOPs, cross-checked with the formulas. The counter's bookkeeping allocates: it never runs
+   during a step whose memory is recorded.
+6. The remaining warm-up steps, then `steps` timed steps: CUDA events (perf_counter on CPU) per step;
    median, min, max.
 The engine is the spec's trainer (`harness.trainers`): the same steps for the plain trainer and DeepSpeed.
 Peaks: `torch.cuda.max_memory_allocated` on CUDA; on CPU and with fake tensors the exact
 `LiveTensorTracker` (a TorchDispatchMode), which is switched off for the timed steps. Python's cyclic
 GC is collected before and frozen during the measured steps, so a peak does not depend on its timing.
-`--device meta` runs steps 2-4 under FakeTensorMode: shapes without data, nothing allocated.
+`--device meta` runs steps 2-5 under FakeTensorMode: shapes without data, nothing allocated.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from formulas.predict import predict
 from formulas.spec import RunSpec
 from harness.environment import nvml_snapshot
 from harness.memtrack import LiveTensorTracker, SavedTensorTracker, unique_storage_bytes
-from harness.records import Measurement, StepTimes, Throughput
+from harness.records import Measurement, StepTimes, Throughput, Timeline
 from harness.trainers import check_measurable, resolve_device
 from harness.trainers.plain import param_dtype
 from harness.trainers.protocol import Trainer
@@ -56,7 +59,9 @@ MEASUREMENT_METHODS = {
         "meta": "LiveTensorTracker under FakeTensorMode over a step",
     },
     "step_ms": {"cuda": "CUDA events around each step", "cpu": "time.perf_counter around each step"},
-    "flops": "torch.utils.flop_counter.FlopCounterMode over one step",
+    "flops": "torch.utils.flop_counter.FlopCounterMode over a step of its own (the first warm-up step, or an "
+    "extra one), never a step whose memory is recorded",
+    "peak_phase": "the phase (tracker category) current when the step's peak was reached",
 }
 
 
@@ -260,12 +265,17 @@ def measure(spec: RunSpec, measured: Measurement | None = None, progress: Progre
             else:
                 _first_steps(measured, trainer, batches, probe, transformer_blocks(model), progress)
                 trainer.finish(measured)
-        if fake:
-            return measured
         step = trainer.infer if inference else trainer.train_step
         work = batches[0] if inference else batches
-        for i in range(spec.measurement.warmup):
-            progress(f"warm-up step {i + 1} of {spec.measurement.warmup}")
+        warmup = spec.measurement.warmup
+        progress("FLOP count step" + (" (the first warm-up step)" if warmup and not fake else ""))
+        with FlopCounterMode(display=False) as counter:
+            step(work)
+        measured.flops_counted = int(counter.get_total_flops())
+        if fake:
+            return measured
+        for i in range(1, warmup):
+            progress(f"warm-up step {i + 1} of {warmup}")
             step(work)
         times, cuda_stats = _timed_steps(step, work, spec.measurement.steps, cuda, progress)
     tokens = t.batch * t.seq * (1 if inference else t.grad_accum)
@@ -297,7 +307,7 @@ def _phased_step(trainer: Trainer, batches: list[dict], tracker: LiveTensorTrack
 
 def _first_steps(measured: Measurement, trainer: Trainer, batches, probe, blocks, progress: Progress) -> None:
     """Step 1 instrumented (activations, gradients, optimizer state, first-step peak); step 2 gives the
-    steady-state peak and, under FlopCounterMode (which allocates nothing), the counted FLOPs."""
+    steady-state peak, its phase and the step's timeline."""
     mem = measured.memory_bytes
     tracker = probe.tracker
     saved = SavedTensorTracker(exclude=trainer.model, modules=blocks)
@@ -320,6 +330,7 @@ def _first_steps(measured: Measurement, trainer: Trainer, batches, probe, blocks
         trainer.step()
         mem.peak_allocated_first_step = probe.peak()
         first_breakdown = dict(tracker.peak_snapshot)
+        first_phase = tracker.peak_category
     mem.optimizer = trainer.optimizer_bytes()
     # Also registers AdamW's `step` counters, which torch.tensor(0.) creates without a dispatched op.
     tracker.track(*trainer.optimizer_tensors(), category="optimizer")
@@ -333,14 +344,16 @@ def _first_steps(measured: Measurement, trainer: Trainer, batches, probe, blocks
     measured.activations_by_dtype = {str(k).removeprefix("torch."): v for k, v in saved.bytes_by_dtype.items()}
     measured.saved_parameter_bytes = saved.excluded_bytes
 
-    progress("steady step (peak, FLOPs)")
+    progress("steady step (peak)")
     with gc_frozen():
         probe.reset_peak()
-        with FlopCounterMode(display=False) as counter:
-            _phased_step(trainer, batches, tracker)
+        tracker.record_timeline()
+        _phased_step(trainer, batches, tracker)
+        tracker.record_timeline(False)
         mem.peak_allocated = probe.peak()
         measured.peak_breakdown = {"first_step": first_breakdown, "steady": dict(tracker.peak_snapshot)}
-    measured.flops_counted = int(counter.get_total_flops())
+        measured.peak_phase = {"first_step": first_phase, "steady": tracker.peak_category}
+    measured.timeline = Timeline.downsample(tracker.timeline)
 
 
 def _inference_steps(spec: RunSpec, measured: Measurement, trainer: Trainer, batch, probe) -> None:
@@ -350,14 +363,13 @@ def _inference_steps(spec: RunSpec, measured: Measurement, trainer: Trainer, bat
     probe.tracker.category = "activations"
     with gc_frozen():
         probe.reset_peak()
-        with FlopCounterMode(display=False) as counter:
-            output = trainer.infer(batch)
+        output = trainer.infer(batch)
         mem.peak_allocated = probe.peak()
         measured.peak_breakdown = {"inference": dict(probe.tracker.peak_snapshot)}
+        measured.peak_phase = {"inference": probe.tracker.peak_category}
     mem.kv_cache = unique_storage_bytes(_cache_tensors(output))
     mem.output = probe.live() - mem.after_model
     del output
-    measured.flops_counted = int(counter.get_total_flops())
     # Transformer Math 101's "Model Memory" is everything the model holds: weights and buffers.
     model_bytes = mem.weights + mem.buffers
     measured.inference_overhead = mem.peak_allocated / model_bytes if model_bytes else None

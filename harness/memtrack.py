@@ -220,7 +220,9 @@ class LiveTensorTracker(TorchDispatchMode):
     Each storage carries a category: ``track(..., category=...)`` sets it for existing tensors
     (and relabels them), and storages created by ops take the tracker's current ``category``
     (set it per phase, e.g. ``"forward"`` then ``"backward"``). ``snapshot()`` splits live
-    bytes by category and ``peak_snapshot`` is that split at the peak.
+    bytes by category and ``peak_snapshot`` is that split at the peak; ``peak_category`` is the category
+    that was current when the peak was reached (the phase the peak happened in). ``record_timeline()``
+    starts keeping the live bytes after every op with the current category, for a picture of a step.
 
     With ``FakeTensorMode``, enter the fake mode first and this tracker second, so that this
     (innermost) mode sees each op first and registers the fake outputs::
@@ -240,6 +242,9 @@ class LiveTensorTracker(TorchDispatchMode):
         self.live_bytes = 0
         self.peak_bytes = 0
         self.peak_snapshot: dict[str, int] = {}
+        self.peak_category = category
+        self.timeline: list[tuple[str, int]] | None = None
+        self._recording = False
         self._live_by_category: dict[str, int] = {}
         self._storages: dict[int, _LiveStorage] = {}
 
@@ -267,6 +272,13 @@ class LiveTensorTracker(TorchDispatchMode):
         """Start a new peak window at the current live bytes (e.g. before each step)."""
         self.peak_bytes = self.live_bytes
         self.peak_snapshot = self.snapshot()
+        self.peak_category = self.category
+
+    def record_timeline(self, on: bool = True) -> None:
+        """Keep (category, live bytes) after every op from now on; `on=False` stops (the timeline is kept)."""
+        self._recording = on
+        if on:
+            self.timeline = [(self.category, self.live_bytes)]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -285,6 +297,8 @@ class LiveTensorTracker(TorchDispatchMode):
                     continue
             self._register(storage, self.category)
         self._update_peak()
+        if self._recording:
+            self.timeline.append((self.category, self.live_bytes))
         return out
 
     def _register(self, storage: torch.UntypedStorage, category: str) -> _LiveStorage:
@@ -311,6 +325,7 @@ class LiveTensorTracker(TorchDispatchMode):
         if self.live_bytes > self.peak_bytes:
             self.peak_bytes = self.live_bytes
             self.peak_snapshot = self.snapshot()
+            self.peak_category = self.category
 
 
 def unique_storage_bytes(tensors: Iterable[torch.Tensor]) -> int:

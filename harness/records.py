@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 from formulas.spec import MeasuredDevice, Mode, RunSpec
 from harness.predictions import (
@@ -33,8 +33,10 @@ from harness.predictions import (
 from harness.schema import SchemaError, from_json, to_json
 from harness.trainers import EngineReport
 
-HARNESS_VERSION = "1"
-"""The measurement method's version: bumped whenever what is counted, how, or when changes."""
+HARNESS_VERSION = "2"
+"""The measurement method's version: bumped whenever what is counted, how, or when changes.
+1: the first records. 2: FLOPs counted on a step of their own (the counter's bookkeeping inflated the peaks
+of the steady step it ran in, by 26% under full recompute); the steady step's peak phase and timeline."""
 
 SCHEMA_VERSION = 2
 """1: the first records (no `schema_version` key). 2: predictions keyed by method name, FLOP formulas moved
@@ -111,6 +113,25 @@ class StepTimes:
 
 
 @dataclass
+class Timeline:
+    """Live bytes over one step, after each op, downsampled to at most `POINTS` (each the largest of its
+    stretch of ops, with the phase it was in): the picture of where a step's memory goes."""
+
+    live_bytes: list[int]
+    phase: list[str]
+
+    POINTS: ClassVar[int] = 400
+
+    @classmethod
+    def downsample(cls, samples: list[tuple[str, int]] | None) -> Timeline | None:
+        if not samples:
+            return None
+        size = -(-len(samples) // cls.POINTS)
+        kept = [max(samples[i : i + size], key=lambda s: s[1]) for i in range(0, len(samples), size)]
+        return cls(live_bytes=[b for _, b in kept], phase=[p for p, _ in kept])
+
+
+@dataclass
 class Throughput:
     """TFLOP/s from the median step: model (6P + attention), hardware (+ recompute), counted (FlopCounterMode)."""
 
@@ -145,6 +166,10 @@ class Measurement:
     saved_parameter_bytes: int | None = None
     peak_breakdown: dict[str, dict[str, int]] = field(default_factory=dict)
     """Per peak (first_step, steady, inference): the live bytes at it by the phase that allocated them."""
+    peak_phase: dict[str, str] = field(default_factory=dict)
+    """Per peak: the phase it happened in (activations: the forward, backward, optimizer step)."""
+    timeline: Timeline | None = None
+    """The steady step's live bytes, op by op (downsampled)."""
     inference_overhead: float | None = None
     """Inference: peak / (weights + buffers), against Transformer Math 101's 1.2."""
     engine: EngineReport | None = None

@@ -229,3 +229,48 @@ def test_cuda_protocol():
     assert m.activations_by_layer == [exact] * spec.model.arch.n_layers
     assert len(m.step_ms.all) == 3 and m.tflops.model > 0
     assert m.gpu is None or m.mfu > 0
+
+
+def _independent_steady_peak(spec, *, under_flop_counter: bool = False) -> int:
+    """The steady step's peak by a tracker of our own: the model, trainer and batches as `measure` makes
+    them, one step to create the optimizer state, then a fresh live-bytes tracker over the second."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from harness.measure import gc_frozen
+    from harness.memtrack import LiveTensorTracker
+    from harness.trainers.plain import PlainTrainer
+    from models.build import build_model, make_batch
+
+    torch.manual_seed(0)
+    t = spec.training
+    model = build_model(spec.model.arch, impl=spec.measurement.impl, recompute=t.recompute, device="cpu")
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    batches = [make_batch(spec.model.arch, t.batch, t.seq, device="cpu", generator=generator, impl=spec.measurement.impl)]
+    trainer = PlainTrainer(model, spec, device_type="cpu")
+    trainer.train_step(batches)
+    with LiveTensorTracker() as tracker:
+        tracker.track(*model.parameters(), *model.buffers(), *(v for b in batches for v in b.values()))
+        tracker.track(*trainer.optimizer_tensors())
+        with gc_frozen():
+            tracker.reset_peak()
+            if under_flop_counter:
+                with FlopCounterMode(display=False):
+                    trainer.train_step(batches)
+            else:
+                trainer.train_step(batches)
+    return tracker.peak_bytes
+
+
+@pytest.mark.parametrize("impl", ["reference", "hf"])
+def test_full_recompute_peak_is_not_inflated_by_the_flop_counter(impl):
+    """The steady step's peak equals an independent tracker's over the same step without FlopCounterMode;
+    the counter's own bookkeeping (it keeps what checkpointing recomputes) would have added to it."""
+    settings = {"model": "gpt2", "layers": 2, "hidden": 256, "heads": 4, "vocab": 512, "seq": 128, "batch": 2,
+                "precision": "fp32", "recompute": "full", "impl": impl}  # fmt: skip
+    spec, m = run(settings)
+    independent = _independent_steady_peak(spec)
+    assert m.memory_bytes.peak_allocated == independent
+    assert _independent_steady_peak(spec, under_flop_counter=True) > independent
+    assert m.flops_counted == matmul_flops_per_step(spec.model.arch, spec.training.batch, spec.training.seq, "full")
+    assert m.peak_phase["steady"] in ("activations", "backward", "optimizer step")
+    assert max(m.timeline.live_bytes) == m.memory_bytes.peak_allocated
