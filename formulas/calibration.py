@@ -3,10 +3,14 @@
 `tmath calibrate` fits these from measured runs (harness/calibrate.py) and writes them as JSON;
 this module only holds and applies them, so that the calculator stays free of torch.
 
-    peak allocated  ≈ α · predicted total + β          (allocator temporaries, workspace)
-    reserved        ≈ reserved_ratio · peak allocated  (caching-allocator fragmentation)
-    device used     ≈ reserved + context_bytes          (CUDA context, NVML's view)
+    peak allocated  ≈ peak_ratio[device][phase] · predicted peak   (a relative correction, per device kind
+                                                                   and per the phase the peak is in)
+    reserved        ≈ reserved_ratio · peak allocated              (caching-allocator fragmentation, CUDA)
+    device used     ≈ reserved + context_bytes                     (CUDA context and libraries, NVML's view)
     achieved TFLOP/s = achieved_fraction[gpu] · dense peak
+
+Ratios, not a byte intercept: an intercept fitted on large runs swamps every small one. Runs of different
+device kinds (cuda, cpu, meta) are fitted apart and a ratio applies only to predictions for its own kind.
 """
 
 from __future__ import annotations
@@ -20,40 +24,46 @@ from formulas import hardware
 from formulas.inference import INFERENCE_OVERHEAD
 from formulas.precision import compute_dtype
 
+ALL_PHASES = "all"
+"""The ratio of a device kind that applies whatever the phase (used when a phase has no ratio of its own)."""
+
 
 @dataclass(frozen=True)
 class Calibration:
-    peak_alpha: float = 1.0
-    """Slope of measured peak allocated bytes against the predicted total."""
-    peak_beta: float = 0.0
-    """Intercept, bytes: a fixed overhead whatever the model."""
+    peak_ratio: dict = field(default_factory=dict)
+    """device kind → phase (or `all`) → measured / predicted peak."""
     reserved_ratio: float = 1.0
-    """max_memory_reserved / max_memory_allocated."""
-    context_bytes: float = 0.0
-    """NVML used − reserved: memory outside PyTorch's allocator (CUDA context, libraries)."""
+    """max_memory_reserved / max_memory_allocated (CUDA runs)."""
+    context_bytes: float | None = None
+    """NVML used − reserved (CUDA runs): replaces the published CUDA context and cuBLAS workspaces."""
     inference_overhead: float = INFERENCE_OVERHEAD
     """Measured inference peak / weight bytes (Transformer Math 101's rule: 1.2)."""
     achieved_fraction: dict = field(default_factory=dict)
     """Achieved model TFLOP/s as a fraction of the dense peak of its dtype, by GPU name."""
     fit: dict = field(default_factory=dict)
-    """Goodness of fit of each factor: r², number of runs, residuals."""
+    """How each factor was fitted: runs, leave-one-out error against the uncalibrated error, ranges."""
     source: str = ""
     """Where the factors came from (results directory, date)."""
 
     def __post_init__(self) -> None:
-        if not self.peak_alpha > 0:
-            raise ValueError(f"calibration peak_alpha must be positive, got {self.peak_alpha!r}")
+        for device, ratios in self.peak_ratio.items():
+            for phase, ratio in ratios.items():
+                if not ratio > 0:
+                    raise ValueError(f"calibration peak_ratio[{device}][{phase}] must be positive, got {ratio!r}")
         if not self.reserved_ratio >= 1.0:
             raise ValueError(f"calibration reserved_ratio must be >= 1, got {self.reserved_ratio!r}")
         for gpu, frac in self.achieved_fraction.items():
             if not 0 < frac <= 1:
                 raise ValueError(f"calibration achieved_fraction[{gpu}] must be in (0, 1], got {frac!r}")
 
-    def peak_bytes(self, predicted_total: int) -> int:
-        return round(self.peak_alpha * predicted_total + self.peak_beta)
+    def ratio(self, device: str, phase: str) -> float | None:
+        """The fitted peak ratio for a prediction on `device` whose peak is in `phase`, or None."""
+        ratios = self.peak_ratio.get(device) or {}
+        return ratios.get(phase, ratios.get(ALL_PHASES))
 
-    def device_bytes(self, predicted_total: int) -> int:
-        return round(self.peak_bytes(predicted_total) * self.reserved_ratio + self.context_bytes)
+    def peak_bytes(self, peak: int, device: str, phase: str) -> int | None:
+        ratio = self.ratio(device, phase)
+        return None if ratio is None else round(ratio * peak)
 
     def achieved_tflops(self, gpu: hardware.GPU, precision: str) -> tuple[float, str]:
         """Calibrated achieved TFLOP/s for `gpu`, or the rule of thumb when it was not measured."""
@@ -73,12 +83,21 @@ class Calibration:
         """The factors of a calibration.json; an unknown key or a value of the wrong type is a ValueError
         naming it (a factor that silently kept its default would label an uncalibrated verdict calibrated)."""
         known = {f.name for f in fields(cls)}
+        if "peak_alpha" in data or "peak_beta" in data:
+            raise ValueError("peak_alpha/peak_beta are harness 1's byte fit: run `tmath calibrate` again for ratios")
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         for name in _NUMBERS:
             if name in data and not _is_number(data[name]):
                 raise ValueError(f"{name} must be a number, got {data[name]!r}")
+        if data.get("context_bytes") is not None and not _is_number(data["context_bytes"]):
+            raise ValueError(f"context_bytes must be a number, got {data['context_bytes']!r}")
+        ratios = data.get("peak_ratio", {})
+        if not isinstance(ratios, dict) or not all(
+            isinstance(v, dict) and all(_is_number(r) for r in v.values()) for v in ratios.values()
+        ):
+            raise ValueError(f"peak_ratio must map device kinds to phases to numbers, got {ratios!r}")
         fractions = data.get("achieved_fraction", {})
         if not isinstance(fractions, dict) or not all(_is_number(v) for v in fractions.values()):
             raise ValueError(f"achieved_fraction must map GPU names to numbers, got {fractions!r}")
@@ -106,7 +125,7 @@ class Calibration:
             raise ValueError(f"calibration file {path}: {exc}") from None
 
 
-_NUMBERS = ("peak_alpha", "peak_beta", "reserved_ratio", "context_bytes", "inference_overhead")
+_NUMBERS = ("reserved_ratio", "inference_overhead")
 
 
 def _is_number(value) -> bool:

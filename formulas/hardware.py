@@ -178,3 +178,34 @@ def default_tflops(gpu: GPU, precision: str) -> tuple[float, str]:
         f"of peak, applied to the {gpu.label} {dtype} peak of {peak:g}"
     )
     return fraction * peak, source
+
+
+CUDA_CONTEXT_BYTES = 287_047_680
+"""A CUDA context with lazy module loading, PyTorch's default since 1.13: 287,047,680 bytes of device memory
+(666,632,192 with eager loading), measured in pytorch/pytorch#86509. Outside PyTorch's caching allocator."""
+
+CUBLAS_WORKSPACE_BYTES = 8_519_680
+"""cuBLAS's workspace at PyTorch's default CUBLAS_WORKSPACE_CONFIG ":4096:2:16:8" (2 × 4 MiB + 8 × 16 KiB,
+aten/src/ATen/cuda/CublasHandlePool.cpp), per handle and stream."""
+
+_HOPPER = ("h100-pcie", "h100-sxm", "h200")
+_AMPERE_ADA_24GB = ("a100-40gb", "a100-80gb", "a10g", "l40s", "l4", "rtx-4090")
+
+
+def cublaslt_workspace_bytes(gpu: GPU) -> int:
+    """cuBLASLt's workspace as PyTorch sizes it (aten/src/ATen/cuda/CUDABlas.cpp, pytorch/pytorch#120925,
+    after NVIDIA's cuBLAS guide): 32 MiB on Hopper, 4 MiB on Ampere and Ada with ≥ 24 GB, 1 MiB otherwise."""
+    if gpu.name in _HOPPER:
+        return 32 * 2**20
+    return 4 * 2**20 if gpu.name in _AMPERE_ADA_24GB else 2**20
+
+
+def fixed_overheads(gpu: GPU) -> dict[str, int]:
+    """Device memory a training process holds whatever the model: published defaults, until a calibration
+    (`tmath calibrate` on CUDA runs) replaces them. The allocator's fragmentation is not among them: it is
+    fitted (reserved / allocated), not assumed."""
+    return {
+        "cuda_context": CUDA_CONTEXT_BYTES,
+        "cublas_workspace": CUBLAS_WORKSPACE_BYTES,
+        "cublaslt_workspace": cublaslt_workspace_bytes(gpu),
+    }

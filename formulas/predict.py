@@ -14,6 +14,7 @@ from formulas.inference import INFERENCE_OVERHEAD, InferenceMemory, inference_me
 from formulas.memory import ModelStates, model_state_bytes, params_per_model_shard
 from formulas.naive import NAIVE_METHODS, naive_memory, naive_params
 from formulas.params import largest_module_params
+from formulas.peak import PeakPrediction, step_peak, sum_of_terms, target_device
 from formulas.precision import (
     activation_bytes_per_element,
     compute_dtype,
@@ -72,6 +73,11 @@ class Prediction:
     sources: dict
     exact_params: int
     """P counted exactly from the architecture: what FLOPs, the token budget and time use, whatever the method."""
+    peak: PeakPrediction
+    """The step's predicted peak (`formulas.peak`); for the naive methods and what the walk does not model
+    (`--params` only, a DeepSpeed engine, tensor or pipeline parallelism) the sum of the terms, which says so."""
+    device: str
+    """The device the prediction is for: `cuda` (a GPU, the default), `cpu` or `meta` (`formulas.peak.target_device`)."""
     calibration: Calibration | None = None
 
     @property
@@ -79,14 +85,28 @@ class Prediction:
         return self.states.total + (self.activations or 0)
 
     @property
+    def overheads(self) -> dict[str, int]:
+        """The device's fixed overheads beside the peak: published defaults on a GPU, none on a CPU."""
+        return hardware.fixed_overheads(self.gpu) if self.device == "cuda" else {}
+
+    @property
     def calibrated_peak(self) -> int | None:
-        return None if self.calibration is None else self.calibration.peak_bytes(self.total)
+        """The peak corrected by the calibration's ratio for this device kind and phase (None: no such ratio)."""
+        if self.calibration is None:
+            return None
+        return self.calibration.peak_bytes(self.peak.bytes, self.device, self.peak.phase)
 
     @property
     def device_need(self) -> int:
-        """What the verdict weighs against the GPU's memory: the predicted total, or the calibrated device
-        total (peak × reserved ratio + context) when calibrated."""
-        return self.total if self.calibration is None else self.calibration.device_bytes(self.total)
+        """What the verdict weighs against the GPU's memory: the peak (calibrated when a ratio applies), the
+        allocator's reserve (calibrated reserved / allocated) and the fixed overheads (or the calibrated
+        context, which measures them together)."""
+        peak = self.calibrated_peak if self.calibrated_peak is not None else self.peak.bytes
+        if self.calibration is None:
+            return peak + sum(self.overheads.values())
+        context = self.calibration.context_bytes
+        fixed = sum(self.overheads.values()) if context is None or self.device != "cuda" else context
+        return round(peak * (self.calibration.reserved_ratio if self.device == "cuda" else 1.0) + fixed)
 
     @property
     def fits(self) -> bool:
@@ -105,6 +125,7 @@ class Prediction:
             "zero3_live_params": self.states.zero3_live_params,
             "activations": self.activations,
             "total": self.total,
+            "peak": self.peak.bytes,
         }
 
     def host_memory_bytes(self) -> dict:
@@ -157,6 +178,8 @@ class Prediction:
                 "tflops_bar": hardware.tflops_bar(self.gpu),
                 "fits": self.fits,
                 "headroom_bytes": self.headroom_bytes,
+                "device_need_bytes": self.device_need,
+                "overheads": self.overheads,
                 "source": self.gpu.source,
             },
             "inference": {
@@ -172,6 +195,8 @@ class Prediction:
                 "pp": self.spec.parallel.pp,
                 "zero": self.spec.parallel.zero,
             },
+            "peak": self.peak.to_dict(),
+            "device": self.device,
             "calibration": None,
             "spec": self.spec.to_dict(),
         }
@@ -190,7 +215,8 @@ class Prediction:
             out["calibration"] = {
                 **self.calibration.to_dict(),
                 "peak_allocated_bytes": self.calibrated_peak,
-                "device_bytes": self.calibration.device_bytes(self.total),
+                "peak_ratio_applied": self.calibration.ratio(self.device, self.peak.phase),
+                "device_bytes": self.device_need,
             }
         return out
 
@@ -202,6 +228,18 @@ def _korthikanti_activations(spec: RunSpec) -> act.ActivationBreakdown:
         recompute=t.recompute, attention=t.attention, tp=p.tp, sequence_parallel=p.sequence_parallel,
         partition_activations=p.partition_activations, pp=p.pp, in_flight=p.in_flight,
     )  # fmt: skip
+
+
+def _unmodelled_peak(spec: RunSpec) -> str:
+    """Why the step's peak is the sum of the terms for `spec` (the walk does not model it yet)."""
+    p = spec.parallel
+    if spec.model.arch is None:
+        return "no architecture (--params): no activations to walk"
+    if p.tp > 1 or p.pp > 1:
+        return "tensor and pipeline parallel steps are not walked yet"
+    if p.zero > 0 or p.gpus > 1:
+        return "a DeepSpeed engine's step is not walked yet"
+    return "inference is not a training step"
 
 
 def _activation_expression(spec: RunSpec) -> str:
@@ -280,11 +318,13 @@ def predict(spec: RunSpec, method: str = "korthikanti", calibration: Calibration
             terms = _korthikanti_activations(spec)
         activation = terms.total if terms is not None else None
         counted = params
+        peak = step_peak(spec, states, activation) or sum_of_terms(states, activation, _unmodelled_peak(spec))
     else:
         mlp4c = method == "naive-mlp4c"
         elem = weight_bytes_per_param(t.precision)
         states, activation = naive_memory(spec.model.arch, t.seq, t.batch, elem, mlp4c=mlp4c)
         counted = naive_params(spec.model.arch, mlp4c)
+        peak = sum_of_terms(states, activation, "the naive formula sums its terms")
 
     tokens_per_step = t.batch * t.seq * t.grad_accum
     per_token = compute.training_flops_per_token(params, arch, t.seq)
@@ -333,5 +373,7 @@ def predict(spec: RunSpec, method: str = "korthikanti", calibration: Calibration
         inference=infer,
         sources=_sources(spec, method),
         exact_params=params,
+        peak=peak,
+        device=target_device(spec.measurement.device),
         calibration=calibration,
     )

@@ -54,17 +54,12 @@ from dataclasses import dataclass, field
 from formulas import activations as act
 from formulas.architecture import Architecture
 from formulas.families import hf_family
+from formulas.layouts import INDEX_BYTES, NEOX_ROTARY_FRACTION
 from formulas.precision import activation_bytes_per_element, is_mixed
 from formulas.spec import IMPLS, MEASURED_DEVICES, RunSpec
 
-INDEX_BYTES = 8
-"""Token ids, labels and position ids are int64: saved by `Embedding` (indices) and `nll_loss` (target)."""
-
 FP32_BYTES = 4
 """Bytes of the fp32 tensors that kernels keep whatever the activation dtype (statistics, upcasts)."""
-
-NEOX_ROTARY_FRACTION = 0.25
-"""Pythia and GPT-NeoX-20B rotate a quarter of each head (`rotary_pct`; `models.hf.NEOX_ROTARY_PCT`)."""
 
 SDPA_GQA_MAX_HEAD_DIM = 256
 """transformers `use_gqa_in_sdpa`: SDPA gets `enable_gqa` only without a mask and for head_dim <= 256."""

@@ -3,9 +3,14 @@
     tmath calibrate results/a100-node                        # results/a100-node/calibration.json
     tmath predict --model llama-2-7b --calibration results/a100-node/calibration.json
 
-Factors (the model of `formulas.calibration.Calibration`), each fitted by least squares (numpy):
-- peak_alpha, peak_beta: measured peak allocated ≈ α · predicted total + β over the training runs
-  (allocator temporaries, workspaces and whatever the formulas miss); r², residuals in bytes;
+Factors (the model of `formulas.calibration.Calibration`):
+- peak_ratio[device][phase]: measured peak allocated / the predicted peak (`formulas.peak`, recomputed with
+  today's formulas for the device each run ran on), the median over the runs of one device kind whose
+  predicted peak is in that phase (at least `MIN_PHASE_RUNS` of them), else over all runs of that kind
+  (`all`). Device kinds (cuda, cpu, meta) are never pooled. Each ratio is validated leave-one-out: every run
+  is predicted with the ratio fitted without it, and a device kind whose leave-one-out median |error| is not
+  below its uncalibrated median |error| gets no ratio (`fit` says why): a calibration never makes a
+  prediction worse.
 - reserved_ratio: peak reserved ≈ ratio · peak allocated, through the origin (caching-allocator
   fragmentation; CUDA runs only);
 - context_bytes: NVML used − peak reserved, its mean (the CUDA context and libraries, outside
@@ -14,18 +19,112 @@ Factors (the model of `formulas.calibration.Calibration`), each fitted by least 
   against Transformer Math 101's 1.2 (runs with `mode: inference`);
 - achieved_fraction[gpu]: the median MFU (model TFLOP/s over the dense peak of the run's dtype)
   of each GPU's timed training runs.
-CUDA runs are used whenever the results hold any; otherwise the ok runs of the devices present
-(CPU and fake-tensor peaks from the exact tracker), and `source` and `fit` say so. A factor that
-cannot be fitted keeps its default, and `fit[factor]` says why.
+A factor that cannot be fitted keeps its default, and `fit[factor]` says why.
 """
 
 from __future__ import annotations
 
+import statistics
+from dataclasses import dataclass
+
 import numpy as np
 
-from formulas.calibration import Calibration
+from formulas.calibration import ALL_PHASES, Calibration
 from harness.errors import UsageError
+from harness.predictions import BY_NAME
 from harness.records import Record
+from harness.results import run_label
+
+MIN_PHASE_RUNS = 3
+"""Runs of one device kind and phase needed for a ratio of its own (else the device kind's `all`)."""
+
+
+@dataclass(frozen=True)
+class PeakPair:
+    """One run's measured peak beside today's predicted peak for it."""
+
+    label: str
+    device: str
+    phase: str
+    predicted: int
+    measured: int
+
+    @property
+    def ratio(self) -> float:
+        return self.measured / self.predicted
+
+
+def peak_pairs(records: list[Record]) -> list[PeakPair]:
+    """Every ok training run with a measured peak and a walked prediction (not the sum-of-terms fallback)."""
+    out = []
+    for r in records:
+        if r.status != "ok" or r.spec.measurement.mode != "train" or not r.measured.memory_bytes.peak_allocated:
+            continue
+        peak = BY_NAME["peak"].predict(r.spec, r.device)
+        if peak is None or peak.phase == "none" or peak.bytes <= 0:
+            continue
+        out.append(PeakPair(run_label(r.spec, device=r.device), r.device, peak.phase, peak.bytes,
+                            r.measured.memory_bytes.peak_allocated))  # fmt: skip
+    return out
+
+
+def fit_ratios(pairs: list[PeakPair]) -> dict[str, float]:
+    """phase (and `all`) → the median ratio, for one device kind's pairs."""
+    if not pairs:
+        return {}
+    out = {ALL_PHASES: statistics.median(p.ratio for p in pairs)}
+    for phase in sorted({p.phase for p in pairs}):
+        chosen = [p.ratio for p in pairs if p.phase == phase]
+        if len(chosen) >= MIN_PHASE_RUNS:
+            out[phase] = statistics.median(chosen)
+    return out
+
+
+def _applied(ratios: dict[str, float], pair: PeakPair) -> float | None:
+    return ratios.get(pair.phase, ratios.get(ALL_PHASES))
+
+
+def leave_one_out(pairs: list[PeakPair]) -> dict:
+    """|error| of each run uncalibrated and with the ratio fitted without it (one device kind)."""
+    plain, loo = [], []
+    for i, pair in enumerate(pairs):
+        plain.append(abs(pair.predicted / pair.measured - 1))
+        ratio = _applied(fit_ratios(pairs[:i] + pairs[i + 1 :]), pair)
+        loo.append(abs((ratio if ratio is not None else 1.0) * pair.predicted / pair.measured - 1))
+    return {
+        "n": len(pairs),
+        "uncalibrated_median_abs_error": statistics.median(plain),
+        "uncalibrated_max_abs_error": max(plain),
+        "loo_median_abs_error": statistics.median(loo),
+        "loo_max_abs_error": max(loo),
+    }
+
+
+def calibrate_peaks(records: list[Record]) -> tuple[dict, dict]:
+    """(peak_ratio, fit): a ratio per device kind and phase where leave-one-out says it helps."""
+    ratios: dict = {}
+    fit: dict = {}
+    pairs = peak_pairs(records)
+    for device in sorted({p.device for p in pairs}):
+        mine = [p for p in pairs if p.device == device]
+        fitted = fit_ratios(mine)
+        check = leave_one_out(mine) if len(mine) >= 2 else {"n": len(mine)}
+        entry = {
+            "ratios": fitted,
+            **check,
+            "phases": {ph: sum(p.phase == ph for p in mine) for ph in sorted({p.phase for p in mine})},
+        }
+        if len(mine) < 2:
+            entry["refused"] = "one run: nothing to validate a ratio against"
+        elif check["loo_median_abs_error"] >= check["uncalibrated_median_abs_error"]:
+            entry["refused"] = (
+                f"leave-one-out median |error| {check['loo_median_abs_error']:.2%} is not below the uncalibrated "
+                f"{check['uncalibrated_median_abs_error']:.2%}: no ratio (a calibration must not make things worse)"
+            )
+        else:
+            ratios[device] = fitted
+        fit[device] = entry
+    return ratios, fit
 
 
 def _mem(record: Record, key: str) -> float | None:
@@ -54,24 +153,6 @@ def _r2(y, predicted) -> float | None:
     return 1.0 - float(np.sum((y - predicted) ** 2)) / ss_tot
 
 
-def fit_line(x, y) -> tuple[float, float, dict]:
-    """y ≈ α·x + β by least squares; a single distinct x fixes β = 0 (a ratio)."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if len(set(x.tolist())) >= 2:
-        # Scale x and y to O(1) before solving: byte counts of 1e10 make the normal equations ill-conditioned.
-        sx, sy = float(np.max(np.abs(x))) or 1.0, float(np.max(np.abs(y))) or 1.0
-        a = np.column_stack([x / sx, np.ones_like(x)])
-        (slope, intercept), *_ = np.linalg.lstsq(a, y / sy, rcond=None)
-        alpha, beta, note = float(slope * sy / sx), float(intercept * sy), None
-    else:
-        alpha, beta, note = float(np.sum(x * y) / np.sum(x * x)), 0.0, "one distinct predicted total: β fixed at 0"
-    fitted = alpha * x + beta
-    stats = {"n": len(x), "r2": _r2(y, fitted), "residuals_bytes": _residuals(y - fitted, y)}
-    if note:
-        stats["note"] = note
-    return alpha, beta, stats
-
-
 def fit_ratio(x, y) -> tuple[float, dict]:
     """y ≈ k·x through the origin: k = Σxy / Σx²."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
@@ -92,50 +173,27 @@ def _default(reason: str, value) -> dict:
     return {"n": 0, "kept_default": value, "reason": reason}
 
 
-def select_runs(records: list[Record], device: str | None = None) -> tuple[list[Record], str]:
-    """The ok runs to fit: CUDA ones when any (or `device`'s), else every ok run; and a description."""
-    ok = [r for r in records if r.status == "ok"]
-    if not ok:
-        raise UsageError("no ok runs to calibrate from")
-
-    def dev(r: Record) -> str:
-        return r.device
-
-    if device is not None:
-        pool = [r for r in ok if dev(r) == device]
-        if not pool:
-            present = ", ".join(sorted({str(dev(r)) for r in ok}))
-            raise UsageError(f"no ok {device} runs to calibrate from (devices present: {present})")
-        return pool, f"{len(pool)} ok {device} runs (chosen with --device)"
-    cuda = [r for r in ok if dev(r) == "cuda"]
-    if cuda:
-        return cuda, f"{len(cuda)} ok cuda runs"
-    devices = ", ".join(sorted({str(dev(r)) for r in ok}))
-    return ok, f"{len(ok)} ok {devices} runs (no CUDA runs: peaks from the exact CPU tracker, no allocator overheads)"
-
-
 def calibrate(records: list[Record], source: str = "", device: str | None = None) -> Calibration:
-    """The fitted `Calibration` of `records` (ok runs; CUDA ones when there are any)."""
+    """The fitted `Calibration` of `records` (ok runs; only `device`'s when given). A UsageError when nothing
+    can be fitted, or when every peak ratio would make predictions worse and nothing else is fitted."""
     defaults = Calibration()
-    pool, described = select_runs(records, device)
+    pool = [r for r in records if r.status == "ok" and (device is None or r.device == device)]
+    if not pool:
+        present = ", ".join(sorted({r.device for r in records if r.status == "ok"})) or "none"
+        what = f"ok {device} runs" if device else "ok runs"
+        raise UsageError(f"no {what} to calibrate from (ok runs' devices: {present})")
+    kinds = ", ".join(f"{sum(r.device == d for r in pool)} {d}" for d in sorted({r.device for r in pool}))
+    described = f"{len(pool)} ok runs ({kinds}; device kinds fitted apart)"
     train = [r for r in pool if r.spec.measurement.mode != "inference"]
     inference = [r for r in pool if r.spec.measurement.mode == "inference"]
     cuda = [r for r in pool if r.measured.device == "cuda"]
     fit: dict = {"runs": described}
     values: dict = {}
 
-    # Peak allocated ≈ α · predicted total + β.
-    pairs = [(float(r.prediction("korthikanti").memory_bytes.total), _mem(r, "peak_allocated")) for r in train]
-    pairs = [(x, y) for x, y in pairs if x and y is not None and x > 0]
-    if pairs:
-        alpha, beta, stats = fit_line(*zip(*pairs, strict=True))
-        if alpha > 0:
-            values["peak_alpha"], values["peak_beta"] = alpha, beta
-            fit["peak"] = {"model": "peak_allocated ≈ α·predicted_total + β", **stats}
-        else:
-            fit["peak"] = _default(f"fitted α = {alpha:.3g} is not positive", [defaults.peak_alpha, defaults.peak_beta])
-    else:
-        fit["peak"] = _default("no training runs with a measured peak", [defaults.peak_alpha, defaults.peak_beta])
+    # Peak allocated ≈ ratio[device][phase] · predicted peak, kept only where leave-one-out says it helps.
+    ratios, fit["peak_ratio"] = calibrate_peaks(train)
+    if ratios:
+        values["peak_ratio"] = ratios
 
     # Reserved ≈ ratio · allocated (CUDA's caching allocator).
     pairs = [(_mem(r, "peak_allocated"), _mem(r, "peak_reserved")) for r in cuda]
@@ -196,4 +254,7 @@ def calibrate(records: list[Record], source: str = "", device: str | None = None
     else:
         fit["achieved_fraction"] = _default("no timed GPU runs with an MFU", {})
 
+    if not values:
+        checked = "; ".join(f"{d}: {e.get('refused', 'no ratio')}" for d, e in fit["peak_ratio"].items())
+        raise UsageError(f"nothing to calibrate: {checked or 'no training run with a walked peak prediction'}")
     return Calibration(**values, fit=fit, source=f"{source}: {described}" if source else described)

@@ -56,14 +56,19 @@ def add_setting(group, s: Setting) -> None:
     group.add_argument(s.flag, **options)
 
 
-def add_run_settings(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
-    """An argument group per RunSpec section, a flag per setting."""
+def add_run_settings(parser: argparse.ArgumentParser, sections: tuple[str, ...], also: tuple[str, ...] = ()) -> None:
+    """An argument group per RunSpec section, a flag per setting; `also` names single settings of other
+    sections (`tmath predict` takes the measurement's `impl` and `device`: the implementation it predicts for)."""
     for section in sections:
         title = (SECTIONS[section].__doc__ or section).strip().splitlines()[0]
         group = parser.add_argument_group(title)
         for s in settings().values():
             if s.section == section:
                 add_setting(group, s)
+    if also:
+        group = parser.add_argument_group("implementation and device the prediction is for")
+        for key in also:
+            add_setting(group, settings()[key])
 
 
 def spec_from_args(args: argparse.Namespace, **given) -> RunSpec:

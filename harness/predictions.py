@@ -24,8 +24,9 @@ from typing import Any
 from formulas.activations import ActivationBreakdown
 from formulas.compute import matmul_flops_per_step
 from formulas.inference import InferenceMemory
+from formulas.peak import PeakPrediction
 from formulas.predict import Flops, predict
-from formulas.spec import RunSpec
+from formulas.spec import MEASURED_DEVICES, RunSpec
 from formulas.variants import ImplementationSummary, implementation_summary
 from harness.schema import SchemaError, from_json, to_json
 from harness.zero.estimator import EstimatorPrediction, deepspeed_estimate
@@ -76,6 +77,8 @@ class MemoryTerms:
     zero3_live_params: int | None
     activations: int | None
     total: int
+    peak: int | None = None
+    """The step's predicted peak (`formulas.peak`), the same as the `peak` method's."""
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,19 @@ def _implementation_terms(p: ImplementationSummary, spec: RunSpec, device: str) 
     return Terms(activations=p.total, activations_per_layer=per_layer)
 
 
+def _peak(spec: RunSpec, device: str | None) -> PeakPrediction | None:
+    """The step's predicted peak for the device the run was measured on (`formulas.peak`)."""
+    if spec.model.arch is None or spec.measurement.mode != "train":
+        return None
+    if device in MEASURED_DEVICES:
+        spec = spec.replace(device=device)
+    return predict(spec).peak
+
+
+def _peak_terms(p: PeakPrediction, spec: RunSpec, device: str) -> Terms:
+    return Terms(peak=p.bytes) if not _inference(spec) else Terms()
+
+
 def _estimator_terms(p: EstimatorPrediction, spec: RunSpec, device: str) -> Terms:
     if _inference(spec):
         return Terms()
@@ -230,6 +246,9 @@ METHODS: tuple[Method, ...] = (
            "its 4C-MLP correction"),
     Method("deepspeed", "deepspeed", EstimatorPrediction, lambda s, d: deepspeed_estimate(s), _estimator_terms,
            "DeepSpeed's ZeRO estimator (model states, ZeRO runs only)"),
+    Method("peak", "peak", PeakPrediction, _peak, _peak_terms,
+           "the step's peak walked phase by phase for the implementation and device that ran (`formulas/peak.py`; "
+           "where the walk does not reach, the sum of the terms)"),
 )  # fmt: skip
 BY_NAME: dict[str, Method] = {m.name: m for m in METHODS}
 

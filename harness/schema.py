@@ -100,6 +100,12 @@ def from_json(tp: Any, data: Any, where: str = "") -> Any:
             raise _fail(where, "a list", data)
         (item,) = get_args(tp) or (Any,)
         return [from_json(item, v, f"{where}[{i}]") for i, v in enumerate(data)]
+    if origin is tuple:
+        if not isinstance(data, list):
+            raise _fail(where, "a list", data)
+        args = get_args(tp)
+        item = args[0] if args else Any
+        return tuple(from_json(item, v, f"{where}[{i}]") for i, v in enumerate(data))
     if origin is dict or tp is dict:
         if not isinstance(data, dict):
             raise _fail(where, "an object", data)

@@ -1,4 +1,4 @@
-"""`tmath calibrate` recovers known factors from synthetic records; `tmath check` exit codes and the scaled bar."""
+"""`tmath calibrate` recovers known factors from synthetic records and refuses ratios that make things worse; `tmath check` exit codes and the scaled bar."""
 
 from __future__ import annotations
 
@@ -7,18 +7,19 @@ import json
 
 import pytest
 
-from formulas.calibration import Calibration
+from formulas.calibration import ALL_PHASES, Calibration
 from formulas.hardware import GPUS, tflops_bar
-from harness.calibrate import calibrate, fit_line, fit_ratio
+from harness.calibrate import PeakPair, calibrate, fit_ratio, leave_one_out
 from harness.check import check_records, judge
 from harness.cli import main
 from harness.errors import UsageError
+from harness.predictions import BY_NAME
 from harness.records import Environment, GpuInfo, Record
 from harness.results import append_record
 from harness.specbuild import build_spec
 from tests.helpers import make_record
 
-ALPHA, BETA = 1.25, 3 * 2**28
+RATIO = 1.25
 RESERVED, CONTEXT = 1.125, 5 * 2**27
 INFERENCE = 1.375
 
@@ -35,18 +36,19 @@ def edited(r: Record, edit) -> Record:
     return Record.from_dict(data)
 
 
-def cuda_run(batch: int, gpu: str = "a100-80gb", mfu: float = 0.4, mode: str = "train") -> Record:
-    """A CUDA record whose memory follows the factors above exactly (integers, as measured)."""
+def predicted_peak(r: Record) -> int:
+    return BY_NAME["peak"].predict(r.spec, r.device).bytes
+
+
+def cuda_run(batch: int, gpu: str = "a100-80gb", mfu: float = 0.4, mode: str = "train", ratio=RATIO) -> Record:
+    """A CUDA record whose memory follows the factors above (integers, as measured)."""
     r = record({"batch": batch, "mode": mode, "device": "cuda", "gpu": gpu}, {})
-    formula = r.prediction("korthikanti").memory_bytes
-    total = formula.total * 4  # a multiple of 4: α·total is an integer
-    weights = formula.weights * 8
-    peak = INFERENCE * weights if mode == "inference" else ALPHA * total + BETA
-    reserved = RESERVED * peak
+    weights = r.prediction("korthikanti").memory_bytes.weights * 8
+    peak = round(INFERENCE * weights if mode == "inference" else ratio * predicted_peak(r))
+    reserved = round(RESERVED * peak)
     tflops = mfu * GPUS[gpu].peak("bf16")
 
     def edit(data):
-        data["predicted"]["korthikanti"]["memory_bytes"]["total"] = total
         data["measured"] = {
             "device": "cuda",
             "gpu": gpu,
@@ -54,22 +56,21 @@ def cuda_run(batch: int, gpu: str = "a100-80gb", mfu: float = 0.4, mode: str = "
             "tflops": {"model": tflops, "hardware": tflops, "counted": tflops},
             "memory_bytes": {
                 "weights": weights,
-                "peak_allocated": int(peak),
-                "peak_reserved": int(reserved),
-                "nvml_used": int(reserved + CONTEXT),
+                "peak_allocated": peak,
+                "peak_reserved": reserved,
+                "nvml_used": reserved + CONTEXT,
             },
         }
 
-    assert peak == int(peak) and reserved == int(reserved)
     return edited(r, edit)
 
 
-def cpu_run(batch: int, ratio: float = 2.0) -> Record:
-    r = record({"batch": batch, "device": "cpu"}, {}, device="cpu")
-    total = r.prediction("korthikanti").memory_bytes.total
+def cpu_run(batch: int, ratio: float = 2.0, **settings) -> Record:
+    r = record({"batch": batch, "device": "cpu", **settings}, {}, device="cpu")
+    peak = round(ratio * predicted_peak(r))
 
     def edit(data):
-        data["measured"]["memory_bytes"] = {"weights": 1, "peak_allocated": int(ratio * total)}
+        data["measured"]["memory_bytes"] = {"weights": 1, "peak_allocated": peak}
         data["measured"]["tflops"] = {"model": 0.05, "hardware": 0.05, "counted": 0.05}
 
     return edited(r, edit)
@@ -79,30 +80,63 @@ def synthetic_records() -> list[Record]:
     runs = [cuda_run(b, "a100-80gb", mfu) for b, mfu in ((1, 0.40), (2, 0.45), (4, 0.50), (8, 0.47))]
     runs += [cuda_run(b, "h100-sxm", mfu) for b, mfu in ((1, 0.30), (16, 0.35))]
     runs += [cuda_run(b, mode="inference", mfu=0.2) for b in (1, 3)]
-    runs += [cpu_run(b) for b in (1, 2, 3)]  # ignored: CUDA runs exist
+    runs += [cpu_run(b, ratio=2.0) for b in (1, 2, 3)]  # fitted apart from the CUDA runs
     runs.append(record({"batch": 5}, {}, status="oom"))
     return runs
 
 
 def test_calibrate_recovers_known_factors():
     cal = calibrate(synthetic_records(), source="synthetic")
-    assert cal.peak_alpha == pytest.approx(ALPHA, rel=1e-9)
-    assert cal.peak_beta == pytest.approx(BETA, rel=1e-9)
-    assert cal.reserved_ratio == pytest.approx(RESERVED, rel=1e-12)
-    assert cal.context_bytes == pytest.approx(CONTEXT, rel=1e-12)
-    assert cal.inference_overhead == pytest.approx(INFERENCE, rel=1e-12)
+    # Device kinds are never pooled: the CUDA runs' ratio is 1.25 and the CPU runs' 2.0.
+    phases = cal.fit["peak_ratio"]["cuda"]["phases"]
+    assert cal.peak_ratio["cuda"][ALL_PHASES] == pytest.approx(RATIO, rel=1e-6)
+    assert all(cal.peak_ratio["cuda"][phase] == pytest.approx(RATIO, rel=1e-6) for phase, n in phases.items() if n >= 3)
+    assert cal.peak_ratio["cpu"][ALL_PHASES] == pytest.approx(2.0, rel=1e-6)
+    assert cal.fit["peak_ratio"]["cuda"]["n"] == 6 and cal.fit["peak_ratio"]["cpu"]["n"] == 3
+    assert cal.fit["peak_ratio"]["cuda"]["loo_median_abs_error"] < 1e-6
+    assert cal.fit["peak_ratio"]["cuda"]["uncalibrated_median_abs_error"] == pytest.approx(0.2, rel=1e-5)
+    assert cal.reserved_ratio == pytest.approx(RESERVED, rel=1e-6)
+    assert cal.context_bytes == pytest.approx(CONTEXT, rel=1e-6)
+    assert cal.inference_overhead == pytest.approx(INFERENCE, rel=1e-6)
     # Medians of the training runs: A100 (0.40, 0.45, 0.47, 0.50 → 0.46), H100 (0.30, 0.35 → 0.325).
     assert cal.achieved_fraction["a100-80gb"] == pytest.approx(0.46)
     assert cal.achieved_fraction["h100-sxm"] == pytest.approx(0.325)
-    assert cal.fit["peak"]["n"] == 6 and cal.fit["peak"]["r2"] == pytest.approx(1.0)
-    assert cal.fit["peak"]["residuals_bytes"]["max_abs"] < 1e-3 * BETA
     assert cal.fit["reserved_ratio"]["n"] == 8 and cal.fit["inference_overhead"]["n"] == 2
     assert "cuda" in cal.source and "synthetic" in cal.source
 
 
+def test_a_ratio_applies_only_to_its_own_device_kind_and_phase():
+    cal = Calibration(peak_ratio={"cuda": {ALL_PHASES: 1.1, "optimizer step": 1.5}})
+    assert cal.ratio("cuda", "optimizer step") == 1.5 and cal.ratio("cuda", "forward") == 1.1
+    assert cal.ratio("cpu", "forward") is None and cal.peak_bytes(1000, "meta", "forward") is None
+
+
+def test_leave_one_out_is_reported_beside_the_uncalibrated_error():
+    # Ratios 1.10, 1.20, 1.30 (one phase): uncalibrated |error|s 9.1%, 16.7%, 23.1%; leave-one-out each run is
+    # predicted with the median of the other two (1.25, 1.20, 1.15): 13.6%, 0%, 11.5%.
+    pairs = [PeakPair(f"r{i}", "cpu", "forward", 1000, round(1000 * k)) for i, k in enumerate((1.1, 1.2, 1.3))]
+    check = leave_one_out(pairs)
+    assert check["uncalibrated_median_abs_error"] == pytest.approx(1 - 1000 / 1200)
+    assert check["loo_median_abs_error"] == pytest.approx(1 - 1.15 * 1000 / 1300)
+    assert check["loo_median_abs_error"] < check["uncalibrated_median_abs_error"]
+    assert check["loo_max_abs_error"] == pytest.approx(1.25 * 1000 / 1100 - 1)
+
+
+def test_a_ratio_that_would_make_predictions_worse_is_refused():
+    # Predictions already right on average, scattered both ways: any ratio fitted without a run moves it
+    # away, so leave-one-out is worse than no calibration and no ratio is written.
+    runs = [cpu_run(b, ratio=k) for b, k in ((1, 0.9), (2, 1.1), (3, 0.95), (4, 1.05))]
+    with pytest.raises(UsageError, match=r"cpu: leave-one-out median .* is not below the uncalibrated"):
+        calibrate(runs)
+    # With something else to write, the refusal is recorded in the file and the ratio left out.
+    cal = calibrate([*runs, cuda_run(1, mode="inference"), cuda_run(2, mode="inference")])
+    assert "cpu" not in cal.peak_ratio and "not below" in cal.fit["peak_ratio"]["cpu"]["refused"]
+    assert cal.inference_overhead == pytest.approx(INFERENCE, rel=1e-6)
+
+
 def test_calibrate_without_cuda_keeps_defaults_and_says_why():
     cal = calibrate([cpu_run(b, ratio=2.0) for b in (1, 2, 4)])
-    assert cal.peak_alpha == pytest.approx(2.0, rel=1e-9) and abs(cal.peak_beta) < 1e-3
+    assert cal.peak_ratio == {"cpu": pytest.approx({ALL_PHASES: 2.0, **cal.peak_ratio["cpu"]}, rel=1e-6)}
     default = Calibration()
     assert (cal.reserved_ratio, cal.context_bytes, cal.inference_overhead) == (
         default.reserved_ratio,
@@ -112,7 +146,7 @@ def test_calibrate_without_cuda_keeps_defaults_and_says_why():
     assert cal.achieved_fraction == {}
     for factor in ("reserved_ratio", "context_bytes", "inference_overhead", "achieved_fraction"):
         assert cal.fit[factor]["n"] == 0 and cal.fit[factor]["reason"], factor
-    assert "no CUDA runs" in cal.source and "cpu" in cal.source
+    assert "3 cpu" in cal.source
 
 
 def test_calibrate_needs_ok_runs():
@@ -120,15 +154,18 @@ def test_calibrate_needs_ok_runs():
         calibrate([record({}, {}, status="oom")])
     with pytest.raises(UsageError, match="no ok meta runs"):
         calibrate([cpu_run(1)], device="meta")
+    with pytest.raises(UsageError, match="one run: nothing to validate"):
+        calibrate([cpu_run(1)])
 
 
-def test_fits():
-    alpha, beta, stats = fit_line([1e9, 2e9, 3e9], [1.5e9 + 7, 3e9 + 7, 4.5e9 + 7])
-    assert alpha == pytest.approx(1.5, rel=1e-12) and beta == pytest.approx(7, abs=1e-3) and stats["r2"] == 1.0
-    alpha, beta, stats = fit_line([2e9, 2e9], [3e9, 3e9])
-    assert (alpha, beta) == (1.5, 0.0) and "β fixed at 0" in stats["note"]
+def test_fit_ratio():
     k, stats = fit_ratio([1.0, 2.0], [1.2, 2.4])
-    assert k == pytest.approx(1.2) and stats["ratio_median"] == pytest.approx(1.2)
+    assert k == pytest.approx(1.2) and stats["ratio_median"] == pytest.approx(1.2) and stats["r2"] == 1.0
+
+
+def test_an_old_byte_fit_is_refused_with_what_to_do():
+    with pytest.raises(ValueError, match="run `tmath calibrate` again"):
+        Calibration.from_dict({"peak_alpha": 1.2, "peak_beta": 1e8})
 
 
 def test_calibrate_cli_writes_what_predict_applies(tmp_path, capsys):
@@ -137,18 +174,27 @@ def test_calibrate_cli_writes_what_predict_applies(tmp_path, capsys):
         append_record(runs, r)
     assert main(["calibrate", str(runs.parent)]) == 0
     out = capsys.readouterr().out
-    assert "1.2500 · predicted total" in out and "calibration.json" in out
+    assert "peak allocated / predicted peak on cuda: all 1.2500" in out and "calibration.json" in out
+    assert "20.00% uncalibrated, 0.00% leave-one-out" in out
     path = runs.parent / "calibration.json"
     cal = Calibration.load(path)
-    assert cal.peak_alpha == pytest.approx(ALPHA) and json.loads(path.read_text())["fit"]["peak"]["n"] == 6
+    assert json.loads(path.read_text())["fit"]["peak_ratio"]["cuda"]["n"] == 6
     code = main(["predict", "--model", "gpt2", "--seq", "1024", "--calibration", str(path), "--format", "json"])
     assert code == 0
     pred = json.loads(capsys.readouterr().out)
-    total = pred["memory_bytes"]["total"]
-    assert pred["calibration"]["peak_allocated_bytes"] == round(ALPHA * total + BETA)
+    ratio = cal.ratio("cuda", pred["peak"]["phase"])
+    assert pred["calibration"]["peak_ratio_applied"] == ratio
+    assert pred["calibration"]["peak_allocated_bytes"] == round(ratio * pred["memory_bytes"]["peak"])
+    assert pred["calibration"]["device_bytes"] == round(pred["calibration"]["peak_allocated_bytes"] * cal.reserved_ratio
+                                                        + cal.context_bytes) == pred["hardware"]["device_need_bytes"]  # fmt: skip
     assert "calibrated" in pred["training"]["tflops_source"]
     assert main(["predict", "--model", "gpt2", "--seq", "1024", "--calibration", str(path)]) == 0
     assert "calibrated" in capsys.readouterr().out
+    # A CPU prediction takes the CPU runs' ratio, not the CUDA one.
+    assert main(["predict", "--model", "gpt2", "--seq", "1024", "--device", "cpu", "--calibration", str(path),
+                 "--format", "json"]) == 0  # fmt: skip
+    pred = json.loads(capsys.readouterr().out)
+    assert pred["calibration"]["peak_ratio_applied"] == cal.ratio("cpu", pred["peak"]["phase"])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -82,15 +82,14 @@ def test_naive_method(capsys):
 
 def test_calibration_applied(tmp_path, capsys):
     cal = tmp_path / "calibration.json"
-    cal.write_text(json.dumps({"peak_alpha": 1.1, "peak_beta": 1e9, "reserved_ratio": 1.05, "context_bytes": 5e8,
+    cal.write_text(json.dumps({"peak_ratio": {"cuda": {"all": 1.1}}, "reserved_ratio": 1.05, "context_bytes": 5e8,
                                "achieved_fraction": {"a100-80gb": 0.5}, "source": "test"}))  # fmt: skip
     code, out, _ = run(
         capsys, "predict", "--model", "gpt2", "--seq", "1024", "--calibration", str(cal), "--format", "json"
     )
     data = json.loads(out)
     assert code == 0
-    total = data["memory_bytes"]["total"]
-    assert data["calibration"]["peak_allocated_bytes"] == round(1.1 * total + 1e9)
+    assert data["calibration"]["peak_allocated_bytes"] == round(1.1 * data["memory_bytes"]["peak"])
     assert data["training"]["tflops_per_gpu"] == pytest.approx(0.5 * 312)
     assert data["training"]["tflops_source"].startswith("calibrated")
     code, out, _ = run(capsys, "predict", "--model", "gpt2", "--seq", "1024", "--calibration", str(cal))

@@ -69,7 +69,10 @@ def test_absurd_sizes_are_refused(capsys, argv, needle):
     ("content", "needle"),
     [
         ({"alpha": "x"}, "unknown key(s) alpha"),
-        ({"peak_alpha": "x"}, "peak_alpha must be a number"),
+        ({"peak_alpha": 1.2}, "harness 1's byte fit"),
+        ({"reserved_ratio": "x"}, "reserved_ratio must be a number"),
+        ({"peak_ratio": {"cuda": 1.2}}, "peak_ratio must map device kinds to phases"),
+        ({"peak_ratio": {"cuda": {"all": -1}}}, "peak_ratio[cuda][all] must be positive"),
         ({"achieved_fraction": {"a100-80gb": "most"}}, "achieved_fraction must map"),
         ([1, 2], "must hold a JSON object"),
     ],
@@ -90,12 +93,12 @@ def test_naive_method_prints_one_count_per_row(capsys):
 
 def test_headroom_and_fits_weigh_the_same_need(capsys, tmp_path):
     cal = tmp_path / "calibration.json"
-    cal.write_text(json.dumps({"peak_alpha": 1.5, "peak_beta": 2**30, "reserved_ratio": 1.1, "context_bytes": 2**29}))
+    cal.write_text(json.dumps({"peak_ratio": {"cuda": {"all": 1.5}}, "reserved_ratio": 1.1, "context_bytes": 2**29}))
     assert main(["predict", "--model", "gpt2", "--seq", "1024", "--calibration", str(cal), "--format", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     need = out["calibration"]["device_bytes"]
     assert out["hardware"]["headroom_bytes"] == out["hardware"]["memory_bytes"] - need
-    assert need > out["memory_bytes"]["total"]
+    assert need == out["hardware"]["device_need_bytes"] == round(1.5 * out["memory_bytes"]["peak"] * 1.1 + 2**29)
 
 
 def test_retry_failed_needs_resume(capsys):

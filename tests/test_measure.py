@@ -245,7 +245,9 @@ def _independent_steady_peak(spec, *, under_flop_counter: bool = False) -> int:
     t = spec.training
     model = build_model(spec.model.arch, impl=spec.measurement.impl, recompute=t.recompute, device="cpu")
     generator = torch.Generator(device="cpu").manual_seed(0)
-    batches = [make_batch(spec.model.arch, t.batch, t.seq, device="cpu", generator=generator, impl=spec.measurement.impl)]
+    batches = [
+        make_batch(spec.model.arch, t.batch, t.seq, device="cpu", generator=generator, impl=spec.measurement.impl)
+    ]
     trainer = PlainTrainer(model, spec, device_type="cpu")
     trainer.train_step(batches)
     with LiveTensorTracker() as tracker:

@@ -21,6 +21,27 @@ def add_arguments(p) -> None:
     )
 
 
+def peak_lines(cal: Calibration) -> list[str]:
+    """One line per device kind: its ratios, or why it got none, with leave-one-out beside uncalibrated."""
+    lines = []
+    for device, entry in cal.fit.get("peak_ratio", {}).items():
+        check = ""
+        if "loo_median_abs_error" in entry:
+            check = (
+                f"; |error| median {entry['uncalibrated_median_abs_error']:.2%} uncalibrated, "
+                f"{entry['loo_median_abs_error']:.2%} leave-one-out (worst {entry['uncalibrated_max_abs_error']:.2%}"
+                f" → {entry['loo_max_abs_error']:.2%})"
+            )
+        if device in cal.peak_ratio:
+            ratios = ", ".join(f"{phase} {ratio:.4f}" for phase, ratio in cal.peak_ratio[device].items())
+            lines.append(f"  peak allocated / predicted peak on {device}: {ratios}  (n {entry['n']}{check})")
+        else:
+            lines.append(f"  peak on {device}: no ratio, {entry['refused']}  (n {entry['n']}{check})")
+    if not lines:
+        lines.append("  peak: no training run with a walked peak prediction")
+    return lines
+
+
 def run(args) -> int:
     path, records = load_results(args.dir)
     out = check_writable(Path(args.out) if args.out else path.parent / "calibration.json")
@@ -43,9 +64,12 @@ def run(args) -> int:
         return f"{text}  (n {f.get('n')}{r2(name)})"
 
     print(f"calibration from {cal.source}")
-    print(fitted("peak", f"  peak allocated ≈ {cal.peak_alpha:.4f} · predicted total + {gib(cal.peak_beta, 3)} GiB"))
+    for line in peak_lines(cal):
+        print(line)
     print(fitted("reserved_ratio", f"  reserved / allocated = {cal.reserved_ratio:.4f}"))
-    print(fitted("context_bytes", f"  context (NVML − reserved) = {gib(cal.context_bytes, 3)} GiB"))
+    context = "published CUDA context and cuBLAS workspaces" if cal.context_bytes is None else (
+        f"{gib(cal.context_bytes, 3)} GiB")  # fmt: skip
+    print(fitted("context_bytes", f"  context (NVML − reserved) = {context}"))
     print(fitted("inference_overhead", f"  inference peak / weights = {cal.inference_overhead:.3f} (rule: 1.2)"))
     if cal.achieved_fraction:
         for gpu, frac in cal.achieved_fraction.items():

@@ -14,7 +14,7 @@ SECTIONS = ("model", "training", "parallel", "budget")
 
 
 def add_arguments(p) -> None:
-    add_run_settings(p, SECTIONS)
+    add_run_settings(p, SECTIONS, also=("impl", "device"))
     out = p.add_argument_group("prediction")
     out.add_argument("--method", default="korthikanti", choices=METHODS, help="formula (default korthikanti)")
     out.add_argument("--calibration", metavar="FILE", help="calibration.json from `tmath calibrate`: apply its factors")

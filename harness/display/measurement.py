@@ -65,12 +65,17 @@ def print_measurement(record: Record) -> None:
             if nbytes:
                 table.add_row(f"    departure: {name}", "-", size(nbytes * spec.model.arch.n_layers), "-", "all layers")
     row("peak allocated (steady step)", mem.peak_allocated, pmem.total, peak_how + "; predicted = sum of terms")
+    walked = record.prediction("peak")
+    if walked is not None and walked.phase != "none":
+        measured_phase = m.peak_phase.get("steady", "?")
+        row("  predicted peak (the step walked)", mem.peak_allocated, walked.bytes,
+            f"formulas.peak: {walked.phase}, {walked.moment}; measured in {measured_phase}")  # fmt: skip
     steady = m.peak_breakdown.get("steady") or {}
-    for category, nbytes in sorted(steady.items(), key=lambda kv: -kv[1]):
-        if nbytes:
-            table.add_row(
-                f"  at the peak: {category}", size(nbytes), "-", "-", "live bytes by the phase that made them"
-            )
+    predicted = walked.breakdown if walked is not None and walked.phase != "none" else {}
+    for category in sorted(set(steady) | set(predicted), key=lambda c: -max(steady.get(c, 0), predicted.get(c, 0))):
+        if steady.get(category) or predicted.get(category):
+            row(f"  at the peak: {category}", steady.get(category), predicted.get(category),
+                "live bytes by the phase that made them")  # fmt: skip
     row("peak allocated (first step)", mem.peak_allocated_first_step, pmem.total, "optimizer state created here")
     row("graph retained after forward", mem.graph_retained, pmem.activations, "live bytes after − before forward")
     for key, how in _CUDA_ROWS:

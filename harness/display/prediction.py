@@ -8,6 +8,12 @@ from formulas.hardware import tflops_bar
 from harness.display import console, run_title
 from harness.formatting import gib, human
 
+_OVERHEAD_SOURCES = {
+    "cuda_context": "CUDA context, lazy module loading (pytorch/pytorch#86509); outside the allocator",
+    "cublas_workspace": "cuBLAS workspace, CUBLAS_WORKSPACE_CONFIG :4096:2:16:8 (ATen CublasHandlePool.cpp)",
+    "cublaslt_workspace": "cuBLASLt workspace by GPU generation (ATen CUDABlas.cpp, pytorch/pytorch#120925)",
+}
+
 
 def print_prediction(pred) -> None:
     con = console()
@@ -48,26 +54,39 @@ def print_prediction(pred) -> None:
         table.add_row(
             "host memory (offload)", gib(host["total"]), f"{host['total']:,}", f"per rank, not on the GPU: {parts}"
         )
-    if pred.calibration is not None:
-        table.add_row(
-            "calibrated peak",
-            gib(pred.calibrated_peak),
-            f"{pred.calibrated_peak:,}",
-            f"α·total + β (α={pred.calibration.peak_alpha:.3f}, β={gib(pred.calibration.peak_beta)} GiB)",
-        )
-        dev = pred.calibration.device_bytes(pred.total)
-        table.add_row(
-            "calibrated device",
-            gib(dev),
-            f"{dev:,}",
-            f"peak × {pred.calibration.reserved_ratio:.3f} reserved + {gib(pred.calibration.context_bytes)} GiB context",
-        )
+    peak = pred.peak
+    table.add_section()
+    where = f"{peak.phase}: {peak.moment}" if peak.phase != "none" else peak.moment
+    table.add_row("[bold]peak[/bold]", f"[bold]{gib(peak.bytes)}[/bold]", f"{peak.bytes:,}",
+                  f"the step's largest live set (formulas.peak), {where}")  # fmt: skip
+    if peak.basis:
+        table.add_row("  predicted for", "", "", peak.basis)
+    for category, nbytes in sorted(peak.breakdown.items(), key=lambda kv: -kv[1]) if peak.phase != "none" else ():
+        table.add_row(f"  at the peak: {category}", gib(nbytes), f"{nbytes:,}", "")
+    for note in peak.unmodelled:
+        table.add_row("  not modelled", "", "", note)
+    if pred.calibrated_peak is not None:
+        ratio = pred.calibration.ratio(pred.device, peak.phase)
+        table.add_row("calibrated peak", gib(pred.calibrated_peak), f"{pred.calibrated_peak:,}",
+                      f"peak × {ratio:.4f} ({pred.device}, {peak.phase}; {pred.calibration.source})")  # fmt: skip
+    elif pred.calibration is not None:
+        table.add_row("calibrated peak", "-", "-", f"the calibration has no {pred.device} ratio: the peak as predicted")
+    for name, nbytes in pred.overheads.items():
+        if pred.calibration is None or pred.calibration.context_bytes is None:
+            table.add_row(f"+ {name.replace('_', ' ')}", gib(nbytes), f"{nbytes:,}", _OVERHEAD_SOURCES[name])
+    if pred.calibration is not None and pred.device == "cuda":
+        context = pred.calibration.context_bytes
+        table.add_row("+ reserve and context (calibrated)", "", "",
+                      f"× {pred.calibration.reserved_ratio:.3f} reserved / allocated"
+                      + (f", + {gib(context)} GiB context (NVML − reserved)" if context is not None else ""))  # fmt: skip
+    table.add_row("[bold]device need[/bold]", f"[bold]{gib(pred.device_need)}[/bold]", f"{pred.device_need:,}",
+                  "what the verdict weighs against the GPU's memory")  # fmt: skip
     con.print(table)
     gpu = pred.gpu
     verdict = "[green]fits[/green]" if pred.fits else "[red]does not fit[/red]"
     con.print(
         f"{gpu.label} ({gib(gpu.memory_bytes, 0)} GiB): {verdict}, headroom {gib(pred.headroom_bytes)} GiB"
-        + (" (calibrated)" if pred.calibration is not None else " (formula total; measure or calibrate for overheads)")
+        + (" (calibrated)" if pred.calibration is not None else " (predicted peak + fixed overheads)")
     )
 
     f, c = pred.flops, pred.cost
