@@ -34,34 +34,36 @@ def _norm(arch: Architecture) -> list[int]:
 
 
 def parameter_tensors(arch: Architecture, impl: str) -> list[int]:
-    """The numel of every distinct parameter tensor of `impl`'s model (tied tensors once)."""
+    """The numel of every distinct parameter tensor of `impl`'s model (tied tensors once), in the order of
+    `model.parameters()`: the order DeepSpeed flattens them in, so that partition boundaries fall where they do."""
     h, f, kv, b = arch.hidden, arch.ffn_hidden, arch.kv_width, arch.bias
-    separate_qkv = impl == "hf" and hf_family(arch) in ("llama", "bert")
-    attention = (
-        _linear(h, h, b) + _linear(kv, h, b) + _linear(kv, h, b) if separate_qkv else _linear(h + 2 * kv, h, b)
-    ) + _linear(h, h, b)
-    mlp = (
-        _linear(f, h, b) + _linear(f, h, b) + _linear(h, f, b)
-        if arch.mlp == "swiglu"
-        else _linear(f, h, b) + _linear(h, f, b)
-    )
-    layer = _norm(arch) * 2 + attention + mlp
-    out = layer * arch.n_layers
-    out.append(arch.vocab * h)  # token embedding
-    if arch.position == "learned":
-        out.append(arch.max_positions * h)
+    family = hf_family(arch) if impl == "hf" else None
+    norm = _norm(arch)
+    if family in ("llama", "bert"):
+        qkv = _linear(h, h, b) + _linear(kv, h, b) + _linear(kv, h, b)
+    else:
+        qkv = _linear(h + 2 * kv, h, b)
+    attention = qkv + _linear(h, h, b)
+    up = _linear(f, h, b) * (2 if arch.mlp == "swiglu" else 1)  # (gate,) up
+    mlp = up + _linear(h, f, b)
     if arch.family == "decoder":
-        out += _norm(arch)  # final norm
-        if not arch.tied_embeddings:
-            out.append(arch.vocab * h)  # lm_head (no bias)
-        return out
-    if arch.type_vocab:
-        out.append(arch.type_vocab * h)
-    out += _norm(arch)  # embedding norm
+        if family == "llama":
+            layer = attention + mlp + norm + norm  # q, k, v, o, gate, up, down, input and post-attention norms
+        elif family == "gpt_neox":
+            layer = norm + norm + attention + mlp  # both norms first
+        else:
+            layer = norm + attention + norm + mlp
+        out = [arch.vocab * h] + ([arch.max_positions * h] if arch.position == "learned" else [])
+        out += layer * arch.n_layers + norm
+        return out + ([] if arch.tied_embeddings else [arch.vocab * h])  # lm_head (no bias)
+    out = [arch.vocab * h] + ([arch.max_positions * h] if arch.position == "learned" else [])
+    out += ([arch.type_vocab * h] if arch.type_vocab else []) + norm  # embedding norm
+    out += (attention + norm + mlp + norm) * arch.n_layers
     if arch.pooler:
         out += _linear(h, h, True)
     if arch.mlm_head:
-        out += _linear(h, h, True) + _norm(arch) + [arch.vocab]  # transform, norm, decoder bias (weight tied)
+        transform = _linear(h, h, True) + norm
+        out += [arch.vocab, *transform] if family == "bert" else [*transform, arch.vocab]  # decoder bias (tied)
     if arch.nsp_head:
         out += _linear(2, h, True)
     return out

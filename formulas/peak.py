@@ -32,14 +32,15 @@ listed in `PeakPrediction.unmodelled`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from formulas.activations import LOSS_LOGIT_BYTES
+from formulas.activations import LOSS_LOGIT_BYTES, output_bytes
 from formulas.layouts import buffer_bytes, input_bytes, parameter_tensors
 from formulas.memory import ModelStates
 from formulas.precision import activation_bytes_per_element, is_mixed, weight_bytes_per_param
 from formulas.spec import RunSpec
 from formulas.variants import activation_variant, layer_account, outside_account
+from formulas.zero import BucketSizes, RankStates, zero_ranks
 
 PHASES: tuple[str, ...] = ("activations", "backward", "optimizer step")
 """The phases of a step, named as the live tracker names what each allocates."""
@@ -73,6 +74,9 @@ class PeakPrediction:
     """Departures known to exist and not in the numbers above."""
     basis: str = ""
     """What the walk stands on: the implementation, device and optimizer it was computed for."""
+    states: dict[str, int] = field(default_factory=dict)
+    """The model states the walk holds, per rank (weights, gradients after backward, optimizer state): the
+    engine's own (DeepSpeed's fp32 partition, boundary parameters), the largest over ranks."""
 
     def to_dict(self) -> dict:
         return {
@@ -80,6 +84,7 @@ class PeakPrediction:
             "phase": self.phase,
             "moment": self.moment,
             "basis": self.basis,
+            "states": dict(self.states),
             "breakdown": dict(self.breakdown),
             "phases": {p.phase: {"bytes": p.bytes, "moment": p.moment} for p in self.phases},
             "unmodelled": list(self.unmodelled),
@@ -113,6 +118,16 @@ class StepBytes:
     grad_accum: int = 1
     unmodelled: tuple[str, ...] = field(default_factory=tuple)
     basis: str = ""
+    embedding_gradients: int = 0
+    """The input embeddings' gradients (token, position, token type), the last to arrive in backward."""
+    largest_gradient: int = 0
+    """The largest parameter tensor's gradient."""
+    output_activations: int = 0
+    """Of `activations`, those the output layer and the loss saved: freed before the layers' backward."""
+    layer_transient: int = 0
+    """The top layer's MLP backward beyond the saved activations, at its down projection: the incoming gradient
+    and its copy on the residual branch (2·b·s·h), the projection's input gradient (b·s·f) and weight gradient
+    (f·h), one micro-batch."""
 
 
 def _phase(phase: str, moment: str, parts: dict[str, int]) -> PhasePeak:
@@ -133,7 +148,9 @@ def plain_step_peak(b: StepBytes) -> PeakPrediction:
                    {**held, "activations": A, "backward": before + 2 * b.logits_fp32})  # fmt: skip
     head = _phase("backward", "output projection's weight gradient",
                   {**held, "activations": A, "backward": before + H * (2 if last else 1)})  # fmt: skip
-    candidates = [start, head]
+    layer = _phase("backward", "top layer's MLP backward",
+                   {**held, "activations": A - b.output_activations, "backward": before + H + b.layer_transient})  # fmt: skip
+    candidates = [start, head, layer]
     if b.tied:
         candidates.append(_phase("backward", "tied embedding gradient added out of place",
                                  {**held, "backward": G + 2 * H}))  # fmt: skip
@@ -144,7 +161,84 @@ def plain_step_peak(b: StepBytes) -> PeakPrediction:
                   {**held, "gradients": G, "optimizer step": b.step_copies + b.step_temporaries})  # fmt: skip
     phases = (forward, backward, step)
     top = max(phases, key=lambda p: p.bytes)
-    return PeakPrediction(top.bytes, top.phase, top.moment, top.breakdown, phases, b.unmodelled, b.basis)
+    states = {"weights": b.weights, "gradients": G, "optimizer": b.optimizer}
+    return PeakPrediction(top.bytes, top.phase, top.moment, top.breakdown, phases, b.unmodelled, b.basis, states)
+
+
+def _top(phases: list[PhasePeak]) -> PhasePeak:
+    return max(phases, key=lambda p: p.bytes)
+
+
+def engine_step_peak(b: StepBytes, stage: int, ranks: list[RankStates], step_temporaries_per_element: int,
+                     all_reduce_bucket: int = 0) -> PeakPrediction:  # fmt: skip
+    """The walk of one steady step of a DeepSpeed engine (`harness.trainers.deepspeed`), rank by rank; the
+    rank that peaks highest is the answer.
+
+    ZeRO-0 is the plain step with DeepSpeed's bucketed all-reduce of the gradients at the end of backward (a
+    flat copy of up to `all_reduce_bucket` bytes). ZeRO-1/2/3, with R the rank's holdings (`formulas.zero`),
+    S the bytes held across steps (buffers, inputs, R's weights and optimizer state; at stage 3 also its
+    gradient partition and IPG bucket), W_g the parameters ZeRO-3 gathers for the forward, E the input
+    embeddings' gradients (3·H for a tied embedding: both contributions and their sum) and p the rank's
+    partition elements:
+
+        forward end        S + A + W_g + Le + (L32 when e ≠ 4)
+        backward start     S + A + W_g + 2·L32
+        backward end       stage 1: S + G + E and then S + G + R.gradients + bucket (the reduction at the end)
+                           stage 2: S + bucket + R.gradients + E (reduced bucket by bucket; E arrives last)
+                           stage 3: S + E
+        optimizer step     S + 4·p + t·p      the fp32 gradient partition and the optimizer's temporaries
+                                              (t bytes per element: for-loop AdamW 8, SGD 0)
+    """
+    if stage == 0:
+        plain = plain_step_peak(b)
+        held = {"weights": b.weights, "buffers": b.buffers, "inputs": b.inputs, "optimizer": b.optimizer}
+        reduce = _phase("backward", "gradient all-reduce (DeepSpeed's flattened bucket)",
+                        {**held, "backward": b.gradients + all_reduce_bucket})  # fmt: skip
+        phases = tuple(_top([p, reduce]) if p.phase == "backward" else p for p in plain.phases)
+        top = _top(list(phases))
+        return PeakPrediction(top.bytes, top.phase, top.moment, top.breakdown, phases, b.unmodelled, b.basis,
+                              plain.states)  # fmt: skip
+    best: tuple[PhasePeak, tuple[PhasePeak, ...]] | None = None
+    A, copy = b.activations, (b.logits_fp32 if b.logits_model != b.logits_fp32 else 0)
+    for r in ranks:
+        held = {"weights": r.weights, "buffers": b.buffers, "inputs": b.inputs, "optimizer": r.optimizer}
+        if stage == 3:
+            held |= {"gradients": r.gradients, "zero buffers": r.bucket}
+        forward = _phase("activations", "forward end (logits beside log_softmax)",
+                         {**held, "activations": A + r.gathered + b.logits_model + copy})  # fmt: skip
+        start = _phase("backward", "backward start (nll_loss and log_softmax gradients)",
+                       {**held, "activations": A + r.gathered, "backward": 2 * b.logits_fp32})  # fmt: skip
+        # The top layer's MLP backward: the head's gradient is held (stage 1, or a tied embedding's) or
+        # reduced into the rank's gradient buffer (stage 2, allocated at the first bucket's reduction).
+        head = b.head_gradient if stage == 1 or b.tied else 0
+        reduced = r.gradients + r.bucket if stage == 2 else 0
+        layer = _phase("backward", "top layer's MLP backward",
+                       {**held, "activations": A - b.output_activations + r.gathered,
+                        "backward": head + reduced + b.layer_transient})  # fmt: skip
+        if stage == 1:
+            ends = [_phase("backward", "backward end (full gradients)",
+                           {**held, "backward": b.gradients + (2 * b.head_gradient if b.tied else 0)}),
+                    _phase("backward", "gradient reduction at the end of backward",
+                           {**held, "backward": b.gradients + r.gradients + r.bucket})]  # fmt: skip
+        elif stage == 2:
+            ends = [_phase("backward", "backward end (partition, IPG bucket, embedding gradients)",
+                           {**held, "backward": r.gradients + r.bucket + b.embedding_gradients})]  # fmt: skip
+        else:
+            ends = [
+                _phase("backward", "backward end (embedding gradients)", {**held, "backward": b.embedding_gradients})
+            ]
+        backward = _top([start, layer, *ends])
+        p = r.partition_elements
+        step = _phase("optimizer step", "optimizer update (fp32 gradient partition)",
+                      {**held, "optimizer step": 4 * p + step_temporaries_per_element * p})  # fmt: skip
+        phases = (forward, backward, step)
+        top = _top(list(phases))
+        if best is None or top.bytes > best[0].bytes:
+            best = (replace(top, moment=f"{top.moment}, rank {r.rank}"), phases)
+    top, phases = best
+    states = {"weights": max(r.weights for r in ranks), "gradients": max(r.gradients for r in ranks),
+              "optimizer": max(r.optimizer for r in ranks)}  # fmt: skip
+    return PeakPrediction(top.bytes, top.phase, top.moment, top.breakdown, phases, b.unmodelled, b.basis, states)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,9 +250,10 @@ def target_device(device: str) -> str:
     return device if device in ("cuda", "cpu", "meta") else "cuda"
 
 
-def _activations(spec: RunSpec, device: str, paper: int) -> tuple[int, int, str | None]:
-    """(saved bytes, the loss's bytes per logit, what is not modelled): the implementation's variant where it
-    is modelled (`formulas.variants`), else the paper's count with the reason."""
+def _activations(spec: RunSpec, device: str, paper: int) -> tuple[int, int, int, str | None]:
+    """(saved bytes, of which the output layer's and the loss's, the loss's bytes per logit, what is not
+    modelled): the implementation's variant where it is modelled (`formulas.variants`), else the paper's count
+    with the reason."""
     t, arch = spec.training, spec.model.arch
     try:
         variant = activation_variant(
@@ -166,10 +261,11 @@ def _activations(spec: RunSpec, device: str, paper: int) -> tuple[int, int, str 
             device=device,
         )  # fmt: skip
     except ValueError as exc:
-        return paper, LOSS_LOGIT_BYTES, f"activations: the paper's count ({str(exc).splitlines()[0]})"
+        output = output_bytes(arch, t.seq, t.batch, elem_bytes=activation_bytes_per_element(t.precision))
+        return paper, output, LOSS_LOGIT_BYTES, f"activations: the paper's count ({str(exc).splitlines()[0]})"
     account = layer_account(arch, t.seq, t.batch, variant)
     outside = outside_account(arch, t.seq, t.batch, variant)
-    return account.total(arch.n_layers) + outside.total, variant.loss_logit_bytes, None
+    return account.total(arch.n_layers) + outside.total, outside.output, variant.loss_logit_bytes, None
 
 
 def step_bytes(spec: RunSpec, states: ModelStates, paper_activations: int) -> StepBytes:
@@ -179,7 +275,7 @@ def step_bytes(spec: RunSpec, states: ModelStates, paper_activations: int) -> St
     impl = spec.measurement.impl
     e = activation_bytes_per_element(t.precision)
     unmodelled: list[str] = []
-    activations, loss_bytes, note = _activations(spec, device, paper_activations)
+    activations, output_saved, loss_bytes, note = _activations(spec, device, paper_activations)
     if note:
         unmodelled.append(note)
     optimizer_impl = {"adamw": "fused AdamW" if device == "cuda" else "for-loop AdamW", "sgd": "SGD with momentum",
@@ -219,23 +315,76 @@ def step_bytes(spec: RunSpec, states: ModelStates, paper_activations: int) -> St
         grad_accum=t.grad_accum,
         unmodelled=tuple(unmodelled),
         basis=basis,
+        embedding_gradients=e * _embedding_elements(arch),
+        largest_gradient=e * max(tensors),
+        output_activations=output_saved,
+        layer_transient=e * (t.batch * t.seq * (2 * arch.hidden + arch.ffn_hidden) + arch.ffn_hidden * arch.hidden),
     )
 
 
-def sum_of_terms(states: ModelStates, activations: int | None, reason: str) -> PeakPrediction:
-    """The sum of the terms as a peak, for what the walk does not model: it says why."""
+def _embedding_elements(arch) -> int:
+    """Elements of the input embeddings' gradients live at the end of backward: token (3× when tied to the
+    output layer: its two contributions and their out-of-place sum), learned positions, token types."""
+    token = arch.vocab * arch.hidden * (3 if arch.tied_embeddings else 1)
+    positions = arch.max_positions * arch.hidden if arch.position == "learned" else 0
+    return token + positions + (arch.type_vocab or 0) * arch.hidden
+
+
+def sum_of_terms(states: ModelStates, activations: int | None, reason: str, *, host: bool = False) -> PeakPrediction:
+    """The sum of the terms as a peak, for what the walk does not model: it says why. `host`: the device is
+    the host (a CPU run), so offloaded states share its memory and count."""
     parts = {"weights": states.weights, "gradients": states.gradients, "optimizer": states.optimizer,
-             "zero3 live params": states.zero3_live_params, "activations": activations or 0}  # fmt: skip
+             "zero3 live params": states.zero3_live_params, "activations": activations or 0,
+             "host (offloaded)": states.host_total if host else 0}  # fmt: skip
     parts = {k: v for k, v in parts.items() if v}
-    return PeakPrediction(sum(parts.values()), "none", f"the sum of the terms: {reason}", parts, (), (reason,))
+    states_held = {"weights": states.weights, "gradients": states.gradients, "optimizer": states.optimizer}
+    return PeakPrediction(sum(parts.values()), "none", f"the sum of the terms: {reason}", parts, (), (reason,),
+                          states=states_held)  # fmt: skip
+
+
+def engine_unmodelled(spec: RunSpec) -> str | None:
+    """Why the walk does not model `spec`'s DeepSpeed step (None: it does)."""
+    p, t = spec.parallel, spec.training
+    if p.offload_optimizer != "none" or p.offload_params != "none":
+        return "ZeRO-Offload's step (host buffers and copies) is not walked yet"
+    if t.grad_accum > 1:
+        return "gradient accumulation under DeepSpeed is not walked yet"
+    if spec.measurement.deepspeed_config:
+        return "a user's --deepspeed-config (its buckets and thresholds) is not read by the walk"
+    if t.optimizer == "adam8bit":
+        return "8-bit AdamW as DeepSpeed's client optimizer is not walked"
+    return None
 
 
 def step_peak(spec: RunSpec, states: ModelStates, paper_activations: int) -> PeakPrediction | None:
     """The predicted peak of a steady training step of `spec`, or None where it is not modelled (no
-    architecture, inference, tensor or pipeline parallelism, a DeepSpeed engine)."""
-    p = spec.parallel
+    architecture, inference, tensor or pipeline parallelism, what `engine_unmodelled` names)."""
+    p, t = spec.parallel, spec.training
     if spec.model.arch is None or spec.measurement.mode != "train" or p.tp > 1 or p.pp > 1:
         return None
-    if p.zero > 0 or p.gpus > 1:
+    b = step_bytes(spec, states, paper_activations)
+    if p.zero == 0 and p.gpus == 1:
+        return plain_step_peak(b)
+    if engine_unmodelled(spec):
         return None
-    return plain_step_peak(step_bytes(spec, states, paper_activations))
+    arch, impl = spec.model.arch, spec.measurement.impl
+    tensors = parameter_tensors(arch, impl)
+    buckets = BucketSizes.for_hidden(arch.hidden)
+    e = weight_bytes_per_param(t.precision)
+    state = {"adamw": 8, "sgd": 4}[t.optimizer]  # torch's state of the fp32 master partition
+    device = target_device(spec.measurement.device)
+    notes = ["ZeRO: the all-gather of updated parameters after the step (an all-gather bucket) is not counted"]
+    if device == "cuda":
+        notes.append("DeepSpeed's torch AdamW on CUDA is foreach, not fused: its temporaries are not measured yet")
+    b = replace(b, unmodelled=b.unmodelled + tuple(notes),
+                basis=b.basis.replace(", for-loop AdamW", "").replace(", fused AdamW", "")
+                + f", DeepSpeed ZeRO-{p.zero} over {p.dp} ranks (torch AdamW)")  # fmt: skip
+    if p.zero == 0:
+        bucket = e * max(buckets.reduce_bucket_elements, max(tensors))
+        return engine_step_peak(b, 0, [], 0, all_reduce_bucket=bucket)
+    ranks = zero_ranks(tensors, stage=p.zero, dp=p.dp, weight_bytes=e, gradient_bytes=e, state_bytes=state,
+                       buckets=buckets)  # fmt: skip
+    temporaries = 2 * 4 if t.optimizer == "adamw" else 0  # for-loop AdamW: sqrt(v) and its quotient, fp32
+    # DeepSpeed does not count AdamW's step counters per tensor: its optimizer steps one flat partition.
+    b = replace(b, optimizer=ranks[0].optimizer, gradients=e * sum(tensors))
+    return engine_step_peak(b, p.zero, ranks, temporaries)

@@ -14,7 +14,7 @@ from formulas.inference import INFERENCE_OVERHEAD, InferenceMemory, inference_me
 from formulas.memory import ModelStates, model_state_bytes, params_per_model_shard
 from formulas.naive import NAIVE_METHODS, naive_memory, naive_params
 from formulas.params import largest_module_params
-from formulas.peak import PeakPrediction, step_peak, sum_of_terms, target_device
+from formulas.peak import PeakPrediction, engine_unmodelled, step_peak, sum_of_terms, target_device
 from formulas.precision import (
     activation_bytes_per_element,
     compute_dtype,
@@ -237,9 +237,9 @@ def _unmodelled_peak(spec: RunSpec) -> str:
         return "no architecture (--params): no activations to walk"
     if p.tp > 1 or p.pp > 1:
         return "tensor and pipeline parallel steps are not walked yet"
-    if p.zero > 0 or p.gpus > 1:
-        return "a DeepSpeed engine's step is not walked yet"
-    return "inference is not a training step"
+    if spec.measurement.mode != "train":
+        return "inference is not a training step"
+    return engine_unmodelled(spec) or "not walked"
 
 
 def _activation_expression(spec: RunSpec) -> str:
@@ -318,7 +318,10 @@ def predict(spec: RunSpec, method: str = "korthikanti", calibration: Calibration
             terms = _korthikanti_activations(spec)
         activation = terms.total if terms is not None else None
         counted = params
-        peak = step_peak(spec, states, activation) or sum_of_terms(states, activation, _unmodelled_peak(spec))
+        on_host = target_device(spec.measurement.device) == "cpu"
+        peak = step_peak(spec, states, activation) or sum_of_terms(
+            states, activation, _unmodelled_peak(spec), host=on_host
+        )
     else:
         mlp4c = method == "naive-mlp4c"
         elem = weight_bytes_per_param(t.precision)

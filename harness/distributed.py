@@ -272,9 +272,17 @@ def gather(
             if m.measured is not None:
                 memory = memory.maxima(m.measured.memory_bytes)
         measured.memory_bytes = memory
+        # The peak's phase, breakdown and timeline are those of the rank that peaked highest (the one to OOM).
+        measuring = [
+            m.measured for m in per_rank if m.measured is not None and m.measured.memory_bytes.weights is not None
+        ]
+        top = max(measuring, key=lambda m: m.memory_bytes.peak_allocated or 0)
+        measured.peak_phase, measured.peak_breakdown = top.peak_phase, top.peak_breakdown
+        measured.timeline = top.timeline
         measured.methods = {
             **first.methods,
             "memory_bytes": "per-term maximum over ranks; measured.ranks[i].measured.memory_bytes holds rank i's own",
+            "peak_phase": "the phase, breakdown and timeline of the rank with the highest peak",
             "step_ms": "rank 0's (a data-parallel step ends with every rank)",
         }
     measured.ranks = per_rank

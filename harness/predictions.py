@@ -39,7 +39,7 @@ TERM_TITLES: dict[str, str] = {
     "activations_per_layer": "activations per layer",
     "model_states": "model states (w + g + opt)",
     "host_model_states": "host memory (DeepSpeed offload)",
-    "peak": "peak allocated vs predicted total",
+    "peak": "peak allocated vs the predicted peak (the total, for the formulas)",
     "inference_peak": "inference peak vs 1.2 × weights",
 }
 
@@ -205,7 +205,11 @@ def _peak(spec: RunSpec, device: str | None) -> PeakPrediction | None:
 
 
 def _peak_terms(p: PeakPrediction, spec: RunSpec, device: str) -> Terms:
-    return Terms(peak=p.bytes) if not _inference(spec) else Terms()
+    """The peak, and the model states the walk holds (the engine's own, per rank)."""
+    if _inference(spec):
+        return Terms()
+    w, g, o = (p.states.get(k) for k in ("weights", "gradients", "optimizer"))
+    return Terms(weights=w, gradients=g, optimizer=o, model_states=_states(w, g, o), peak=p.bytes)
 
 
 def _estimator_terms(p: EstimatorPrediction, spec: RunSpec, device: str) -> Terms:

@@ -23,7 +23,7 @@ from formulas.precision import optimizer_bytes_per_param, weight_bytes_per_param
 from harness import distributed
 from harness.cli import main
 from harness.distributed import gather, run_distributed
-from harness.predictions import predict_all
+from harness.predictions import BY_NAME, predict_all
 from harness.records import Outcome, RankResult, Record
 from harness.specbuild import build_spec
 from harness.zero.config import BucketSizes, deep_merge, deepspeed_available, deepspeed_config, effective_config
@@ -462,3 +462,26 @@ def test_user_config_may_not_contradict_the_flags(capsys, tmp_path):
     assert main([*MEASURE, "--zero", "2", "--deepspeed-config", str(user)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "zero_optimization.stage = 3 contradicts" in err and "--zero" in err
+
+
+@pytest.mark.slow
+@needs_deepspeed
+@pytest.mark.parametrize(
+    ("name", "settings"),
+    [("z0", {"zero": 0}), ("z2", {"zero": 2}), ("z3-odd", {**ODD, "zero": 3})],
+)
+def test_the_walk_predicts_each_ranks_states_and_the_highest_peak(records, name, settings):
+    """`formulas.peak` walks the DeepSpeed step rank by rank (`formulas.zero`): the model states it holds are
+    the per-rank maxima measured, and its peak is the highest rank's, in the same phase."""
+    record = record_of(records, name, **settings)
+    ranks_ok(record)
+    peak = BY_NAME["peak"].predict(record.spec, record.device)
+    mem = record.measured.memory_bytes
+    assert peak.phase != "none", peak.unmodelled
+    assert (peak.states["weights"], peak.states["gradients"], peak.states["optimizer"]) == (
+        mem.weights,
+        mem.gradients,
+        mem.optimizer,
+    )
+    assert peak.bytes == pytest.approx(mem.peak_allocated, rel=0.03), peak.moment  # a 2-layer h = 64 toy
+    assert peak.phase == record.measured.peak_phase["steady"]

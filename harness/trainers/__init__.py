@@ -27,6 +27,11 @@ def _plain_checks(spec: RunSpec, device: str) -> None:
         raise UsageError("--optimizer adam8bit (bitsandbytes) needs a CUDA device")
     if spec.measurement.deepspeed_config:
         raise UsageError("--deepspeed-config configures a DeepSpeed run: give it with --zero 1-3 or --gpus N")
+    if spec.training.precision == "fp16-mixed" and device == "meta":
+        raise UsageError(
+            "--precision fp16-mixed cannot run on fake tensors (--device meta): its loss scaler reads whether the "
+            "gradients are finite; measure it on cpu or cuda"
+        )
 
 
 def _single_process(spec: RunSpec) -> bool:

@@ -5,48 +5,11 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from formulas.spec import RunSpec
+from formulas.zero import STAGE3_LIVE_DEFAULT, BucketSizes
 from harness.errors import UsageError
-
-STAGE3_LIVE_DEFAULT = 10**9
-"""DeepSpeed's `stage3_max_live_parameters` and `stage3_max_reuse_distance` (elements). With them a model
-under 1e9 parameters may stay gathered for a whole forward: ZeRO-3's live parameters are then most of the
-model, not the largest layer that Transformer Math 101 and DeepSpeed's estimator assume. We keep the
-defaults (what users run) and write them into the config, so that a --deepspeed-config can lower them."""
-
-
-@dataclass(frozen=True)
-class BucketSizes:
-    """ZeRO communication buffer sizes, in elements, scaled with the hidden size h.
-
-    DeepSpeed's defaults (5e8-element reduce and all-gather buckets, `runtime/zero/config.py`) are
-    sized for billion-parameter models: a 5e8-element fp32 bucket is 2 GB whatever the model. We use
-    the rule transformers' DeepSpeed integration applies for "auto" (`integrations/deepspeed.py`,
-    `HfTrainerDeepSpeedConfig.trainer_config_finalize`): reduce bucket h², prefetch bucket 0.9·h²,
-    persistence threshold 10·h; the stage 1/2 all-gather bucket follows the reduce bucket.
-    """
-
-    reduce_bucket_elements: int
-    """`reduce_bucket_size`: gradients reduced per collective (the IPG bucket)."""
-    allgather_bucket_elements: int
-    """`allgather_bucket_size` (stage 1/2): updated parameters all-gathered per collective."""
-    prefetch_bucket_elements: int
-    """`stage3_prefetch_bucket_size`: parameters ZeRO-3 fetches ahead of the module that needs them."""
-    param_persistence_threshold: int
-    """`stage3_param_persistence_threshold`: ZeRO-3 keeps parameters with fewer elements whole on every rank."""
-
-    @classmethod
-    def for_hidden(cls, hidden: int) -> BucketSizes:
-        square = hidden * hidden
-        return cls(
-            reduce_bucket_elements=square,
-            allgather_bucket_elements=square + square % 2,  # DeepSpeed asserts a multiple of 2
-            prefetch_bucket_elements=int(0.9 * square),
-            param_persistence_threshold=10 * hidden,
-        )
 
 
 def uses_deepspeed(spec: RunSpec) -> bool:
