@@ -81,6 +81,8 @@ def model_state_bytes(
     largest_module_params: int = 0,
     offload_optimizer: bool = False,
     offload_params: bool = False,
+    grad_dtype: str = "auto",
+    shard_params: int | None = None,
 ) -> ModelStates:
     """Weights, gradients and optimizer state per GPU.
 
@@ -90,15 +92,18 @@ def model_state_bytes(
     estimator sizes that by the largest module, which is what `zero3_live_params` counts
     (`estimate_zero3_model_states_mem_needs`: largest_layer_memory).
 
+    `shard_params` replaces P / (TP × PP) with the parameters of the rank that holds the most (the heaviest
+    pipeline stage, `formulas.params.pipeline_stage_params`); `grad_dtype` fp32 keeps fp32 main gradients.
+
     `offload_optimizer` (ZeRO >= 1) moves the optimizer state to the host with an fp32 gradient partition
     (4 B/param / N); the GPU keeps no gradients after the step at stages 1-2, its 16-bit partition at
     stage 3. `offload_params` (ZeRO-3) moves the 16-bit weight partition to the host.
     """
     if zero not in ZERO_STAGES:
         raise ValueError(f"zero stage must be one of 0, 1, 2, 3, got {zero!r}")
-    shard = params_per_model_shard(params, tp, pp)
+    shard = params_per_model_shard(params, tp, pp) if shard_params is None else shard_params
     w = weight_bytes_per_param(precision) * shard
-    g = gradient_bytes_per_param(precision) * shard
+    g = gradient_bytes_per_param(precision, grad_dtype) * shard
     o = optimizer_bytes_per_param(optimizer, precision) * shard
     live = 0
     if zero >= 1:

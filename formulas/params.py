@@ -141,3 +141,21 @@ def largest_module_params(arch: Architecture) -> int:
     if arch.position == "learned":
         candidates.append(arch.max_positions * h)
     return max(candidates)
+
+
+def pipeline_stage_params(arch: Architecture, pp: int) -> list[int]:
+    """Parameters of each of `pp` pipeline stages: the layers split as evenly as possible (the first stages
+    take one more when L is not a multiple of pp), the embedding on the first stage, the final norm and output
+    layer on the last. A tied output layer is a copy of the embedding on the last stage (Megatron-LM keeps
+    `word_embeddings` there and all-reduces their gradients; Narayanan et al. 2021, §4.1), so with pp > 1
+    tied weights are held twice. Transformer Math 101's P / PP is the mean, not the stage that runs out."""
+    if pp < 1 or pp > arch.n_layers:
+        raise ValueError(f"pp must be between 1 and the {arch.n_layers} layers, got {pp!r}")
+    per, extra = divmod(arch.n_layers, pp)
+    stages = [(per + (1 if i < extra else 0)) * layer_params(arch) for i in range(pp)]
+    stages[0] += embedding_params(arch)
+    head = head_params(arch)
+    if arch.tied_embeddings and pp > 1:
+        head += arch.vocab * arch.hidden
+    stages[-1] += head
+    return stages

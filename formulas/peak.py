@@ -298,6 +298,10 @@ def step_bytes(spec: RunSpec, states: ModelStates, paper_activations: int) -> St
         temporaries = 0  # SGD with momentum updates in place
     if t.optimizer == "adam8bit":
         unmodelled.append("optimizer step: bitsandbytes' 8-bit AdamW kernels")
+    if t.grad_dtype == "fp32":
+        unmodelled.append(
+            "fp32 main gradients: the 16-bit gradient of each parameter before it is added is not counted"
+        )
     bsv = t.batch * t.seq * arch.vocab if arch.family == "decoder" or arch.mlm_head else 0
     return StepBytes(
         weights=states.weights,
@@ -311,7 +315,8 @@ def step_bytes(spec: RunSpec, states: ModelStates, paper_activations: int) -> St
         head_gradient=e * arch.vocab * arch.hidden,
         tied=arch.tied_embeddings,
         step_temporaries=temporaries,
-        step_copies=4 * sum(tensors) if is_mixed(t.precision) else 0,  # the master step's fp32 gradients
+        # The master step's fp32 copies of the gradients (none when the main gradients are fp32 already).
+        step_copies=4 * sum(tensors) if is_mixed(t.precision) and t.grad_dtype == "auto" else 0,
         grad_accum=t.grad_accum,
         unmodelled=tuple(unmodelled),
         basis=basis,
@@ -353,6 +358,8 @@ def engine_unmodelled(spec: RunSpec) -> str | None:
         return "a user's --deepspeed-config (its buckets and thresholds) is not read by the walk"
     if t.optimizer == "adam8bit":
         return "8-bit AdamW as DeepSpeed's client optimizer is not walked"
+    if t.grad_dtype == "fp32":
+        return "DeepSpeed with fp32 gradients (data_types.grad_accum_dtype) is not walked"
     return None
 
 

@@ -13,6 +13,9 @@ Precision = Literal["fp32", "fp16", "bf16", "fp16-mixed", "bf16-mixed"]
 Optimizer = Literal["adamw", "adam8bit", "sgd"]
 
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+GradDtype = Literal["auto", "fp32"]
+"""Gradient storage: `auto` the parameters' dtype (torch, DeepSpeed), `fp32` fp32 main gradients (Megatron-style)."""
+GRAD_DTYPES: tuple[str, ...] = get_args(GradDtype)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 
 MASTER_COPY_BYTES = 4
@@ -55,9 +58,13 @@ def weight_bytes_per_param(precision: str) -> int:
     return 4 if compute_dtype(precision) == "fp32" else 2
 
 
-def gradient_bytes_per_param(precision: str) -> int:
-    """Gradients take the model's dtype: fp32 4, fp16/bf16 (pure or mixed) 2 (Transformer Math 101)."""
-    return weight_bytes_per_param(precision)
+def gradient_bytes_per_param(precision: str, grad_dtype: str = "auto") -> int:
+    """Gradients take the model's dtype: fp32 4, fp16/bf16 (pure or mixed) 2 (Transformer Math 101); with
+    `grad_dtype` fp32 an fp32 main gradient per parameter, 4, whatever the weights (Megatron-LM's
+    `--accumulate-allreduce-grads-in-fp32`, the `main_grad` buffers of its DistributedDataParallel)."""
+    if grad_dtype not in GRAD_DTYPES:
+        raise ValueError(f"grad_dtype must be one of {', '.join(GRAD_DTYPES)}, got {grad_dtype!r}")
+    return 4 if grad_dtype == "fp32" else weight_bytes_per_param(precision)
 
 
 def activation_bytes_per_element(precision: str) -> int:

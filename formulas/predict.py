@@ -13,7 +13,7 @@ from formulas.calibration import Calibration
 from formulas.inference import INFERENCE_OVERHEAD, InferenceMemory, inference_memory
 from formulas.memory import ModelStates, model_state_bytes, params_per_model_shard
 from formulas.naive import NAIVE_METHODS, naive_memory, naive_params
-from formulas.params import largest_module_params
+from formulas.params import largest_module_params, pipeline_stage_params
 from formulas.peak import PeakPrediction, engine_unmodelled, step_peak, sum_of_terms, target_device
 from formulas.precision import (
     activation_bytes_per_element,
@@ -230,6 +230,15 @@ def _korthikanti_activations(spec: RunSpec) -> act.ActivationBreakdown:
     )  # fmt: skip
 
 
+def _heaviest_stage(spec: RunSpec) -> int | None:
+    """With pipeline parallelism and an architecture: the parameters per tensor-parallel rank of the heaviest
+    stage (embedding first, output layer last), else None (P / (TP · PP))."""
+    arch, p = spec.model.arch, spec.parallel
+    if p.pp == 1 or arch is None or spec.model.params is not None:
+        return None
+    return -(-max(pipeline_stage_params(arch, p.pp)) // p.tp)
+
+
 def _unmodelled_peak(spec: RunSpec) -> str:
     """Why the step's peak is the sum of the terms for `spec` (the walk does not model it yet)."""
     p = spec.parallel
@@ -270,10 +279,14 @@ def _sources(spec: RunSpec, method: str) -> dict:
             "activations": "Q&A seed: B·N·L·T·(T+" + ("5D)" if method == "naive-mlp4c" else "2D)") + " elements",
         }
     shard = "P/(TP·PP)" if spec.parallel.tp * spec.parallel.pp > 1 else "P"
+    if _heaviest_stage(spec) is not None:
+        shard = f"the heaviest of {spec.parallel.pp} pipeline stages ({_heaviest_stage(spec):,} params per TP rank)"
     weights = f"{TM101}: {weight_bytes_per_param(p)} B/param × {shard}" + (
         f" / {spec.parallel.dp} (ZeRO-3)" if spec.parallel.zero >= 3 else ""
     )
-    grads = f"{TM101}: {gradient_bytes_per_param(p)} B/param × {shard}" + (
+    grad_bytes = gradient_bytes_per_param(p, spec.training.grad_dtype)
+    main = " (fp32 main gradients, Megatron-LM)" if spec.training.grad_dtype == "fp32" else ""
+    grads = f"{TM101}: {grad_bytes} B/param{main} × {shard}" + (
         f" / {spec.parallel.dp} (ZeRO-2)" if spec.parallel.zero >= 2 else ""
     )
     optim = f"{TM101}: {optimizer_bytes_per_param(spec.training.optimizer, p)} B/param × {shard}" + (
@@ -313,6 +326,7 @@ def predict(spec: RunSpec, method: str = "korthikanti", calibration: Calibration
             params, precision=t.precision, optimizer=t.optimizer, zero=p.zero, dp=p.dp, tp=p.tp, pp=p.pp,
             largest_module_params=largest_module_params(arch) if arch is not None else 0,
             offload_optimizer=p.offload_optimizer != "none", offload_params=p.offload_params != "none",
+            grad_dtype=t.grad_dtype, shard_params=_heaviest_stage(spec),
         )  # fmt: skip
         if arch is not None:
             terms = _korthikanti_activations(spec)

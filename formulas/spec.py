@@ -27,7 +27,7 @@ from formulas.architecture import SHAPE_KEYS, Architecture
 from formulas.hardware import get_gpu
 from formulas.memory import ZeroStage
 from formulas.params import parameter_count
-from formulas.precision import Optimizer, Precision
+from formulas.precision import GradDtype, Optimizer, Precision
 from formulas.settings import bounded, check_fields, choices, field_docs, field_types, setting_name
 
 Offload = Literal["none", "cpu"]
@@ -80,6 +80,9 @@ class TrainingSettings:
     """eager (explicit softmax; stores s×s scores) | flash (fused kernel; no s×s scores)."""
     grad_accum: int = bounded(1, maximum=10**7)
     """Micro-batches per optimizer step on each data-parallel rank."""
+    grad_dtype: GradDtype = "auto"
+    """Gradients: auto (the parameters' dtype, as torch and DeepSpeed keep them) | fp32 (Megatron-style fp32 main
+    gradients, 4 B/param; predicted only: the measured trainers keep the parameters' dtype)."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -188,7 +191,7 @@ SECTIONS: dict[str, type] = {
 }
 """RunSpec's sections, in the order flags and documentation list them."""
 
-KEY_SINCE_SCHEMA_2 = {"nodes": 1}
+KEY_SINCE_SCHEMA_2 = {"nodes": 1, "grad_dtype": "auto"}
 """Settings added after the first records were written, with their defaults: at the default they stay out of
 `RunSpec.key()`, so that earlier records keep their keys and `--resume` still matches them."""
 

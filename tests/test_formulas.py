@@ -17,6 +17,7 @@ from formulas.hardware import GPUS, get_gpu, match_device_name, tflops_bar
 from formulas.inference import inference_memory, kv_cache_bytes
 from formulas.memory import model_state_bytes
 from formulas.naive import naive_activation_elements, naive_params
+from formulas.params import pipeline_stage_params
 from formulas.precision import optimizer_bytes_per_param
 from models.presets import PRESETS
 
@@ -151,13 +152,19 @@ def test_offload_moves_states_to_the_host():
 
 def test_3d_parallel_shards():
     # Transformer Math 101: model / (PP × TP), optimizer / No. GPUs with ZeRO-1 over DP = GPUs/(PP·TP).
-    spec = RunSpec.build(arch=GPT3, model="megatron-175b", gpus=64, tp=8, pp=4, zero=1, seq=2048)
-    p = predict(spec)
     n = parameter_count(GPT3).total
     shard = -(-n // 32)
-    assert p.states.weights == 2 * shard
-    assert p.states.gradients == 2 * shard
-    assert p.states.optimizer == -(-12 * shard // 2)
+    states = model_state_bytes(n, precision="bf16-mixed", optimizer="adamw", zero=1, dp=2, tp=8, pp=4)
+    assert states.weights == 2 * shard
+    assert states.gradients == 2 * shard
+    assert states.optimizer == -(-12 * shard // 2)
+    # predict charges the heaviest pipeline stage instead (the first: the embedding and 24 of the 96 layers).
+    spec = RunSpec.build(arch=GPT3, model="megatron-175b", gpus=64, tp=8, pp=4, zero=1, seq=2048)
+    p = predict(spec)
+    heaviest = -(-max(pipeline_stage_params(GPT3, 4)) // 8)
+    assert heaviest > shard
+    assert (p.states.weights, p.states.gradients, p.states.optimizer) == (2 * heaviest, 2 * heaviest,
+                                                                          -(-12 * heaviest // 2))  # fmt: skip
 
 
 # ---- compute ----

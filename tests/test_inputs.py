@@ -38,6 +38,9 @@ def one_line_error(capsys, argv: list[str], needle: str) -> str:
         (["--deepspeed-config", "ds.json"], "--deepspeed-config configures a DeepSpeed run"),
         (["--nodes", "2", "--gpus", "2", "--zero", "1"], "start from a --hostfile"),
         (["--steps", "10000000"], "steps must be at most"),
+        (["--grad-dtype", "fp32"], "--grad-dtype fp32 (Megatron-style fp32 main gradients) is predicted only"),
+        (["--precision", "fp16-mixed", "--device", "meta"], "cannot run on fake tensors"),
+        (["--grad-dtype", "fp16"], "invalid choice"),
     ],
 )
 def test_measure_refuses_before_it_runs(capsys, argv, needle):

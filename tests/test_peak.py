@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from formulas.layouts import buffer_bytes, input_bytes, parameter_tensors
+from formulas.params import embedding_params, head_params, layer_params, pipeline_stage_params
 from formulas.peak import PHASES
 from formulas.predict import predict
 from formulas.zero import BucketSizes, zero_ranks
@@ -169,3 +170,37 @@ def test_predict_table_shows_the_sum_and_the_peak(capsys):
     assert main(["predict", "--model", "gpt2", "--seq", "1024", "--impl", "hf"]) == 0
     out = capsys.readouterr().out
     assert "predicted peak" in out and "at the peak" in out and "CUDA context" in out
+
+
+# --------------------------------------------------------------------------------------------------
+# Engine-aware model states beyond ZeRO
+
+
+def test_pipeline_parallel_charges_the_heaviest_stage():
+    arch = resolve("gpt2")  # 12 layers, tied embedding
+    stages = pipeline_stage_params(arch, 4)
+    layer = layer_params(arch)
+    assert stages[0] == 3 * layer + embedding_params(arch)
+    assert stages[-1] == 3 * layer + head_params(arch) + arch.vocab * arch.hidden  # the tied copy
+    assert stages[1] == stages[2] == 3 * layer
+    # 13 layers over 4 stages: 4, 3, 3, 3.
+    assert pipeline_stage_params(dataclasses.replace(arch, n_layers=13), 4)[0] == 4 * layer + embedding_params(arch)
+    spec = build_spec({"model": "gpt2", "seq": 1024, "gpus": 8, "pp": 4, "tp": 2, "precision": "bf16-mixed"})
+    pred = predict(spec)
+    heaviest = -(-max(stages) // 2)
+    assert pred.states.weights == 2 * heaviest and pred.states.optimizer == 12 * heaviest
+    assert pred.states.weights > 2 * spec.total_params // 8, "above Transformer Math 101's P / (TP · PP)"
+    assert "heaviest of 4 pipeline stages" in pred.sources["weights"]
+    with pytest.raises(ValueError, match="pp must be between 1 and the 12 layers"):
+        pipeline_stage_params(arch, 13)
+
+
+def test_fp32_main_gradients_take_four_bytes_and_no_master_copy_of_them():
+    base = {"model": "gpt2", "layers": 2, "seq": 128, "batch": 1, "precision": "bf16-mixed", "device": "cpu"}
+    auto, fp32 = (predict(build_spec({**base, "grad_dtype": g})) for g in ("auto", "fp32"))
+    p = auto.exact_params
+    assert (auto.states.gradients, fp32.states.gradients) == (2 * p, 4 * p)
+    assert "fp32 main gradients" in fp32.sources["gradients"]
+    steps = [{ph.phase: ph for ph in pred.peak.phases}["optimizer step"].breakdown for pred in (auto, fp32)]
+    assert steps[0]["optimizer step"] - steps[1]["optimizer step"] == 4 * p  # no fp32 copies to make
+    assert any("fp32 main gradients" in note for note in fp32.peak.unmodelled)

@@ -11,6 +11,7 @@ from harness.errors import UsageError
 from harness.predictions import METHODS
 from harness.report.document import Document
 from harness.report.frame import error_frame, frame
+from harness.report.peak import family_table, peak_rows, phase_table, plot_timelines, runs_table, summary_text, unwalked
 from harness.report.plots import (
     plot_activations_vs_seq,
     plot_error_distribution,
@@ -85,6 +86,38 @@ def build_report(
         plot_error_distribution(errors, out / "error_by_term.png"),
         "predicted / measured by term and method (log scale; 1 is exact)",
     )
+
+    peaks = peak_rows(records)
+    if peaks:
+        doc.heading("peak: predicted vs measured")
+        doc.para(
+            summary_text(peaks)
+            + " The prediction is `formulas/peak.py`'s walk of the step (recorded as the `peak` method before the "
+            "run, uncalibrated), for the implementation, device and engine that ran; the measurement is the exact "
+            "live-bytes tracker's peak over the steady step (CUDA: max_memory_allocated), of the rank that peaked "
+            "highest."
+        )
+        doc.heading("By configuration family", 3)
+        doc.table(family_table(peaks))
+        doc.heading("The phase that peaked", 3)
+        doc.para("Runs by predicted phase (rows) and measured phase (columns).")
+        doc.table(phase_table(peaks))
+        doc.figure(
+            plot_timelines(peaks, out / "peak_timeline.png"),
+            "Live bytes over one steady step with the predicted phase levels",
+            "Live bytes after each op of the steady step (downsampled to 400 points, each the largest of its "
+            "stretch), coloured by phase; the dashed level over each phase is its predicted peak, the dotted line "
+            "the sum of the terms.",
+        )
+        doc.heading("Every run", 3)
+        doc.table(runs_table(peaks))
+        missing = unwalked(records)
+        if missing:
+            doc.para(
+                "Not walked (the sum of the terms stands in, and says why): "
+                + "; ".join(f"{label}: {why}" for label, why in missing)
+                + "."
+            )
 
     doc.heading("Activations against sequence length")
     shown = doc.figure(

@@ -23,7 +23,7 @@ from harness.report.tables import Timed, mfu_text
 from harness.results import run_label
 
 
-def _save(fig, path: Path, unused=()) -> Path:
+def save_figure(fig, path: Path, unused=()) -> Path:
     """Blank the panels a grid did not use, then write the PNG (110 dpi) and free the figure."""
     for ax in unused:
         ax.axis("off")
@@ -75,7 +75,7 @@ def plot_measured_vs_predicted(errors, path: Path) -> Path | None:
         ax.set_xlabel("measured", fontsize=8)
         ax.set_ylabel("predicted (1.2 × weights)" if term == "inference_peak" else "predicted (formulas)", fontsize=8)
         ax.legend(fontsize=7)
-    return _save(fig, path, unused=list(axes.flat)[len(terms) :])
+    return save_figure(fig, path, unused=list(axes.flat)[len(terms) :])
 
 
 def plot_error_distribution(errors, path: Path) -> Path | None:
@@ -118,7 +118,7 @@ def plot_error_distribution(errors, path: Path) -> Path | None:
     ax.set_ylabel(f"predicted / measured (1 = exact; terms not counted drawn at {floor:g})", fontsize=8)
     ax.set_title("Prediction error by term and method")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _formula_curves(base: RunSpec, seqs: list[int]) -> dict[str, list[float | None]]:
@@ -179,7 +179,7 @@ def plot_activations_vs_seq(df, records: list[Record], path: Path, max_panels: i
         ax.set_xlabel("sequence length s", fontsize=8)
         ax.set_ylabel("activation bytes per layer", fontsize=8)
         ax.legend(fontsize=6)
-    return _save(fig, path, unused=list(axes.flat)[len(chosen) :])
+    return save_figure(fig, path, unused=list(axes.flat)[len(chosen) :])
 
 
 def plot_throughput(timed: list[Timed], path: Path, min_tflops: float) -> Path | None:
@@ -207,4 +207,4 @@ def plot_throughput(timed: list[Timed], path: Path, min_tflops: float) -> Path |
     ax.set_title("Achieved throughput" + ("" if drew else " (no GPU runs: no bar)"), fontsize=10)
     if drew:
         ax.legend(fontsize=7, title=note, title_fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)

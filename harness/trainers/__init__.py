@@ -22,7 +22,16 @@ from harness.schema import SchemaError, Tagged
 from harness.zero.config import check_deepspeed, uses_deepspeed
 
 
+def _common_checks(spec: RunSpec) -> None:
+    if spec.training.grad_dtype != "auto":
+        raise UsageError(
+            "--grad-dtype fp32 (Megatron-style fp32 main gradients) is predicted only: the measured trainers keep "
+            "gradients in the parameters' dtype"
+        )
+
+
 def _plain_checks(spec: RunSpec, device: str) -> None:
+    _common_checks(spec)
     if spec.training.optimizer == "adam8bit" and device != "cuda":
         raise UsageError("--optimizer adam8bit (bitsandbytes) needs a CUDA device")
     if spec.measurement.deepspeed_config:
@@ -43,6 +52,7 @@ def _data_parallel(spec: RunSpec) -> bool:
 
 
 def _deepspeed_checks(spec: RunSpec, device: str) -> None:
+    _common_checks(spec)
     if device == "meta":
         raise UsageError("--device meta measures one process with fake tensors; it cannot run DeepSpeed/ZeRO")
     check_deepspeed(spec, device)
