@@ -381,17 +381,26 @@ def step_peak(spec: RunSpec, states: ModelStates, paper_activations: int) -> Pea
     state = {"adamw": 8, "sgd": 4}[t.optimizer]  # torch's state of the fp32 master partition
     device = target_device(spec.measurement.device)
     notes = ["ZeRO: the all-gather of updated parameters after the step (an all-gather bucket) is not counted"]
-    if device == "cuda":
-        notes.append("DeepSpeed's torch AdamW on CUDA is foreach, not fused: its temporaries are not measured yet")
-    b = replace(b, unmodelled=b.unmodelled + tuple(notes),
+    adamw = t.optimizer == "adamw"
+    # DeepSpeed builds torch's AdamW (`torch_adam`): on CUDA it defaults to foreach, whose update keeps one
+    # fp32 list the size of the stepped state (`_multi_tensor_adamw`: sqrt(v)); on the CPU the for-loop
+    # keeps two temporaries the size of the tensor it updates (sqrt(v), then its quotient).
+    foreach = device == "cuda" and adamw
+    if foreach:
+        notes.append("DeepSpeed's torch AdamW on CUDA is foreach: one fp32 list the size of the stepped state "
+                     "(torch's _multi_tensor_adamw), not yet measured on a GPU")  # fmt: skip
+    kept = tuple(n for n in b.unmodelled if "fused AdamW" not in n)
+    b = replace(b, unmodelled=kept + tuple(notes),
                 basis=b.basis.replace(", for-loop AdamW", "").replace(", fused AdamW", "")
                 + f", DeepSpeed ZeRO-{p.zero} over {p.dp} ranks (torch AdamW)")  # fmt: skip
     if p.zero == 0:
         bucket = e * max(buckets.reduce_bucket_elements, max(tensors))
+        if foreach:
+            b = replace(b, step_temporaries=4 * sum(tensors))
         return engine_step_peak(b, 0, [], 0, all_reduce_bucket=bucket)
     ranks = zero_ranks(tensors, stage=p.zero, dp=p.dp, weight_bytes=e, gradient_bytes=e, state_bytes=state,
                        buckets=buckets)  # fmt: skip
-    temporaries = 2 * 4 if t.optimizer == "adamw" else 0  # for-loop AdamW: sqrt(v) and its quotient, fp32
+    temporaries = (4 if foreach else 2 * 4) if adamw else 0  # per stepped fp32 element
     # DeepSpeed does not count AdamW's step counters per tensor: its optimizer steps one flat partition.
     b = replace(b, optimizer=ranks[0].optimizer, gradients=e * sum(tensors))
     return engine_step_peak(b, p.zero, ranks, temporaries)

@@ -204,3 +204,14 @@ def test_fp32_main_gradients_take_four_bytes_and_no_master_copy_of_them():
     steps = [{ph.phase: ph for ph in pred.peak.phases}["optimizer step"].breakdown for pred in (auto, fp32)]
     assert steps[0]["optimizer step"] - steps[1]["optimizer step"] == 4 * p  # no fp32 copies to make
     assert any("fp32 main gradients" in note for note in fp32.peak.unmodelled)
+
+
+def test_deepspeed_steps_torch_adamw_for_loop_on_the_cpu_and_foreach_on_cuda():
+    base = {"model": "gpt2", "layers": 2, "seq": 128, "batch": 1, "precision": "bf16-mixed", "zero": 2, "gpus": 2}
+    steps = {}
+    for device in ("cpu", "cuda"):
+        peak = predict(build_spec({**base, "device": device})).peak
+        steps[device] = {ph.phase: ph for ph in peak.phases}["optimizer step"].breakdown["optimizer step"]
+    part = -(-predict(build_spec(base)).exact_params // 4) * 2  # P padded to 2·N, over N = 2 ranks
+    # The fp32 gradient partition (4·p) plus for-loop AdamW's two fp32 temporaries, or foreach's one.
+    assert (steps["cpu"], steps["cuda"]) == (4 * part + 8 * part, 4 * part + 4 * part)
