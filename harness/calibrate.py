@@ -118,8 +118,8 @@ def calibrate_peaks(records: list[Record]) -> tuple[dict, dict]:
             entry["refused"] = "one run: nothing to validate a ratio against"
         elif check["loo_median_abs_error"] >= check["uncalibrated_median_abs_error"]:
             entry["refused"] = (
-                f"leave-one-out median |error| {check['loo_median_abs_error']:.2%} is not below the uncalibrated "
-                f"{check['uncalibrated_median_abs_error']:.2%}: no ratio (a calibration must not make things worse)"
+                f"leave-one-out median |error| {check['loo_median_abs_error']:.3%} is not below the uncalibrated "
+                f"{check['uncalibrated_median_abs_error']:.3%}: no ratio (a calibration must not make things worse)"
             )
         else:
             ratios[device] = fitted

@@ -175,7 +175,7 @@ def test_calibrate_cli_writes_what_predict_applies(tmp_path, capsys):
     assert main(["calibrate", str(runs.parent)]) == 0
     out = capsys.readouterr().out
     assert "peak allocated / predicted peak on cuda: all 1.2500" in out and "calibration.json" in out
-    assert "20.00% uncalibrated, 0.00% leave-one-out" in out
+    assert "20.000% uncalibrated, 0.000% leave-one-out" in out
     path = runs.parent / "calibration.json"
     cal = Calibration.load(path)
     assert json.loads(path.read_text())["fit"]["peak_ratio"]["cuda"]["n"] == 6

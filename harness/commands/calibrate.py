@@ -28,9 +28,9 @@ def peak_lines(cal: Calibration) -> list[str]:
         check = ""
         if "loo_median_abs_error" in entry:
             check = (
-                f"; |error| median {entry['uncalibrated_median_abs_error']:.2%} uncalibrated, "
-                f"{entry['loo_median_abs_error']:.2%} leave-one-out (worst {entry['uncalibrated_max_abs_error']:.2%}"
-                f" → {entry['loo_max_abs_error']:.2%})"
+                f"; |error| median {entry['uncalibrated_median_abs_error']:.3%} uncalibrated, "
+                f"{entry['loo_median_abs_error']:.3%} leave-one-out (worst {entry['uncalibrated_max_abs_error']:.3%}"
+                f" → {entry['loo_max_abs_error']:.3%})"
             )
         if device in cal.peak_ratio:
             ratios = ", ".join(f"{phase} {ratio:.4f}" for phase, ratio in cal.peak_ratio[device].items())

@@ -195,5 +195,5 @@ def plot_timelines(rows: list[PeakRow], path: Path) -> Path | None:
                      f"{size(row.measured)} ({row.error:+.2%})", fontsize=8.5)  # fmt: skip
         ax.set_ylabel(f"live {unit}")
         ax.set_xlabel("op (downsampled) over one steady step; dashed: each phase's predicted peak")
-        ax.legend(fontsize=6.5, loc="lower right", ncol=2)
+        ax.legend(fontsize=6.5, loc="best", ncol=2)
     return save_figure(fig, path)
