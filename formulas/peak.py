@@ -23,20 +23,30 @@ for backward, G the gradients and S the bytes held across steps, the candidates 
     forward end        S + G_k + A + Le + (L32 when e ≠ 4)     the logits and their fp32 copy beside log_softmax
     backward start     S + G_k + A + 2·L32                       nll_loss and log_softmax gradients, fp32
     head gradient      S + G_k + A + H (+ H when accumulating)   the output projection's weight gradient
+    top layer          S + G_k + A − A_out + H + X               its MLP backward: A_out, the output layer's
+                                                                 and loss's saved tensors, are freed; X the
+                                                                 transients (`StepBytes.layer_transient`)
+    top softmax        S + G_k + A' + H + 2·a·s²·b·g + ...       eager attention: the probabilities' and the
+                                                                 scores' gradients (`_softmax_backward`)
     embedding          S + G + 2·H (tied)                        the embedding's gradient added out of place
     optimizer step     S + G + M + T                             M: fp32 gradient copies (mixed), T: temporaries
 
-with H = e·v·h. Measured against the exact live-bytes tracker (`results/peak`); what is not modelled is
-listed in `PeakPrediction.unmodelled`.
+with H = e·v·h. T is the optimizer implementation's: for-loop AdamW (the CPU) two fp32 temporaries the size
+of the tensor it updates and the previous tensor's quotient, still bound (the largest over the tensors), fused AdamW (the plain trainer on CUDA) none, foreach AdamW (DeepSpeed on CUDA) one
+fp32 list the size of the stepped state, SGD none. DeepSpeed's engine is walked rank by rank
+(`engine_step_peak`, from `formulas.zero`). Under full recompute the re-forwarded top block is not a
+candidate of its own: it stays below the backward start on every point measured. Measured against the
+exact live-bytes tracker (`results/peak`); what is not modelled is listed in `PeakPrediction.unmodelled`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from formulas.activations import LOSS_LOGIT_BYTES, output_bytes
+from formulas.activations import LOSS_LOGIT_BYTES, layer_bytes, output_bytes
 from formulas.layouts import buffer_bytes, input_bytes, parameter_tensors
 from formulas.memory import ModelStates
+from formulas.params import mlp_params
 from formulas.precision import activation_bytes_per_element, is_mixed, weight_bytes_per_param
 from formulas.spec import RunSpec
 from formulas.variants import activation_variant, layer_account, outside_account
@@ -124,6 +134,10 @@ class StepBytes:
     """The largest parameter tensor's gradient."""
     output_activations: int = 0
     """Of `activations`, those the output layer and the loss saved: freed before the layers' backward."""
+    softmax_saved: int = 0
+    """The activations still saved at the top layer's softmax backward (0: no s×s probabilities saved)."""
+    softmax_transient: int = 0
+    """What that softmax backward has live beyond them and the head's gradient (`_softmax_backward`)."""
     layer_transient: int = 0
     """The top layer's MLP backward beyond the saved activations, at its down projection: the incoming gradient
     and its copy on the residual branch (2·b·s·h), the projection's input gradient (b·s·f) and weight gradient
@@ -151,6 +165,10 @@ def plain_step_peak(b: StepBytes) -> PeakPrediction:
     layer = _phase("backward", "top layer's MLP backward",
                    {**held, "activations": A - b.output_activations, "backward": before + H + b.layer_transient})  # fmt: skip
     candidates = [start, head, layer]
+    if b.softmax_saved:
+        candidates.append(_phase("backward", "top layer's softmax backward",
+                                 {**held, "activations": b.softmax_saved,
+                                  "backward": before + H + b.softmax_transient}))  # fmt: skip
     if b.tied:
         candidates.append(_phase("backward", "tied embedding gradient added out of place",
                                  {**held, "backward": G + 2 * H}))  # fmt: skip
@@ -227,7 +245,12 @@ def engine_step_peak(b: StepBytes, stage: int, ranks: list[RankStates], step_tem
             ends = [
                 _phase("backward", "backward end (embedding gradients)", {**held, "backward": b.embedding_gradients})
             ]
-        backward = _top([start, layer, *ends])
+        extra = []
+        if b.softmax_saved:
+            extra.append(_phase("backward", "top layer's softmax backward",
+                                {**held, "activations": b.softmax_saved + r.gathered,
+                                 "backward": head + reduced + b.softmax_transient}))  # fmt: skip
+        backward = _top([start, layer, *extra, *ends])
         p = r.partition_elements
         step = _phase("optimizer step", "optimizer update (fp32 gradient partition)",
                       {**held, "optimizer step": 4 * p + step_temporaries_per_element * p})  # fmt: skip
@@ -250,22 +273,44 @@ def target_device(device: str) -> str:
     return device if device in ("cuda", "cpu", "meta") else "cuda"
 
 
-def _activations(spec: RunSpec, device: str, paper: int) -> tuple[int, int, int, str | None]:
-    """(saved bytes, of which the output layer's and the loss's, the loss's bytes per logit, what is not
-    modelled): the implementation's variant where it is modelled (`formulas.variants`), else the paper's count
-    with the reason."""
+@dataclass(frozen=True)
+class _Saved:
+    """What the forward saves, as the walk needs it."""
+
+    total: int
+    output: int
+    """The output layer's and the loss's share (freed before the layers' backward)."""
+    per_layer: int
+    loss_bytes: int
+    """The loss's bytes per logit."""
+    scores_bytes: int
+    """Bytes per element of the attention probabilities' gradients in the softmax backward (0: no s×s
+    probabilities saved, flash or SDPA attention, or recomputed)."""
+    note: str | None = None
+
+
+def _activations(spec: RunSpec, device: str, paper: int) -> _Saved:
+    """The implementation's saved bytes where its variant is modelled (`formulas.variants`), else the paper's
+    count with the reason."""
     t, arch = spec.training, spec.model.arch
+    e = activation_bytes_per_element(t.precision)
+    eager = t.attention == "eager" and t.recompute == "none"
     try:
         variant = activation_variant(
             arch, impl=spec.measurement.impl, precision=t.precision, attention=t.attention, recompute=t.recompute,
             device=device,
         )  # fmt: skip
     except ValueError as exc:
-        output = output_bytes(arch, t.seq, t.batch, elem_bytes=activation_bytes_per_element(t.precision))
-        return paper, output, LOSS_LOGIT_BYTES, f"activations: the paper's count ({str(exc).splitlines()[0]})"
+        output = output_bytes(arch, t.seq, t.batch, elem_bytes=e)
+        per_layer = layer_bytes(arch, t.seq, t.batch, elem_bytes=e, recompute=t.recompute, attention=t.attention)
+        note = f"activations: the paper's count ({str(exc).splitlines()[0]})"
+        return _Saved(paper, output, per_layer, LOSS_LOGIT_BYTES, e if eager else 0, note)
     account = layer_account(arch, t.seq, t.batch, variant)
     outside = outside_account(arch, t.seq, t.batch, variant)
-    return account.total(arch.n_layers) + outside.total, outside.output, variant.loss_logit_bytes, None
+    eager = eager and variant.sdpa_kernel == "none"
+    scores = (4 if variant.softmax_fp32 else e) if eager else 0
+    return _Saved(account.total(arch.n_layers) + outside.total, outside.output, account.per_layer,
+                  variant.loss_logit_bytes, scores)  # fmt: skip
 
 
 def step_bytes(spec: RunSpec, states: ModelStates, paper_activations: int) -> StepBytes:
@@ -275,7 +320,8 @@ def step_bytes(spec: RunSpec, states: ModelStates, paper_activations: int) -> St
     impl = spec.measurement.impl
     e = activation_bytes_per_element(t.precision)
     unmodelled: list[str] = []
-    activations, output_saved, loss_bytes, note = _activations(spec, device, paper_activations)
+    saved = _activations(spec, device, paper_activations)
+    activations, output_saved, loss_bytes, note = saved.total, saved.output, saved.loss_bytes, saved.note
     if note:
         unmodelled.append(note)
     optimizer_impl = {"adamw": "fused AdamW" if device == "cuda" else "for-loop AdamW", "sgd": "SGD with momentum",
@@ -293,7 +339,10 @@ def step_bytes(spec: RunSpec, states: ModelStates, paper_activations: int) -> St
         temporaries = 0  # fused AdamW (harness.trainers.plain on CUDA): no per-tensor temporaries
         unmodelled.append("optimizer step: fused AdamW's workspace on CUDA (not yet measured on a GPU)")
     elif adamw:
-        temporaries = 2 * max(tensors) * state_bytes  # for-loop AdamW: sqrt(v), then its quotient
+        # for-loop AdamW (`_single_tensor_adamw`): sqrt(v), then its quotient `denom`, while the previous
+        # tensor's `denom` is still bound to the loop's local variable.
+        previous = [0, *tensors[:-1]]
+        temporaries = state_bytes * max(2 * n + p for n, p in zip(tensors, previous, strict=True))
     else:
         temporaries = 0  # SGD with momentum updates in place
     if t.optimizer == "adam8bit":
@@ -323,8 +372,26 @@ def step_bytes(spec: RunSpec, states: ModelStates, paper_activations: int) -> St
         embedding_gradients=e * _embedding_elements(arch),
         largest_gradient=e * max(tensors),
         output_activations=output_saved,
+        **_softmax_backward(arch, t.seq, t.batch, e, saved),
         layer_transient=e * (t.batch * t.seq * (2 * arch.hidden + arch.ffn_hidden) + arch.ffn_hidden * arch.hidden),
     )
+
+
+def _softmax_backward(arch, seq: int, batch: int, e: int, saved: _Saved) -> dict[str, int]:
+    """The top layer's softmax backward with eager attention (s×s probabilities saved): still saved then, all
+    but the output layer's and the top layer's own saved tensors, which keeps its probabilities, Q, K, the
+    projections' input and the norm's; live in backward, the gradients of the probabilities and of the
+    scores (two a·s²·b tensors, fp32 where the softmax runs in fp32), the top layer's MLP and output
+    projection weight gradients and the incoming gradient with its residual copy."""
+    if not saved.scores_bytes:
+        return {}
+    sbh, scores = seq * batch * arch.hidden, arch.n_heads * seq * seq * batch
+    kept = e * scores + e * (3 * sbh + seq * batch * arch.kv_width)
+    weights = mlp_params(arch) + arch.hidden * arch.hidden
+    return {
+        "softmax_saved": saved.total - saved.output - saved.per_layer + kept,
+        "softmax_transient": 2 * saved.scores_bytes * scores + e * weights + 2 * e * sbh,
+    }
 
 
 def _embedding_elements(arch) -> int:
