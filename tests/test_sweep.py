@@ -390,6 +390,24 @@ def test_sigterm_kills_the_running_worker_and_resume_completes(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_sigterm_to_measure_takes_its_ranks_with_it():
+    """`tmath measure --gpus 2` killed with SIGTERM leaves no launcher or rank behind."""
+    token = f"tmath-test-{uuid.uuid4().hex}"
+    flags = ["--model", "gpt2", "--layers", "1", "--hidden", "64", "--heads", "4", "--vocab", "128", "--seq", "32",
+             "--gpus", "2", "--device", "cpu", "--steps", "50"]  # fmt: skip
+    script = "import sys; from harness.cli import main; sys.exit(main(['measure', *sys.argv[1:]]))"
+    proc = _spawn(flags, env={"TMATH_TEST_TOKEN": token}, script=script)
+    # The launcher and its ranks inherit the token: wait until more than the CLI has it.
+    _wait_for(lambda: len([p for p in _processes_with(token) if p != proc.pid]) >= 3, timeout=120,
+              what="the launcher and two ranks")  # fmt: skip
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    _wait_for(lambda: not _processes_with(token), timeout=20, what="no orphan launcher or rank")
+
+
+@pytest.mark.slow
 def test_impossible_point_is_recorded_and_the_sweep_continues(tmp_path):
     # 20000 × 1024 tokens × 512 wide in fp32 is a 42 GB embedding output: far beyond the 4 GiB cap.
     path = write(

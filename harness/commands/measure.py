@@ -11,6 +11,7 @@ from harness.distributed import LAUNCHERS, hostfile_nodes
 from harness.errors import UsageError
 from harness.flags import add_run_settings, spec_from_args
 from harness.launch import LaunchOptions, Limits, launch
+from harness.processes import terminate_as_interrupt
 from harness.results import append_record, check_writable
 from harness.trainers import check_measurable, resolve_device
 
@@ -46,7 +47,8 @@ def run(args) -> int:
     check_measurable(spec, resolve_device(spec.measurement.device))
     options.check(spec)
     out = check_writable(args.out) if args.out else None
-    record = launch(spec, limits, options, argv=sys.argv, progress=None if args.quiet else progress.to_stderr)
+    with terminate_as_interrupt():
+        record = launch(spec, limits, options, argv=sys.argv, progress=None if args.quiet else progress.to_stderr)
     if out is not None:
         append_record(out, record)
     if args.format == "json":

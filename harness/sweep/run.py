@@ -14,10 +14,7 @@ per runs.jsonl (an advisory lock). The executor runs the pending points: `local`
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from harness.errors import UsageError
 from harness.launch import Limits, launch
+from harness.processes import terminate_as_interrupt
 from harness.records import Record
 from harness.results import RUNS_FILE, append_record, exclusive, read_records, repair_torn_tail, run_label, warn
 from harness.sweep import local
@@ -45,24 +43,6 @@ class SweepResult:
     skipped: int
     ran: int = 0
     statuses: dict = field(default_factory=dict)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler, `kill`) ends the sweep the way Ctrl-C does: through KeyboardInterrupt."""
-    try:
-        old = signal.signal(signal.SIGTERM, _raise_interrupt)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def _clock(seconds: float) -> str:
@@ -190,7 +170,7 @@ def run_sweep(
             result.statuses[record.status] = result.statuses.get(record.status, 0) + 1
             progress.finish(record, run_label(point.spec))
 
-        with _terminate_as_interrupt(), progress:
+        with terminate_as_interrupt(), progress:
             if executor == "slurm":
                 slurm_executor.run(todo, sweep, out_dir, limits, slurm or {}, progress, record_one)
             else:
