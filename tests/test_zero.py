@@ -350,6 +350,23 @@ def test_gather_takes_the_worst_status_and_per_term_maxima():
     assert record.error.stderr_tail == "tail"
 
 
+def test_gather_takes_the_peak_phase_of_the_rank_that_peaked_highest():
+    spec = spec_of(zero=2)
+
+    def rank(peak, phase):
+        return Outcome.from_dict({"status": "ok", "measured": {
+            "device": "cpu", "memory_bytes": {"weights": 1, "peak_allocated": peak},
+            "peak_phase": {"steady": phase}, "peak_breakdown": {"steady": {phase: peak}},
+            "timeline": {"live_bytes": [0, peak], "phase": ["activations", phase]}}})  # fmt: skip
+
+    record = gather(spec, [rank(100, "optimizer step"), rank(120, "backward")], launcher="torchrun",
+                    timed_out=False, timeout=None, returncode=0, stderr="", elapsed_s=1.0)  # fmt: skip
+    m = record.measured
+    assert m.memory_bytes.peak_allocated == 120 and m.peak_phase["steady"] == "backward"
+    assert m.peak_breakdown["steady"] == {"backward": 120} and m.timeline.live_bytes == [0, 120]
+    assert "highest peak" in m.methods["peak_phase"]
+
+
 # --------------------------------------------------------------------------------------------------
 # Configuration, estimator, one-line errors (no engine)
 
