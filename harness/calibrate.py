@@ -31,6 +31,7 @@ import numpy as np
 
 from formulas.calibration import ALL_PHASES, Calibration
 from harness.errors import UsageError
+from harness.formatting import error_percent
 from harness.predictions import BY_NAME
 from harness.records import Record
 from harness.results import run_label
@@ -118,8 +119,8 @@ def calibrate_peaks(records: list[Record]) -> tuple[dict, dict]:
             entry["refused"] = "one run: nothing to validate a ratio against"
         elif check["loo_median_abs_error"] >= check["uncalibrated_median_abs_error"]:
             entry["refused"] = (
-                f"leave-one-out median |error| {check['loo_median_abs_error']:.3%} is not below the uncalibrated "
-                f"{check['uncalibrated_median_abs_error']:.3%}: no ratio (a calibration must not make things worse)"
+                f"leave-one-out median |error| {error_percent(check['loo_median_abs_error'])} is not below the uncalibrated "
+                f"{error_percent(check['uncalibrated_median_abs_error'])}: no ratio (a calibration must not make things worse)"
             )
         else:
             ratios[device] = fitted

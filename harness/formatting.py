@@ -59,3 +59,11 @@ def significant(value, digits: int = 3) -> str:
     if _missing(value):
         return "-"
     return f"{value:,.{digits}g}" if abs(value) < 10**digits else f"{value:,.0f}"
+
+
+def error_percent(x: float) -> str:
+    """A relative error as a percentage: three decimals, or two significant digits below 0.01% (0.0000021%)."""
+    if abs(x) >= 1e-4 or x == 0:
+        return f"{x:.3%}"
+    decimals = 1 - math.floor(math.log10(abs(100 * x)))
+    return f"{100 * x:.{decimals}f}%"

@@ -9,7 +9,7 @@ from pathlib import Path
 from formulas.calibration import Calibration
 from harness.calibrate import calibrate
 from harness.errors import UsageError
-from harness.formatting import gib
+from harness.formatting import error_percent, gib
 from harness.results import check_writable, load_results
 
 
@@ -28,9 +28,9 @@ def peak_lines(cal: Calibration) -> list[str]:
         check = ""
         if "loo_median_abs_error" in entry:
             check = (
-                f"; |error| median {entry['uncalibrated_median_abs_error']:.3%} uncalibrated, "
-                f"{entry['loo_median_abs_error']:.3%} leave-one-out (worst {entry['uncalibrated_max_abs_error']:.3%}"
-                f" → {entry['loo_max_abs_error']:.3%})"
+                f"; |error| median {error_percent(entry['uncalibrated_median_abs_error'])} uncalibrated, "
+                f"{error_percent(entry['loo_median_abs_error'])} leave-one-out (worst {error_percent(entry['uncalibrated_max_abs_error'])}"
+                f" → {error_percent(entry['loo_max_abs_error'])})"
             )
         if device in cal.peak_ratio:
             ratios = ", ".join(f"{phase} {ratio:.4f}" for phase, ratio in cal.peak_ratio[device].items())
