@@ -106,7 +106,7 @@ def print_prediction(pred) -> None:
     ct.add_row("training tokens D", human(c.tokens), "given" if spec.budget.tokens else "Chinchilla 20·P")
     ct.add_row("training FLOPs C", f"{c.flops:.3e}", "Transformer Math 101: C = 6·P·D")
     ct.add_row("achieved TFLOP/s per GPU", f"{c.tflops_per_gpu:,.1f}", pred.tflops_source)
-    ct.add_row("time", f"{c.days:,.2f} days", f"C / ({c.gpus} GPUs × achieved)")
+    ct.add_row("time", f"{c.days:,.2f} days", f"C / ({c.gpus} GPU{'' if c.gpus == 1 else 's'} × achieved)")
     ct.add_row("GPU-hours", f"{c.gpu_hours:,.0f}", "")
     ct.add_row("PetaFLOP-days", f"{c.pf_days:,.2f}", "C / (10¹⁵ × 86 400)")
     inf = pred.inference
