@@ -50,7 +50,7 @@ from formulas.params import mlp_params
 from formulas.precision import activation_bytes_per_element, is_mixed, weight_bytes_per_param
 from formulas.spec import RunSpec
 from formulas.variants import activation_variant, layer_account, outside_account
-from formulas.zero import BucketSizes, RankStates, zero_ranks
+from formulas.zero import BucketSizes, RankStates, allreduce_bucket_elements, zero_ranks
 
 PHASES: tuple[str, ...] = ("activations", "backward", "optimizer step")
 """The phases of a step, named as the live tracker names what each allocates."""
@@ -447,7 +447,11 @@ def step_peak(spec: RunSpec, states: ModelStates, paper_activations: int) -> Pea
     e = weight_bytes_per_param(t.precision)
     state = {"adamw": 8, "sgd": 4}[t.optimizer]  # torch's state of the fp32 master partition
     device = target_device(spec.measurement.device)
-    notes = ["ZeRO: the all-gather of updated parameters after the step (an all-gather bucket) is not counted"]
+    notes = ["ZeRO: the all-gather of updated parameters after the step (an all-gather bucket) is not counted",
+             "a collective's flat buffer freed late: the communication thread (gloo's worker, NCCL's watchdog) "
+             "drops it a moment after the collective returns; under CPU contention the last gradient bucket "
+             "has been seen alive into the optimizer step (up to one bucket more), which the walk does not "
+             "count"]  # fmt: skip
     adamw = t.optimizer == "adamw"
     # DeepSpeed builds torch's AdamW (`torch_adam`): on CUDA it defaults to foreach, whose update keeps one
     # fp32 list the size of the stepped state (`_multi_tensor_adamw`: sqrt(v)); on the CPU the for-loop
@@ -461,7 +465,7 @@ def step_peak(spec: RunSpec, states: ModelStates, paper_activations: int) -> Pea
                 basis=b.basis.replace(", for-loop AdamW", "").replace(", fused AdamW", "")
                 + f", DeepSpeed ZeRO-{p.zero} over {p.dp} ranks (torch AdamW)")  # fmt: skip
     if p.zero == 0:
-        bucket = e * max(buckets.reduce_bucket_elements, max(tensors))
+        bucket = e * allreduce_bucket_elements(tensors)
         if foreach:
             b = replace(b, step_temporaries=4 * sum(tensors))
         return engine_step_peak(b, 0, [], 0, all_reduce_bucket=bucket)

@@ -49,6 +49,27 @@ STEP_COUNTER_BYTES = 4
 """torch AdamW's fp32 `step`, one per parameter tensor: ZeRO's optimizer steps one flat tensor."""
 
 
+ALLREDUCE_BUCKET_ELEMENTS = 500_000_000
+"""Without ZeRO (stage 0) DeepSpeed all-reduces the gradients at the end of backward in flat buckets of
+`MEMORY_OPT_ALLREDUCE_SIZE` elements (`runtime/engine.py`, `allreduce_gradients`), not `reduce_bucket_size`."""
+
+
+def allreduce_bucket_elements(tensors: list[int], per_bucket: int = ALLREDUCE_BUCKET_ELEMENTS) -> int:
+    """The largest flat copy of DeepSpeed's stage-0 gradient all-reduce, in elements.
+
+    `engine.allreduce_no_retain` walks the gradients in `model.parameters()` order, adds each to a bucket and
+    flushes it (`flatten`, all-reduce, copy back) once the bucket holds more than `per_bucket` elements, and
+    the remainder at the end: each flat copy lives beside every gradient. Below 5e8 elements that is one copy
+    of all of them.
+    """
+    largest = current = 0
+    for n in tensors:
+        current += n
+        if current > per_bucket:
+            largest, current = max(largest, current), 0
+    return max(largest, current)
+
+
 def _ceil_div(x: int, y: int) -> int:
     return -(-x // y)
 

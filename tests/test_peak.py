@@ -14,7 +14,7 @@ from formulas.layouts import buffer_bytes, input_bytes, parameter_tensors
 from formulas.params import embedding_params, head_params, layer_params, pipeline_stage_params
 from formulas.peak import PHASES
 from formulas.predict import predict
-from formulas.zero import BucketSizes, zero_ranks
+from formulas.zero import BucketSizes, allreduce_bucket_elements, zero_ranks
 from harness.cli import main
 from harness.measure import measure
 from harness.specbuild import build_spec
@@ -141,6 +141,14 @@ def test_zero_ranks_stage_3_partitions_each_parameter():
     assert r0.gathered == 2 * 12  # the 11-element parameter gathered into 2 × 6 elements
     with pytest.raises(ValueError, match="stages 1-3"):
         zero_ranks([1], stage=0, dp=2, weight_bytes=2, gradient_bytes=2, state_bytes=8, buckets=buckets)
+
+
+def test_stage_0_all_reduces_in_deepspeeds_flat_buckets():
+    """`engine.allreduce_no_retain`: a bucket is flushed once it holds more than the limit; the rest at the end."""
+    assert allreduce_bucket_elements([3, 4, 5]) == 12  # under 5e8 elements: one flat copy of every gradient
+    assert allreduce_bucket_elements([3, 4, 5, 1], per_bucket=6) == 7  # [3, 4] flushed at 7 > 6, then [5, 1]
+    assert allreduce_bucket_elements([2, 2, 9], per_bucket=3) == 9  # [2, 2] flushed at 4, then [9] alone
+    assert allreduce_bucket_elements([]) == 0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -500,5 +500,15 @@ def test_the_walk_predicts_each_ranks_states_and_the_highest_peak(records, name,
         mem.gradients,
         mem.optimizer,
     )
-    assert peak.bytes == pytest.approx(mem.peak_allocated, rel=0.03), peak.moment  # a 2-layer h = 64 toy
-    assert peak.phase == record.measured.peak_phase["steady"]
+    phase, breakdown = record.measured.peak_phase["steady"], record.measured.peak_breakdown["steady"]
+    late = breakdown.get("backward", 0) if phase == "optimizer step" else 0
+    if late:
+        # The named race (`peak.unmodelled`): gloo's worker thread let go of the last gradient bucket after
+        # the optimizer step had begun. What backward left alive is at most one flat bucket of gradients.
+        assert any("freed late" in note for note in peak.unmodelled)
+        assert late <= mem.gradients + 4, breakdown
+        step = next(p for p in peak.phases if p.phase == "optimizer step")
+        assert 0.97 * peak.bytes <= mem.peak_allocated <= 1.03 * (step.bytes + late), (peak.moment, breakdown)
+    else:
+        assert phase == peak.phase, (phase, peak.moment)
+        assert peak.bytes == pytest.approx(mem.peak_allocated, rel=0.03), (peak.moment, breakdown)  # a toy
