@@ -177,9 +177,16 @@ class MeasurementSettings:
     """Untimed steps first (allocator, cuBLAS workspace, lazy state)."""
     deepspeed_config: str | None = None
     """A DeepSpeed JSON file merged over the generated config (ZeRO runs)."""
+    compile: bool = False
+    """Time the warm-up and timed steps with torch.compile of the model and its loss (inductor) and fused
+    AdamW; memory and FLOPs stay measured on the eager steps (one process, training, CUDA or CPU)."""
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.compile and self.device == "meta":
+            raise ValueError("--compile times real steps: fake tensors (--device meta) run none")
+        if self.compile and self.mode == "inference":
+            raise ValueError("--compile times training steps: not --mode inference")
 
 
 SECTIONS: dict[str, type] = {
@@ -191,7 +198,7 @@ SECTIONS: dict[str, type] = {
 }
 """RunSpec's sections, in the order flags and documentation list them."""
 
-KEY_SINCE_SCHEMA_2 = {"nodes": 1, "grad_dtype": "auto"}
+KEY_SINCE_SCHEMA_2 = {"nodes": 1, "grad_dtype": "auto", "compile": False}
 """Settings added after the first records were written, with their defaults: at the default they stay out of
 `RunSpec.key()`, so that earlier records keep their keys and `--resume` still matches them."""
 
@@ -217,6 +224,8 @@ class RunSpec:
                 raise ValueError("--mode inference runs no backward: recomputation does not apply (--recompute none)")
             if t.grad_accum != 1:
                 raise ValueError("--mode inference measures one forward: gradient accumulation does not apply")
+        if m.compile and (p.gpus > 1 or p.zero or p.tp > 1 or p.pp > 1):
+            raise ValueError("--compile is for one process without ZeRO (the plain trainer)")
         if arch is None:
             return
         if arch.n_heads % p.tp:

@@ -38,6 +38,7 @@ from formulas.precision import compute_dtype
 from formulas.predict import predict
 from formulas.spec import RunSpec
 from harness.environment import nvml_snapshot
+from harness.kernels import AttentionKernels, attention_kernel
 from harness.memtrack import LiveTensorTracker, SavedTensorTracker, unique_storage_bytes
 from harness.records import Measurement, StepTimes, Throughput, Timeline
 from harness.trainers import check_measurable, resolve_device
@@ -62,6 +63,10 @@ MEASUREMENT_METHODS = {
     "flops": "torch.utils.flop_counter.FlopCounterMode over a step of its own (the first warm-up step, or an "
     "extra one), never a step whose memory is recorded",
     "peak_phase": "the phase (tracker category) current when the step's peak was reached",
+    "attention_kernel": "the fused scaled_dot_product_attention ops dispatched during the FLOP count step "
+    "(harness.kernels); none seen: eager attention, or SDPA's math fallback",
+    "step_mode": "how the warm-up and timed steps ran: eager (the memory steps' own), or compiled "
+    "(torch.compile of the model and its loss, fused AdamW; `--compile`) after one untimed compiling step",
 }
 
 
@@ -180,10 +185,17 @@ def _finish_timing(measured: Measurement, times: list[float], tokens: int, model
     measured.tokens_per_second = tokens / seconds
 
 
-def _cuda_epilogue(spec: RunSpec, measured: Measurement, cuda_stats: dict) -> None:
-    """Allocator peaks of the timed steps, NVML's view, and utilisation against the device's peak."""
+def _cuda_epilogue(spec: RunSpec, measured: Measurement, cuda_stats: dict, compiled: bool = False) -> None:
+    """Allocator peaks of the timed steps, NVML's view, and utilisation against the device's peak.
+
+    Compiled timed steps hold what inductor's graphs save, not what the eager steps measured: their peak is
+    kept apart (`peak_allocated_compiled`), never folded into the eager one."""
     mem = measured.memory_bytes
-    mem.peak_allocated = max(mem.peak_allocated or 0, cuda_stats.pop("peak_allocated", 0))
+    timed_peak = cuda_stats.pop("peak_allocated", 0)
+    if compiled:
+        mem.peak_allocated_compiled = timed_peak
+    else:
+        mem.peak_allocated = max(mem.peak_allocated or 0, timed_peak)
     for key, value in cuda_stats.items():
         setattr(mem, key, value)
     after = nvml_snapshot(torch.cuda.current_device())
@@ -269,11 +281,17 @@ def measure(spec: RunSpec, measured: Measurement | None = None, progress: Progre
         work = batches[0] if inference else batches
         warmup = spec.measurement.warmup
         progress("FLOP count step" + (" (the first warm-up step)" if warmup and not fake else ""))
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as counter, AttentionKernels() as kernels:
             step(work)
         measured.flops_counted = int(counter.get_total_flops())
+        measured.attention_kernel = attention_kernel(kernels.ops, spec.training.attention)
         if fake:
             return measured
+        measured.step_mode = "eager"
+        if spec.measurement.compile:
+            progress("compiling (torch.compile: the first compiled step, untimed)")
+            measured.step_mode = trainer.compile()
+            measured.compile_seconds = _untimed(step, work, cuda)
         for i in range(1, warmup):
             progress(f"warm-up step {i + 1} of {warmup}")
             step(work)
@@ -285,8 +303,17 @@ def measure(spec: RunSpec, measured: Measurement | None = None, progress: Progre
     else:
         _finish_timing(measured, times, tokens, prediction.flops.per_step_model, prediction.flops.per_step_hardware)
     if cuda:
-        _cuda_epilogue(spec, measured, cuda_stats)
+        _cuda_epilogue(spec, measured, cuda_stats, compiled=spec.measurement.compile)
     return measured
+
+
+def _untimed(step, work, cuda: bool) -> float:
+    """Seconds of one step run to completion (the compiling one)."""
+    t0 = time.perf_counter()
+    step(work)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def _phased_step(trainer: Trainer, batches: list[dict], tracker: LiveTensorTracker) -> None:

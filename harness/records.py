@@ -65,6 +65,9 @@ class MemoryBytes:
     peak_allocated: int | None = None
     """Peak of the steady step (the second), or of the inference forward."""
     peak_allocated_first_step: int | None = None
+    peak_allocated_compiled: int | None = None
+    """CUDA, `--compile`: the allocator's peak over the compiled timed steps (inductor's graphs save other
+    tensors than the eager steps measured)."""
     graph_retained: int | None = None
     """Live bytes after the first forward less before it."""
     after_model: int | None = None
@@ -161,6 +164,12 @@ class Measurement:
     tokens_per_second: float | None = None
     flops_counted: int | None = None
     """FLOPs of one step counted by torch.utils.flop_counter.FlopCounterMode."""
+    attention_kernel: str | None = None
+    """The attention kernel that ran (`harness.kernels`): flash, memory-efficient, cuDNN, math, eager."""
+    step_mode: str | None = None
+    """How the timed steps ran: `eager`, or what `--compile` did (torch.compile, fused AdamW)."""
+    compile_seconds: float | None = None
+    """`--compile`: seconds of the first compiled step (compilation included), untimed."""
     activations_by_layer: list[int] = field(default_factory=list)
     activations_by_dtype: dict[str, int] = field(default_factory=dict)
     saved_parameter_bytes: int | None = None

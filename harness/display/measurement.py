@@ -108,9 +108,14 @@ def _compute_table(record: Record) -> Table:
     if step is not None:
         ct.add_row("step time", f"{step.median:,.1f} ms", "-", "-",
                    f"median of {len(step.all)} (min {step.min:,.1f}, max {step.max:,.1f})")  # fmt: skip
+        if m.step_mode is not None:
+            compiled = f" (compiling step {m.compile_seconds:,.1f} s, untimed)" if m.compile_seconds else ""
+            ct.add_row("  timed as", m.step_mode + compiled, "-", "-", "memory and FLOPs: the eager steps")
         t = m.tflops
         ct.add_row("model TFLOP/s", f"{t.model:,.3f}", "-", "-", "6P + attention per token / step time")
         ct.add_row("hardware TFLOP/s", f"{t.hardware:,.3f}", "-", "-", "with recompute work")
         if m.mfu is not None:
             ct.add_row("MFU / HFU", f"{m.mfu:.1%} / {m.hfu:.1%}", "-", "-", f"peak {m.peak_tflops:g} TFLOP/s")
+    if m.attention_kernel is not None:
+        ct.add_row("attention kernel", m.attention_kernel, "-", "-", "the fused SDPA ops dispatched (harness.kernels)")
     return ct

@@ -18,6 +18,7 @@ from harness.results import run_label
 
 _MEASURED_EXTRAS = (
     "peak_allocated_first_step",
+    "peak_allocated_compiled",
     "peak_reserved",
     "peak_active",
     "nvml_used",
@@ -103,6 +104,7 @@ def flat_row(record: Record) -> dict:
     row["mfu"], row["hfu"], row["peak_tflops"] = m.mfu, m.hfu, m.peak_tflops
     row["gpu"] = m.gpu or (env.gpu.name if env is not None and env.gpu is not None else None)
     row["tokens_per_second"] = m.tokens_per_second
+    row["step_mode"], row["attention_kernel"] = m.step_mode, m.attention_kernel
     flops = formula.flops if formula is not None else None
     row["flops_counted"] = m.flops_counted
     row["flops_formula_matmul"] = flops.per_step_matmul if flops is not None else None

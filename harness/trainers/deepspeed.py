@@ -197,6 +197,9 @@ class DeepSpeedTrainer:
     def infer(self, batch: dict):
         raise UsageError("DeepSpeed runs are measured in training mode only")
 
+    def compile(self) -> str:
+        raise UsageError("--compile is for one process without ZeRO (the plain trainer)")
+
     def weight_bytes(self) -> int:
         return self.snapshots["after_init"].totals["weights"].device
 

@@ -34,6 +34,10 @@ class Trainer(Protocol):
     def infer(self, batch: dict) -> Any:
         """One forward without gradients (inference mode)."""
 
+    def compile(self) -> str:
+        """Switch the steps to their fastest form for timing (`--compile`), after the memory steps; returns
+        what was done, for the record's `step_mode`."""
+
     def weight_bytes(self) -> int: ...
 
     def buffer_bytes(self) -> int: ...
