@@ -12,8 +12,9 @@ Protocol (after stas00/ml-engineering's benchmarks):
 5. A step of its own under `FlopCounterMode` (the first warm-up step, or one more when there is none):
    the counted FLOPs, cross-checked with the formulas. The counter's bookkeeping allocates: it never runs
    during a step whose memory is recorded.
-6. The remaining warm-up steps, then `steps` timed steps: CUDA events (perf_counter on CPU) per step;
-   median, min, max.
+6. The remaining warm-up steps, then `steps` timed steps: CUDA events (perf_counter on CPU) per step, with
+   no host sync between them; median, min, max. `--compile` times compiled steps (after one untimed
+   compiling step) where the memory steps ran eager.
 The engine is the spec's trainer (`harness.trainers`): the same steps for the plain trainer and DeepSpeed.
 Peaks: `torch.cuda.max_memory_allocated` on CUDA; on CPU and with fake tensors the exact
 `LiveTensorTracker` (a TorchDispatchMode), which is switched off for the timed steps. Python's cyclic
@@ -59,7 +60,8 @@ MEASUREMENT_METHODS = {
         "cpu": "LiveTensorTracker (TorchDispatchMode over every op) over a step",
         "meta": "LiveTensorTracker under FakeTensorMode over a step",
     },
-    "step_ms": {"cuda": "CUDA events around each step", "cpu": "time.perf_counter around each step"},
+    "step_ms": {"cuda": "CUDA events around each step, read after the last (no host sync between steps)",
+                "cpu": "time.perf_counter around each step"},  # fmt: skip
     "flops": "torch.utils.flop_counter.FlopCounterMode over a step of its own (the first warm-up step, or an "
     "extra one), never a step whose memory is recorded",
     "peak_phase": "the phase (tracker category) current when the step's peak was reached",
@@ -144,9 +146,16 @@ _CUDA_PEAKS = {
 
 
 def _timed_steps(step, work, n: int, cuda: bool, progress: Progress) -> tuple[list[float], dict]:
-    """Per-step milliseconds of `step(work)` and, on CUDA, the largest per-step allocator peaks."""
+    """Per-step milliseconds of `step(work)` and, on CUDA, the largest per-step allocator peaks.
+
+    On CUDA no host sync runs between the timed steps: each step is bracketed by events recorded on the
+    stream, the host queues the next step while the device runs this one (as a training loop does), and
+    one synchronize after the last step reads them all. The allocator's statistics are the host's view of
+    allocations made as kernels are queued, so they need no sync either.
+    """
     times: list[float] = []
     stats = dict.fromkeys(_CUDA_PEAKS, 0) if cuda else {}
+    events = []
     for i in range(n):
         progress(f"timed step {i + 1} of {n}")
         if cuda:
@@ -155,8 +164,7 @@ def _timed_steps(step, work, n: int, cuda: bool, progress: Progress) -> tuple[li
             start.record()
             step(work)
             end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+            events.append((start, end))
             s = torch.cuda.memory_stats()
             for key, stat in _CUDA_PEAKS.items():
                 stats[key] = max(stats[key], s.get(stat, 0))
@@ -165,6 +173,8 @@ def _timed_steps(step, work, n: int, cuda: bool, progress: Progress) -> tuple[li
             step(work)
             times.append((time.perf_counter() - t0) * 1e3)
     if cuda:
+        torch.cuda.synchronize()
+        times = [start.elapsed_time(end) for start, end in events]
         s = torch.cuda.memory_stats()
         stats["num_alloc_retries"] = s.get("num_alloc_retries", 0)
         stats["num_ooms"] = s.get("num_ooms", 0)

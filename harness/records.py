@@ -33,10 +33,13 @@ from harness.predictions import (
 from harness.schema import SchemaError, from_json, to_json
 from harness.trainers import EngineReport
 
-HARNESS_VERSION = "2"
+HARNESS_VERSION = "3"
 """The measurement method's version: bumped whenever what is counted, how, or when changes.
 1: the first records. 2: FLOPs counted on a step of their own (the counter's bookkeeping inflated the peaks
-of the steady step it ran in, by 26% under full recompute); the steady step's peak phase and timeline."""
+of the steady step it ran in, by 26% under full recompute); the steady step's peak phase and timeline.
+3: CUDA timed steps without a host sync between them (events read after the last step); the attention
+kernel that ran; `--compile`. On the CPU and fake tensors 3 measures what 2 did, the same way: records of 2
+from those devices stand (no CUDA record had been made)."""
 
 SCHEMA_VERSION = 2
 """1: the first records (no `schema_version` key). 2: predictions keyed by method name, FLOP formulas moved
