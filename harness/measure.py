@@ -60,8 +60,10 @@ MEASUREMENT_METHODS = {
         "cpu": "LiveTensorTracker (TorchDispatchMode over every op) over a step",
         "meta": "LiveTensorTracker under FakeTensorMode over a step",
     },
-    "step_ms": {"cuda": "CUDA events around each step, read after the last (no host sync between steps)",
-                "cpu": "time.perf_counter around each step"},  # fmt: skip
+    "step_ms": {
+        "cuda": "CUDA events around each step, read after the last (no host sync between steps)",
+        "cpu": "time.perf_counter around each step",
+    },
     "flops": "torch.utils.flop_counter.FlopCounterMode over a step of its own (the first warm-up step, or an "
     "extra one), never a step whose memory is recorded",
     "peak_phase": "the phase (tracker category) current when the step's peak was reached",

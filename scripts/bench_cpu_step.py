@@ -30,10 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.environment import environment  # noqa: E402
-from harness.measure import measure  # noqa: E402
-from harness.schema import to_json  # noqa: E402
-from harness.specbuild import build_spec  # noqa: E402
+from harness.environment import environment
+from harness.measure import measure
+from harness.schema import to_json
+from harness.specbuild import build_spec
 
 
 def _time(fn, repeats: int) -> float:
