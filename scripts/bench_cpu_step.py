@@ -8,8 +8,9 @@
    transposes autograd uses; attention's two batched matmuls and their four gradients; the tied LM head),
    in the step's dtype (fp32), on the threads torch uses. FLOPs over seconds of the whole mix.
 2. The step: `harness.measure.measure` on the same spec (`tmath measure --model gpt2 --layers 4 --seq 512
-   --precision fp32 --device cpu`), eager and with `--compile`; its step time is the median of the timed
-   steps, FLOPs the exact matmul count (`formulas.compute`, equal to what FlopCounterMode counts).
+   --precision fp32 --device cpu`), eager, with `--compile`, and with `--compile` and GPT-2's dropout (0.1)
+   set to 0 (what the dropout masks' random numbers cost); its step time is the median of the timed steps,
+   FLOPs those FlopCounterMode counted (the exact matmul count).
 3. The ratio: (matmul FLOPs per step / step time) / ceiling: the share of the machine's matmul speed that
    the step keeps. What is not matmul (softmax, GELU, LayerNorm, dropout, the loss, AdamW) is the rest.
 
@@ -105,14 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"matmul ceiling (the step's GEMMs alone): {ceiling['tflops'] * 1e3:,.1f} GFLOP/s "
           f"(square 2048 GEMM: {ceiling['square_2048_tflops'] * 1e3:,.1f})")  # fmt: skip
     runs = {}
-    for mode in ("eager",) + (() if args.no_compile else ("compile",)):
-        m = measure(build_spec({**base, "compile": mode == "compile"}))
+    modes = {"eager": {}} if args.no_compile else {"eager": {}, "compile": {"compile": True},
+                                                    "compile, no dropout": {"compile": True, "dropout": 0.0}}  # fmt: skip
+    for mode, change in modes.items():
+        m = measure(build_spec({**base, **change}))
         seconds = m.step_ms.median / 1e3
         achieved = m.flops_counted / seconds / 1e12
         runs[mode] = {"step_ms": m.step_ms.median, "step_ms_all": m.step_ms.all, "matmul_flops": m.flops_counted,
                       "tflops_matmul": achieved, "tflops_model": m.tflops.model, "ratio": achieved / ceiling["tflops"],
                       "step_mode": m.step_mode, "compile_seconds": m.compile_seconds}  # fmt: skip
-        print(f"{mode:>8}: step {m.step_ms.median:,.0f} ms (median of {len(m.step_ms.all)}), matmul "
+        print(f"{mode:>19}: step {m.step_ms.median:,.0f} ms (median of {len(m.step_ms.all)}), matmul "
               f"{achieved * 1e3:,.1f} GFLOP/s = {runs[mode]['ratio']:.1%} of the ceiling ({m.step_mode})")  # fmt: skip
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
