@@ -83,6 +83,7 @@ note() {  # what an exit code means for a phase
     case "$1:$2" in
         *:0) ;;
         *:skip) echo "skipped" ;;
+        *:signal) echo "stopped: the check was interrupted" ;;
         *:124|*:137) echo "hit its time limit" ;;
         *-check:1) echo "runs under the bar" ;;
         *-calibrate:2) echo "refused (see its log)" ;;
@@ -134,8 +135,12 @@ step() {  # NAME CAP_S MIN_S CMD...: one phase under its own limit, logged to lo
     say "== $name (limit $t s): $*"
     local t0 rc
     t0=$(date +%s)
-    timeout -k 10 "$t" "$@" 2>&1 | tee -a "$LOGS/$name.log"
-    rc=${PIPESTATUS[0]}
+    # In the background, so that a TERM or INT to this script reaches the phase now (on_signal), not after it.
+    timeout -k 10 "$t" "$@" > >(tee -a "$LOGS/$name.log") 2>&1 &
+    child=$! current=$name current_t0=$t0 current_limit=$t
+    wait "$child"
+    rc=$?
+    child=
     printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$t" >> "$STEPS"
     local meaning
     meaning=$(note "$name" "$rc")
@@ -143,6 +148,20 @@ step() {  # NAME CAP_S MIN_S CMD...: one phase under its own limit, logged to lo
     pack
     return "$rc"
 }
+
+child=
+on_signal() {  # stop the running phase (timeout relays the signal to it, then KILLs after 10 s), pack, exit
+    trap - INT TERM
+    say "interrupted: stopping the running phase and packing what there is"
+    if [ -n "$child" ]; then
+        kill -TERM "$child" 2>/dev/null
+        wait "$child"
+        printf '%s\tsignal\t%s\t%s\n' "$current" "$(( $(date +%s) - current_t0 ))" "$current_limit" >> "$STEPS"
+    fi
+    pack
+    exit 130
+}
+trap on_signal INT TERM
 
 say "gpu-$kind: budget $BUDGET_S s, results $RES, returned files $PACK_DIR ($([ "$DRY" = 1 ] && echo dry run || echo real run), $PY)"
 
