@@ -2,7 +2,9 @@
 # Build .whl/ here: the Python packages the project's lent GPU machine lacks (it has torch, transformers,
 # pandas, rich, matplotlib, pyyaml, pynvml, pytest; no network). DeepSpeed is an sdist on PyPI: built here
 # into a pure-Python wheel (DS_BUILD_OPS=0, its ops JIT-compile there). Wheels target CPython 3.12.
-# Then: the `device` tool with carry [".whl"] and `bash scripts/device-check.sh` (see that file).
+# Then: the `device` tool with carry [".whl"] and `bash scripts/device-check.sh` (see that file: it installs
+# them into /tmp/site as its first phase, and brings back one archive and summary.txt in $OUT); rehearse it
+# here first with `bash scripts/device-check.sh --dry-run` (no GPU, no wheels needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
