@@ -292,5 +292,7 @@ def run_label(spec: RunSpec, without: tuple[str, ...] = (), device: str | None =
         parts.append(f"s{t.seq}")
     if t.grad_accum > 1:
         parts.append(f"ga{t.grad_accum}")
+    if m.compile:
+        parts.append("compiled")
     parts.append(str(device or m.device))
     return " ".join(parts)

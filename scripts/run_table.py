@@ -46,6 +46,8 @@ def run_name(spec: dict) -> str:
     if offload:
         parts.append("off=" + "+".join(k.removeprefix("offload_")[:3] for k in offload))
     parts.append(f"b{spec.get('batch')} s{spec.get('seq')}")
+    if spec.get("compile"):
+        parts.append("compiled")
     return " ".join(parts)
 
 

@@ -151,8 +151,9 @@ def test_gpu_sweeps_run_the_most_valuable_points_first():
         "bf16-mixed",
         "reference",
     )
+    assert gpu1[1].measurement.compile and gpu1[1].model.name == "pythia-1.4b"  # the same point, compiled
     assert gpu1[-1].model.name == "llama-2-7b" and gpu1[-1].training.recompute == "full"
-    assert len(gpu1) == 14
+    assert len(gpu1) == 15
     # The formula checks (reference GPT-2, bf16 autocast) come before the other precisions and transformers.
     ref = [i for i, s in enumerate(gpu1) if s.model.name == "gpt2" and s.measurement.impl == "reference"]
     hf = [i for i, s in enumerate(gpu1) if s.measurement.impl == "hf"]

@@ -126,7 +126,10 @@ class PlainTrainer:
         fused kernel (CPU and CUDA): what a tuned step runs. The memory steps before it ran eager, with the
         for-loop AdamW on the CPU that `formulas.peak` walks; the optimizer state is the same tensors."""
         done = ["torch.compile (inductor) of the model and its loss"]
-        self._module = torch.compile(self.model)
+        # Dropout's random numbers from ATen's bernoulli_ rather than inductor's per-element generator: on the
+        # CPU the latter took 13% of a 4-layer GPT-2 step for the s×s attention masks, bernoulli_ 6%
+        # (scripts/bench_cpu_step.py), and the masks are eager's own.
+        self._module = torch.compile(self.model, options={"fallback_random": True})
         inner = self.optimizer.optimizer if self.mixed else self.optimizer
         if isinstance(inner, torch.optim.AdamW):
             for group in inner.param_groups:
