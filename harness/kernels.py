@@ -51,6 +51,6 @@ def attention_kernel(ops: set[str], requested: str) -> str:
     ran = sorted({k for k in map(_kernel, ops) if k is not None})
     if ran:
         return ", ".join(ran)
-    if requested == "eager":
-        return "eager (matmul, softmax: scores written out)"
-    return "math (scaled_dot_product_attention's composite fallback: scores written out)"
+    # No fused op: the scores were written out, by the model's own matmuls and softmax (eager) or by SDPA's
+    # math composite (its fallback when no fused kernel takes the inputs: on the CPU, any dropout).
+    return "eager" if requested == "eager" else "math"

@@ -74,8 +74,8 @@ def test_compile_refuses_what_it_cannot_time(capsys, flags, message):
     ("attention", "dropout", "kernel"),
     [
         ("flash", 0.0, "flash (CPU)"),
-        ("flash", 0.1, "math (scaled_dot_product_attention's composite fallback: scores written out)"),
-        ("eager", 0.1, "eager (matmul, softmax: scores written out)"),
+        ("flash", 0.1, "math"),
+        ("eager", 0.1, "eager"),
     ],
 )
 def test_the_record_names_the_attention_kernel_that_ran(attention, dropout, kernel):
@@ -89,4 +89,4 @@ def test_kernel_names_from_the_ops_seen():
                             "flash") == "flash"  # fmt: skip
     assert attention_kernel({"_scaled_dot_product_cudnn_attention"}, "flash") == "cuDNN"
     assert attention_kernel({"_scaled_dot_product_efficient_attention_backward"}, "flash") == "memory-efficient"
-    assert attention_kernel(set(), "eager").startswith("eager")
+    assert attention_kernel(set(), "eager") == "eager" and attention_kernel(set(), "flash") == "math"

@@ -117,5 +117,6 @@ def _compute_table(record: Record) -> Table:
         if m.mfu is not None:
             ct.add_row("MFU / HFU", f"{m.mfu:.1%} / {m.hfu:.1%}", "-", "-", f"peak {m.peak_tflops:g} TFLOP/s")
     if m.attention_kernel is not None:
-        ct.add_row("attention kernel", m.attention_kernel, "-", "-", "the fused SDPA ops dispatched (harness.kernels)")
+        note = {"eager": "the model's matmuls and softmax", "math": "SDPA's math fallback: scores written out"}
+        ct.add_row("attention kernel", m.attention_kernel, "-", "-", note.get(m.attention_kernel, "SDPA's fused op"))
     return ct
