@@ -103,9 +103,27 @@ PRESETS: dict[str, Architecture] = {
 }
 
 
+def _refuse_unmodelled(cfg: dict, kind: str, path: str) -> None:
+    """Fields that change the parameter count in ways `Architecture` cannot express yet: an error naming the
+    field, never a silent miscount (a Llama config with head_dim 64 at hidden 4096 / 32 heads would be
+    over-counted by 1.07B parameters, Mistral-Nemo's head_dim 128 at 5120 / 32 by 524M)."""
+    heads, hidden = cfg.get("num_attention_heads"), cfg.get("hidden_size")
+    head_dim = cfg.get("head_dim")
+    if kind in ("llama", "mistral") and head_dim is not None and heads and hidden and head_dim * heads != hidden:
+        raise ValueError(f"{path}: head_dim {head_dim} is not hidden_size / num_attention_heads "
+                         f"({hidden} / {heads}): a head size of its own is not modelled yet")  # fmt: skip
+    if kind in ("llama", "mistral") and bool(cfg.get("attention_bias", False)) != bool(cfg.get("mlp_bias", False)):
+        raise ValueError(f"{path}: attention_bias {cfg.get('attention_bias', False)} and mlp_bias "
+                         f"{cfg.get('mlp_bias', False)} differ: biases on one of them only are not modelled yet")  # fmt: skip
+    if kind == "gpt_neox" and not cfg.get("attention_bias", True):
+        raise ValueError(f"{path}: attention_bias false: GPT-NeoX's MLP keeps its biases, and biases on the MLP "
+                         "only are not modelled yet")  # fmt: skip
+
+
 def _from_hf_config(cfg: dict, path: str) -> Architecture:
     """Map a transformers `config.json` to an Architecture (GPT-2, GPT-NeoX, Llama/Mistral, BERT)."""
     kind = cfg.get("model_type")
+    _refuse_unmodelled(cfg, kind, path)
     try:
         if kind == "gpt2":
             return Architecture(
@@ -142,7 +160,7 @@ def _from_hf_config(cfg: dict, path: str) -> Architecture:
                 max_positions=cfg.get("max_position_embeddings", 4096),
                 position="rotary",
                 norm="rmsnorm",
-                bias=cfg.get("attention_bias", False) or cfg.get("mlp_bias", False),
+                bias=cfg.get("attention_bias", False),  # equal to mlp_bias (`_refuse_unmodelled`)
                 tied_embeddings=cfg.get("tie_word_embeddings", False),
                 mlp="swiglu",
                 dropout=cfg.get("attention_dropout", 0.0),

@@ -139,6 +139,34 @@ def test_malformed_config_json(tmp_path, capsys):
     assert code == 2 and "not supported" in err
 
 
+LLAMA_CFG = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 4096, "num_attention_heads": 32,
+             "num_key_value_heads": 8, "vocab_size": 32000, "intermediate_size": 11008}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"head_dim": 64}, "head_dim 64"),  # 64 × 32 ≠ 4096: was over-counted, not refused
+        ({"model_type": "mistral", "hidden_size": 5120, "head_dim": 128}, "head_dim 128"),  # Mistral-Nemo's shape
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"model_type": "gpt_neox", "attention_bias": False}, "attention_bias false"),
+    ],
+)
+def test_a_config_field_that_would_be_miscounted_is_refused(tmp_path, capsys, extra, field):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**LLAMA_CFG, **extra}))
+    code, out, err = run(capsys, "predict", "--model", str(path), "--seq", "512")
+    assert code == 2 and out == "" and err.count("\n") == 1 and field in err, err
+
+
+def test_a_consistent_head_dim_and_equal_biases_are_accepted(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**LLAMA_CFG, "head_dim": 128, "attention_bias": True, "mlp_bias": True}))
+    code, out, _ = run(capsys, "predict", "--model", str(path), "--seq", "512", "--format", "json")
+    assert code == 0 and json.loads(out)["params"] > 0
+
+
 def test_console_script_exit_code_no_traceback():
     out = subprocess.run(
         [sys.executable, "-m", "harness.cli", "predict", "--model", "gpt2", "--seq", "512", "--heads", "7"],
