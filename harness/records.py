@@ -70,7 +70,7 @@ class MemoryBytes:
     peak_allocated_first_step: int | None = None
     peak_allocated_compiled: int | None = None
     """CUDA, `--compile`: the allocator's peak over the compiled timed steps (inductor's graphs save other
-    tensors than the eager steps measured)."""
+    tensors than the eager steps measured). `peak_reserved` and `peak_active` are then the compiled steps'."""
     graph_retained: int | None = None
     """Live bytes after the first forward less before it."""
     after_model: int | None = None
