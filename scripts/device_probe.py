@@ -3,7 +3,7 @@
     python3 scripts/device_probe.py --out DIR [--device auto|cuda|cpu] [--gemm N] [--repeats R]
 
 writes DIR/probe.json and DIR/probe.txt (the same, readable): the device (name, capability, memory, SMs), the
-driver (NVML, else nvidia-smi), torch / CUDA / cuDNN / transformers / deepspeed versions, which
+driver (NVML, else nvidia-smi), the versions a record carries (`harness.environment`), which
 scaled-dot-product-attention backends are enabled (`torch.backends.cuda.*_sdp_enabled()`) and which of them
 actually run a small input (`torch.nn.attention.sdpa_kernel` forcing one backend at a time), a dense GEMM
 ceiling (N×N matmuls, bf16 on CUDA timed by CUDA events after warm-up, fp32 on the CPU by perf_counter: the
@@ -16,7 +16,7 @@ scripts/device-check.sh). A probe that fails is recorded as an error string in t
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
+import functools
 import json
 import os
 import platform
@@ -41,21 +41,18 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-def versions() -> dict:
-    import torch
+@functools.cache
+def _environment(device: str):
+    """The environment a record carries (`harness.environment`): the one place versions and the GPU are read."""
+    from harness.environment import environment
 
-    out = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-    }
-    for package in ("transformers", "deepspeed", "pydantic", "pynvml", "nvidia-ml-py"):
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            out[package] = None
-    return out
+    return environment(device=device)
+
+
+def versions(device: str) -> dict:
+    env = _environment(device)
+    keys = ("python", "torch", "cuda", "cudnn", "transformers", "deepspeed", "bitsandbytes", "flash_attn", "git_commit")
+    return {key: getattr(env, key) for key in keys}
 
 
 def driver() -> dict:
@@ -93,14 +90,15 @@ def device_info(device: str) -> dict:
 
     if device != "cuda":
         return {"type": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
-    props = torch.cuda.get_device_properties(0)
+    env = _environment(device)
+    gpu = env.gpu
     return {
         "type": "cuda",
-        "name": torch.cuda.get_device_name(0),
-        "count": torch.cuda.device_count(),
-        "capability": list(torch.cuda.get_device_capability(0)),
-        "total_memory_bytes": props.total_memory,
-        "multiprocessors": props.multi_processor_count,
+        "name": gpu.name,
+        "count": env.gpu_count,
+        "capability": gpu.capability,
+        "total_memory_bytes": gpu.total_memory_bytes,
+        "multiprocessors": gpu.multiprocessors,
     }
 
 
@@ -217,7 +215,7 @@ def probe(device: str = "auto", n: int | None = None, repeats: int = 20) -> dict
     n = n or (8192 if device == "cuda" else 1024)
     result = {
         "device": _section("device", device_info, device),
-        "versions": _section("versions", versions),
+        "versions": _section("versions", versions, device),
         "driver": _section("driver", driver) if device == "cuda" else None,
         # First, so that the matmul it times is this process's first cuBLAS call.
         "cublas_workspace": _section("workspace", workspace, device),
