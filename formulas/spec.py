@@ -31,6 +31,11 @@ from formulas.precision import GradDtype, Optimizer, Precision
 from formulas.settings import bounded, check_fields, choices, field_docs, field_types, setting_name
 
 Offload = Literal["none", "cpu"]
+PipelineSchedule = Literal["gpipe", "1f1b", "interleaved-1f1b", "looped-bfs", "interleaved-zero-bubble"]
+"""torch.distributed.pipelining's schedules (`ScheduleGPipe`, `Schedule1F1B`, `ScheduleInterleaved1F1B`,
+`ScheduleLoopedBFS`, `ScheduleInterleavedZeroBubble`); the last three run several stages per rank."""
+DpShard = Literal["none", "fsdp2"]
+LOOPED_SCHEDULES: tuple[str, ...] = ("interleaved-1f1b", "looped-bfs", "interleaved-zero-bubble")
 Mode = Literal["train", "inference"]
 Impl = Literal["reference", "hf"]
 MeasuredDevice = Literal["cuda", "cpu", "meta"]
@@ -107,7 +112,17 @@ class ParallelSettings:
     partition_activations: bool = False
     """ZeRO-R: partition activations over the tensor-parallel ranks."""
     in_flight: int | None = bounded(None, maximum=2**20)
-    """Micro-batches the first pipeline stage holds at once (default pp, the 1F1B schedule)."""
+    """Micro-batches the first pipeline stage holds at once (default: what `pp_schedule` keeps, pp for 1F1B)."""
+    pp_schedule: PipelineSchedule = "1f1b"
+    """Pipeline schedule: gpipe | 1f1b | interleaved-1f1b | looped-bfs | interleaved-zero-bubble."""
+    microbatches: int | None = bounded(None, maximum=2**20)
+    """M: micro-batches of `batch` sequences per step through the pipeline (default pp)."""
+    virtual_stages: int = bounded(1, maximum=2**10)
+    """v: model chunks (stages) per pipeline rank; 2 or more for the interleaved and looped schedules."""
+    dp_shard: DpShard = "none"
+    """Data-parallel sharding by torch instead of DeepSpeed: none | fsdp2 (`fully_shard`, ZeRO-3-like)."""
+    reshard_after_forward: bool = True
+    """FSDP2: free each layer's gathered parameters after its forward (re-gathered in backward)."""
     offload_optimizer: Offload = "none"
     """DeepSpeed ZeRO-Offload: optimizer state and fp32 gradients in host memory (none | cpu)."""
     offload_params: Offload = "none"
@@ -134,6 +149,23 @@ class ParallelSettings:
             )
         if self.in_flight is not None and self.pp == 1:
             raise ValueError("in-flight micro-batches apply to pipeline parallelism: it needs --pp > 1")
+        if self.pp == 1 and (self.microbatches is not None or self.virtual_stages != 1 or self.pp_schedule != "1f1b"):
+            raise ValueError("--microbatches, --virtual-stages and --pp-schedule apply to pipeline parallelism: "
+                             "they need --pp > 1")  # fmt: skip
+        looped = self.pp_schedule in LOOPED_SCHEDULES
+        if looped and self.virtual_stages < 2:
+            raise ValueError(f"--pp-schedule {self.pp_schedule} runs several stages per rank: it needs "
+                             "--virtual-stages 2 or more")  # fmt: skip
+        if not looped and self.virtual_stages != 1:
+            raise ValueError(f"--pp-schedule {self.pp_schedule} runs one stage per rank: --virtual-stages "
+                             f"{self.virtual_stages} needs interleaved-1f1b, looped-bfs or interleaved-zero-bubble")  # fmt: skip
+        if self.microbatches is not None and self.pp_schedule != "gpipe" and self.microbatches < self.pp:
+            raise ValueError(f"--pp-schedule {self.pp_schedule} needs at least as many micro-batches as stages "
+                             f"(--microbatches {self.microbatches} < --pp {self.pp}); gpipe takes fewer")  # fmt: skip
+        if self.dp_shard == "fsdp2" and self.zero:
+            raise ValueError("--dp-shard fsdp2 shards with torch's FSDP2, --zero with DeepSpeed: give one of them")
+        if not self.reshard_after_forward and self.dp_shard != "fsdp2":
+            raise ValueError("--no-reshard-after-forward is an FSDP2 setting: it needs --dp-shard fsdp2")
         if self.offload_params != "none" and self.zero != 3:
             raise ValueError("--offload-params needs ZeRO stage 3 (only stage 3 partitions the parameters)")
         if self.offload_optimizer != "none" and self.zero == 0:
@@ -143,6 +175,13 @@ class ParallelSettings:
     def dp(self) -> int:
         """Data-parallel degree: GPUs / (PP × TP) (Transformer Math 101, 3D parallelism)."""
         return self.gpus // (self.tp * self.pp)
+
+    @property
+    def n_microbatches(self) -> int:
+        """M: micro-batches per step through the pipeline (1 without one)."""
+        if self.pp == 1:
+            return 1
+        return self.microbatches if self.microbatches is not None else self.pp
 
 
 @dataclass(frozen=True)
@@ -198,7 +237,11 @@ SECTIONS: dict[str, type] = {
 }
 """RunSpec's sections, in the order flags and documentation list them."""
 
-KEY_SINCE_SCHEMA_2 = {"nodes": 1, "grad_dtype": "auto", "compile": False}
+KEY_SINCE_SCHEMA_2 = {
+    "nodes": 1, "grad_dtype": "auto", "compile": False,
+    "pp_schedule": "1f1b", "microbatches": None, "virtual_stages": 1, "dp_shard": "none",
+    "reshard_after_forward": True,
+}  # fmt: skip
 """Settings added after the first records were written, with their defaults: at the default they stay out of
 `RunSpec.key()`, so that earlier records keep their keys and `--resume` still matches them."""
 
@@ -234,6 +277,12 @@ class RunSpec:
             raise ValueError(f"tp ({p.tp}) must divide kv-heads ({arch.n_kv_heads})")
         if p.pp > arch.n_layers:
             raise ValueError(f"pp ({p.pp}) cannot exceed the number of layers ({arch.n_layers})")
+        if p.pp * p.virtual_stages > arch.n_layers:
+            raise ValueError(f"pp × virtual-stages ({p.pp} × {p.virtual_stages}) cannot exceed the number of layers "
+                             f"({arch.n_layers}): a stage holds whole blocks")  # fmt: skip
+        if p.pp > 1 and t.grad_accum != 1:
+            raise ValueError("with --pp the schedule's --microbatches are the gradient accumulation: leave "
+                             "--grad-accum at 1")  # fmt: skip
         if arch.position == "learned" and t.seq > arch.max_positions:
             raise ValueError(f"seq ({t.seq}) exceeds the {arch.max_positions} learned positions of {self.model.name}")
 

@@ -45,7 +45,8 @@ def add_setting(group, s: Setting) -> None:
     if s.choices is not None:
         options.update(choices=s.choices, type=type(s.choices[0]))
     elif s.type in (bool, bool | None):
-        options["action"] = "store_true"
+        # A switch that is on by default is turned off with --no-<name> (`--no-reshard-after-forward`).
+        options["action"] = argparse.BooleanOptionalAction if s.default is True else "store_true"
     elif s.count:
         options.update(type=count, metavar="N")
     else:

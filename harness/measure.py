@@ -272,7 +272,7 @@ def measure(spec: RunSpec, measured: Measurement | None = None, progress: Progre
             t = spec.training
             batches = [
                 make_batch(arch, t.batch, t.seq, device=torch_device, generator=generator, impl=spec.measurement.impl)
-                for _ in range(1 if inference else t.grad_accum)
+                for _ in range(1 if inference else t.grad_accum * spec.parallel.n_microbatches)
             ]
             trainer: Trainer = entry.load()(model, spec, device_type=torch_device, probe=probe)
             tracker.track(*model.parameters(), category="weights")
@@ -308,7 +308,7 @@ def measure(spec: RunSpec, measured: Measurement | None = None, progress: Progre
             progress(f"warm-up step {i + 1} of {warmup}")
             step(work)
         times, cuda_stats = _timed_steps(step, work, spec.measurement.steps, cuda, progress)
-    tokens = t.batch * t.seq * (1 if inference else t.grad_accum)
+    tokens = t.batch * t.seq * len(work if not inference else [work])
     if inference:
         forward = prediction.flops.per_step_model // (3 * t.grad_accum)
         _finish_timing(measured, times, tokens, forward, forward)
@@ -328,15 +328,25 @@ def _untimed(step, work, cuda: bool) -> float:
     return time.perf_counter() - t0
 
 
-def _phased_step(trainer: Trainer, batches: list[dict], tracker: LiveTensorTracker) -> None:
-    """One training step with the live tracker labelling what each phase allocates, so that a peak
-    splits into weights, optimizer state, activations, backward allocations and so on."""
+def _forward_backward(trainer: Trainer, batches: list[dict], tracker: LiveTensorTracker) -> None:
+    """Every micro-batch's forward and backward, labelled by phase: by the trainer itself when it schedules
+    them (a pipeline interleaves them and labels each stage's forward and backward as they run)."""
+    if trainer.schedules_microbatches:
+        tracker.category = "activations"
+        trainer.forward_backward(batches)
+        return
     for batch in batches:
         tracker.category = "activations"
         loss = trainer.forward(batch)
         tracker.category = "backward"
         trainer.backward(loss)
         del loss
+
+
+def _phased_step(trainer: Trainer, batches: list[dict], tracker: LiveTensorTracker) -> None:
+    """One training step with the live tracker labelling what each phase allocates, so that a peak
+    splits into weights, optimizer state, activations, backward allocations and so on."""
+    _forward_backward(trainer, batches, tracker)
     tracker.track(*(p.grad for p in trainer.model.parameters() if p.grad is not None), category="gradients")
     tracker.category = "optimizer step"
     trainer.step()
@@ -353,16 +363,21 @@ def _first_steps(measured: Measurement, trainer: Trainer, batches, probe, blocks
     progress("first step (activations, gradients, optimizer state)")
     with gc_frozen():
         probe.reset_peak()
-        before_forward = probe.live()
-        tracker.category = "activations"
-        with saved:
-            loss = trainer.forward(batches[0])
-        mem.graph_retained = probe.live() - before_forward
-        tracker.category = "backward"
-        trainer.backward(loss)
-        del loss
-        for batch in batches[1:]:
-            trainer.backward(trainer.forward(batch))
+        if trainer.schedules_microbatches:
+            # A pipeline's forwards and backwards interleave inside its schedule: the trainer counts what its
+            # stages save itself (per micro-batch, and the most alive at once) and reports it in `finish`.
+            _forward_backward(trainer, batches, tracker)
+        else:
+            before_forward = probe.live()
+            tracker.category = "activations"
+            with saved:
+                loss = trainer.forward(batches[0])
+            mem.graph_retained = probe.live() - before_forward
+            tracker.category = "backward"
+            trainer.backward(loss)
+            del loss
+            for batch in batches[1:]:
+                trainer.backward(trainer.forward(batch))
         mem.gradients = trainer.gradient_bytes()
         tracker.track(*(p.grad for p in trainer.model.parameters() if p.grad is not None), category="gradients")
         tracker.category = "optimizer step"

@@ -41,6 +41,19 @@ def _unpack(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage holds `t`'s bytes on this rank: a DTensor's local shard (a DTensor is a
+    wrapper without storage of its own; tensor-parallel and FSDP2 parameters and activations are DTensors),
+    else `t` itself."""
+    inner = getattr(t, "_local_tensor", None)
+    return t if inner is None else local_tensor(inner)
+
+
+def storage_of(t: torch.Tensor) -> torch.UntypedStorage:
+    """The untyped storage behind `t` on this rank (a DTensor's: its local shard's)."""
+    return local_tensor(t).untyped_storage()
+
+
 @dataclass(slots=True)
 class _SavedStorage:
     storage: weakref.ref
@@ -105,7 +118,7 @@ class SavedTensorTracker:
     ) -> None:
         if isinstance(exclude, nn.Module):
             exclude = itertools.chain(exclude.parameters(), exclude.buffers())
-        self._excluded_keys = {t.untyped_storage()._cdata for t in exclude or ()}
+        self._excluded_keys = {storage_of(t)._cdata for t in exclude or ()}
         self._modules = list(modules)
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._reset()
@@ -164,7 +177,7 @@ class SavedTensorTracker:
         # holds the alias exactly as long as it keeps the saved tensor, so a weakref to it tells
         # whether the storage is still kept for backward.
         packed = t.detach()
-        storage = t.untyped_storage()
+        storage = storage_of(t)
         key = storage._cdata
         record = self._saved.get(key)
         if record is None or record.storage() is not storage:
@@ -179,7 +192,7 @@ class SavedTensorTracker:
 
 
 def _storage_keys(leaves: Iterable[object]) -> set[int]:
-    return {leaf.untyped_storage()._cdata for leaf in leaves if isinstance(leaf, torch.Tensor)}
+    return {storage_of(leaf)._cdata for leaf in leaves if isinstance(leaf, torch.Tensor)}
 
 
 @dataclass(slots=True)
@@ -258,7 +271,7 @@ class LiveTensorTracker(TorchDispatchMode):
             if isinstance(leaf, Iterator):
                 raise TypeError("track() got an iterator; unpack it: track(*model.parameters())")
             if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
-                record = self._register(leaf.untyped_storage(), category)
+                record = self._register(storage_of(leaf), category)
                 self._add(record.category, -record.nbytes)
                 record.category = category
                 self._add(category, record.nbytes)
@@ -287,7 +300,7 @@ class LiveTensorTracker(TorchDispatchMode):
         for leaf in pytree.tree_leaves(out):
             if not isinstance(leaf, torch.Tensor) or leaf.device.type == "meta":
                 continue  # a meta tensor is a shape record with no memory behind it
-            storage = leaf.untyped_storage()
+            storage = storage_of(leaf)
             if storage._cdata not in self._storages:
                 # An unknown storage is new unless the op only viewed or mutated an input's storage:
                 # an untracked tensor from before entry must not be counted because an op touched it.
@@ -334,6 +347,6 @@ def unique_storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
     for t in tensors:
         if t is None:
             continue
-        st = t.untyped_storage()
+        st = storage_of(t)
         seen.setdefault(st._cdata, st.nbytes())
     return sum(seen.values())

@@ -65,6 +65,9 @@ class MemoryBytes:
     """The part saved inside the transformer blocks."""
     activations_other: int | None = None
     """Embedding, output layer and loss."""
+    activations_in_flight: int | None = None
+    """Pipeline runs: the most bytes saved for backward alive at once on the rank during a step (every
+    micro-batch in flight on its stages, embedding and loss included)."""
     peak_allocated: int | None = None
     """Peak of the steady step (the second), or of the inference forward."""
     peak_allocated_first_step: int | None = None

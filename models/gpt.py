@@ -197,7 +197,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()  # batch, sequence, hidden
         nh, nkv, hs = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split([C, nkv * hs, nkv * hs], dim=2)
+        q, k, v = self.qkv(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)
         q, k, v = q.view(B, T, nh, hs), k.view(B, T, nkv, hs), v.view(B, T, nkv, hs)
         if self.rotary:
             q, k = apply_rotary(q, self.cos[:T], self.sin[:T]), apply_rotary(k, self.cos[:T], self.sin[:T])
@@ -210,7 +210,7 @@ class SelfAttention(nn.Module):
             y = checkpoint(self.core, q, k, v, use_reentrant=False)
         else:
             y = self.core(q, k, v)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble the heads: (B, T, h)
+        y = y.transpose(1, 2).reshape(B, T, nh * hs)  # re-assemble the heads: (B, T, h)
         return self.resid_dropout(self.proj(y))
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,11 @@
 
     plain      harness.trainers.plain      one process: torch optimizers, autocast, an fp32 master copy
     deepspeed  harness.trainers.deepspeed  DeepSpeed ZeRO 0-3 (and offload), one process per rank
+    tensor     harness.trainers.tensor     DTensor tensor (and sequence) parallel, Megatron's layout, optionally
+                                           FSDP2 over the data-parallel dimension
+    pipeline   harness.trainers.pipeline   torch.distributed.pipelining stages and schedules (tensor parallel
+                                           within each stage)
+    fsdp2      harness.trainers.fsdp       FSDP2 `fully_shard` per block and over the model
 
 `harness.measure` runs the same protocol whatever the engine: it asks `select(spec)` for the entry, builds
 the trainer, and calls the methods of `harness.trainers.protocol.Trainer`. A new engine (FSDP2, tensor or
@@ -47,8 +52,43 @@ def _single_process(spec: RunSpec) -> bool:
     return not uses_deepspeed(spec) and spec.parallel.tp == 1 and spec.parallel.pp == 1
 
 
+def _torch_engine(spec: RunSpec) -> bool:
+    p = spec.parallel
+    return p.tp > 1 or p.pp > 1 or p.dp_shard == "fsdp2"
+
+
 def _data_parallel(spec: RunSpec) -> bool:
-    return uses_deepspeed(spec) and spec.parallel.tp == 1 and spec.parallel.pp == 1
+    return uses_deepspeed(spec) and not _torch_engine(spec)
+
+
+def _torch_parallel_checks(spec: RunSpec, device: str) -> None:
+    """What torch's parallel engines are not measured with, before any rank starts."""
+    _common_checks(spec)
+    p, t = spec.parallel, spec.training
+    layout = f"--tp {p.tp} --pp {p.pp}" + (" --dp-shard fsdp2" if p.dp_shard == "fsdp2" else "")
+    if device == "meta":
+        raise UsageError(f"--device meta measures one process with fake tensors; {layout} runs one process per rank")
+    if spec.measurement.mode != "train":
+        raise UsageError(f"{layout} is measured in training mode only")
+    if spec.measurement.impl != "reference" and (p.tp > 1 or p.pp > 1):
+        raise UsageError(f"{layout} is measured on the reference models (--impl reference); with --impl hf it is "
+                         "predicted only")  # fmt: skip
+    if spec.model.arch is not None and spec.model.arch.family != "decoder" and (p.tp > 1 or p.pp > 1):
+        raise UsageError(f"{layout} is measured on decoder models (GPT, Llama shapes); BERT is predicted only")
+    if p.zero:
+        raise UsageError(f"--zero {p.zero} with {layout}: DeepSpeed over a tensor/pipeline mesh is not measured; "
+                         "shard the data-parallel dimension with --dp-shard fsdp2")  # fmt: skip
+    if p.dp > 1 and p.dp_shard != "fsdp2":
+        raise UsageError(f"{p.gpus} GPUs at tp {p.tp} × pp {p.pp} leave {p.dp} data-parallel ranks: measured with "
+                         "--dp-shard fsdp2 (or set --gpus to tp × pp)")  # fmt: skip
+    if p.pp > 1 and p.dp_shard == "fsdp2":
+        raise UsageError("--dp-shard fsdp2 with --pp is not measured (FSDP2 inside pipeline stages)")
+    if t.precision == "fp16-mixed":
+        raise UsageError(f"--precision fp16-mixed (loss scaling) is not measured with {layout}: use bf16-mixed")
+    if t.optimizer == "adam8bit":
+        raise UsageError(f"--optimizer adam8bit is not measured with {layout}")
+    if spec.measurement.deepspeed_config:
+        raise UsageError("--deepspeed-config configures a DeepSpeed run; this layout runs torch's engines")
 
 
 def _deepspeed_checks(spec: RunSpec, device: str) -> None:
@@ -79,6 +119,30 @@ class TrainerEntry:
 TRAINERS: tuple[TrainerEntry, ...] = (
     TrainerEntry("plain", "harness.trainers.plain:PlainTrainer", _single_process, False, _plain_checks),
     TrainerEntry(
+        "pipeline",
+        "harness.trainers.pipeline:PipelineTrainer",
+        lambda s: s.parallel.pp > 1,
+        True,
+        _torch_parallel_checks,
+        report="harness.trainers.account:PipelineAccount",
+    ),
+    TrainerEntry(
+        "tensor",
+        "harness.trainers.tensor:TensorParallelTrainer",
+        lambda s: s.parallel.tp > 1 and s.parallel.pp == 1,
+        True,
+        _torch_parallel_checks,
+        report="harness.trainers.account:TensorAccount",
+    ),
+    TrainerEntry(
+        "fsdp2",
+        "harness.trainers.fsdp:FSDPTrainer",
+        lambda s: s.parallel.dp_shard == "fsdp2" and s.parallel.tp == 1 and s.parallel.pp == 1,
+        True,
+        _torch_parallel_checks,
+        report="harness.trainers.account:FSDPAccount",
+    ),
+    TrainerEntry(
         "deepspeed",
         "harness.trainers.deepspeed:DeepSpeedTrainer",
         _data_parallel,
@@ -94,9 +158,7 @@ def select(spec: RunSpec) -> TrainerEntry:
     for entry in TRAINERS:
         if entry.applies(spec):
             return entry
-    raise UsageError(
-        "measure runs data parallelism (ZeRO over --gpus); tensor and pipeline parallelism are predicted only"
-    )
+    raise UsageError("no engine measures this layout")  # every layout is some entry's; kept for new settings
 
 
 class EngineReport(Tagged):

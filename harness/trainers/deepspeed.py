@@ -54,6 +54,8 @@ class DeepSpeedTrainer:
     is built, gradients after the last backward of a step, optimizer state after the step.
     """
 
+    schedules_microbatches = False
+
     def __init__(self, model, spec: RunSpec, *, device_type: str, probe=None):
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         init_distributed(device_type)

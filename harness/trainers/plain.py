@@ -93,6 +93,8 @@ def _optimizer_state_tensors(opt) -> Iterator[torch.Tensor]:
 class PlainTrainer:
     """Forward, backward and optimizer step of a plain (single-process) training run (`harness.trainers.protocol.Trainer`)."""
 
+    schedules_microbatches = False
+
     def __init__(self, model: torch.nn.Module, spec: RunSpec, *, device_type: str, probe=None):
         self.model = model
         self._module = model  # what forward calls: the model, or its compiled form after compile()

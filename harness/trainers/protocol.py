@@ -19,6 +19,10 @@ class Trainer(Protocol):
     """
 
     model: torch.nn.Module
+    schedules_microbatches: bool
+    """True when the engine runs the micro-batches' forwards and backwards itself, interleaved
+    (`forward_backward`; a pipeline schedule): `measure` then calls that instead of `forward` and `backward`,
+    and the engine counts the activations it saves and sets them in `finish`."""
 
     def forward(self, batch: dict) -> torch.Tensor:
         """One micro-batch's forward; returns the loss."""
@@ -27,6 +31,10 @@ class Trainer(Protocol):
 
     def step(self) -> None:
         """The optimizer step (gradients are cleared after it)."""
+
+    def forward_backward(self, batches: list[dict]) -> None:
+        """Every micro-batch's forward and backward, no optimizer step (engines that schedule micro-batches);
+        the engine sets the live tracker's category to `activations` or `backward` as its stages run."""
 
     def train_step(self, batches: list[dict]) -> None:
         """grad_accum micro-batches, then one optimizer step."""

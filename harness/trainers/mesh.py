@@ -1,0 +1,59 @@
+"""The process group and the DeviceMesh that torch's parallel engines compose on (dp × pp × tp).
+
+One mesh per run, dimensions named as torchtitan names them, outermost first: `dp` (data parallel, FSDP2's
+shard dimension), `pp` (pipeline stages), `tp` (tensor parallel, innermost, so that a tensor-parallel group
+is the ranks of one node). Every dimension of size 1 is kept, so that a trainer asks for `mesh["tp"]`
+whatever the layout. NCCL on CUDA, gloo on the CPU; under a launcher (torchrun) RANK, WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT are set, and a single process sets them itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from formulas.spec import RunSpec
+from harness.processes import free_port
+
+DIMS: tuple[str, ...] = ("dp", "pp", "tp")
+
+
+def init_process_group(device_type: str) -> None:
+    """The default process group (once per process)."""
+    if dist.is_initialized():
+        return
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """This rank's place in the mesh."""
+
+    mesh: DeviceMesh
+    rank: int
+    world_size: int
+    coords: dict[str, int]
+    """dp, pp and tp coordinates of this rank."""
+    sizes: dict[str, int]
+
+
+def build_mesh(spec: RunSpec, device_type: str) -> Layout:
+    """The dp × pp × tp mesh of `spec` over every rank of the job."""
+    init_process_group(device_type)
+    p = spec.parallel
+    sizes = {"dp": p.dp, "pp": p.pp, "tp": p.tp}
+    world = dist.get_world_size()
+    if world != p.gpus:
+        raise RuntimeError(f"{world} ranks started for a layout of {p.gpus} (dp {p.dp} × pp {p.pp} × tp {p.tp})")
+    mesh = init_device_mesh(device_type, tuple(sizes[d] for d in DIMS), mesh_dim_names=DIMS)
+    coords = {d: mesh.get_local_rank(d) for d in DIMS}
+    return Layout(mesh=mesh, rank=dist.get_rank(), world_size=world, coords=coords, sizes=sizes)
