@@ -11,7 +11,7 @@ torch.distributed.pipelining (`schedules.py`):
 
     gpipe                  M                 every forward before any backward
     1f1b                   min(M, pp − r)    warm-up of pp − 1 − r forwards, then one more before each backward
-    interleaved-1f1b       min(M·v, (v − 1)·R + 2·(pp − 1 − r) + 1), R = M / ceil... (micro-batches per round)
+    interleaved-1f1b       min(M·v, (v − 1)·R + 2·(pp − 1 − r) + 1), R the micro-batches per round
     looped-bfs             M·v               every local stage's forwards, breadth first
     interleaved-zero-bubble as interleaved-1f1b (its warm-up; the weight-gradient split frees later)
 
@@ -20,6 +20,10 @@ L/pp layers times Korthikanti et al.'s factor 1 + (pp − 1)/(pp·v) (arXiv:2205
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from formulas.architecture import Architecture
 
 
 def shard_sizes(n: int, parts: int) -> list[int]:
@@ -74,3 +78,253 @@ def in_flight_chunks(schedule: str, pp: int, microbatches: int, pp_rank: int, vi
         warmup = (v - 1) * microbatches_per_round(pp, M) + 2 * (pp - 1 - r)
         return min(M * v, warmup + 1)
     raise ValueError(f"unknown pipeline schedule {schedule!r}")
+
+
+SP_GATHERED_INPUT = (
+    "sequence parallel: DTensor's column-parallel QKV and MLP-up linears save their all-gathered input "
+    "(e·s·b·h each, whole) where Megatron saves the norm's s/t output and gathers it again in backward: "
+    "+2·e·s·b·h·(1 − 1/t) per layer"
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters per rank: the reference GPT's tensors, split as harness.trainers.tensor and FSDP2 split them
+
+COLUMN, ROW, VOCAB, REPLICATED = "column", "row", "vocab", "replicated"
+"""How tensor parallelism splits a tensor: by output rows (dim 0; vocabulary rows for embeddings and head),
+by input columns (dim 1), or not at all."""
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    shape: tuple[int, ...]
+    split: str
+
+
+def _norm_tensors(arch: Architecture, name: str) -> list[Tensor]:
+    h = arch.hidden
+    out = [Tensor(f"{name}.weight", (h,), REPLICATED)]
+    return out + ([Tensor(f"{name}.bias", (h,), REPLICATED)] if arch.norm == "layernorm" else [])
+
+
+def _linear(name: str, out_f: int, in_f: int, bias: bool, split: str) -> list[Tensor]:
+    bias_split = REPLICATED if split == ROW else split  # a row-parallel bias is added once, after the sum
+    out = [Tensor(f"{name}.weight", (out_f, in_f), split)]
+    return out + ([Tensor(f"{name}.bias", (out_f,), bias_split)] if bias else [])
+
+
+def block_tensors(arch: Architecture) -> list[Tensor]:
+    """One reference block's parameters in `parameters()` order, with their tensor-parallel split."""
+    h, f, kv, b = arch.hidden, arch.ffn_hidden, arch.kv_width, arch.bias
+    out = _norm_tensors(arch, "ln_1")
+    out += _linear("attn.qkv", h + 2 * kv, h, b, COLUMN) + _linear("attn.proj", h, h, b, ROW)
+    out += _norm_tensors(arch, "ln_2")
+    if arch.mlp == "swiglu":
+        out += _linear("mlp.gate", f, h, b, COLUMN) + _linear("mlp.up", f, h, b, COLUMN)
+        out += _linear("mlp.down", h, f, b, ROW)
+    else:
+        out += _linear("mlp.fc", f, h, b, COLUMN) + _linear("mlp.proj", h, f, b, ROW)
+    return out
+
+
+def rank_tensors(arch: Architecture, *, blocks: int, embedding: bool, head: bool, head_copy: bool) -> list[Tensor]:
+    """The parameters of a rank holding `blocks` blocks, the input embeddings and/or the head, in order.
+    `head_copy`: the head is tied to an embedding that another pipeline stage holds, so it is a copy."""
+    h = arch.hidden
+    out: list[Tensor] = []
+    if embedding:
+        out.append(Tensor("wte.weight", (arch.vocab, h), VOCAB))
+        if arch.position == "learned":
+            out.append(Tensor("wpe.weight", (arch.max_positions, h), REPLICATED))  # Megatron replicates it
+    out += block_tensors(arch) * blocks
+    if head:
+        out += _norm_tensors(arch, "ln_f")
+        if not arch.tied_embeddings or head_copy or not embedding:
+            out.append(Tensor("lm_head.weight", (arch.vocab, h), VOCAB))
+    return out
+
+
+def tp_local_shape(t: Tensor, tp: int, tp_rank: int) -> tuple[int, ...]:
+    """The local shard's shape on tensor-parallel rank `tp_rank` (DTensor `Shard(0)`/`Shard(1)`)."""
+    if tp == 1 or t.split == REPLICATED:
+        return t.shape
+    dim = 1 if t.split == ROW else 0
+    shape = list(t.shape)
+    shape[dim] = shard_sizes(shape[dim], tp)[tp_rank]
+    return tuple(shape)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def fsdp_shard_rows(rows: int, dp: int) -> int:
+    """FSDP2 pads dim 0 to a multiple of dp and gives each rank ceil(rows/dp) rows of storage
+    (`FSDPParam._init_sharded_param`); the last ranks' padding is storage without parameters."""
+    return -(-rows // dp)
+
+
+@dataclass(frozen=True)
+class LocalTensor:
+    name: str
+    elements: int
+    """Parameter elements on this rank (its share, padding excluded)."""
+    storage_elements: int
+    """Elements of the storage holding the weights: FSDP2's padded shard, and DTensor's scatter of an uneven
+    dim-0 split, whose short ranks keep their rows in a buffer of ceil(rows/t) (`distribute_tensor`)."""
+
+
+def local_tensors(tensors: list[Tensor], *, tp: int, tp_rank: int, dp_shard: int = 1, dp_rank: int = 0) -> list[LocalTensor]:
+    """Each tensor's local elements after tensor parallelism and then FSDP2 over `dp_shard` ranks."""
+    out = []
+    for t in tensors:
+        shape = tp_local_shape(t, tp, tp_rank)
+        if dp_shard == 1:
+            n = _numel(shape)
+            padded = n
+            if tp > 1 and t.split in (COLUMN, VOCAB):
+                padded = -(-t.shape[0] // tp) * _numel(t.shape[1:])
+            out.append(LocalTensor(t.name, n, padded))
+            continue
+        rest = _numel(shape[1:])
+        rows = shard_sizes(shape[0], dp_shard)[dp_rank]
+        out.append(LocalTensor(t.name, rows * rest, fsdp_shard_rows(shape[0], dp_shard) * rest))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The prediction per rank
+
+
+@dataclass(frozen=True)
+class RankPrediction:
+    """One rank's predicted terms (bytes on its device)."""
+
+    rank: int
+    coords: dict[str, int]
+    stages: list[int]
+    blocks: int
+    parameter_elements: int
+    weights: int
+    gradients: int
+    optimizer: int
+    """Optimizer state with the fp32 master copy (plain trainer's mixed precision) and AdamW's step counters."""
+    activations: int
+    """Saved for backward by one micro-batch on this rank (its blocks, the embedding or head it holds)."""
+    activations_layers: int
+    per_layer: int
+    in_flight_microbatches: int
+    activations_in_flight: int
+    peak: int
+    peak_basis: str
+    departures: dict[str, int] = field(default_factory=dict)
+    """Named, measured departures from Korthikanti's rows included above (bytes on this rank)."""
+
+
+@dataclass(frozen=True)
+class ParallelPrediction:
+    """Every rank of a tensor/pipeline/FSDP2 layout (`tmath measure` compares each with its rank)."""
+
+    engine: str
+    ranks: list[RankPrediction]
+    unmodelled: list[str] = field(default_factory=list)
+
+    @property
+    def busiest(self) -> RankPrediction:
+        return max(self.ranks, key=lambda r: r.peak)
+
+
+def _coords(rank: int, dp: int, pp: int, tp: int) -> dict[str, int]:
+    """Row-major over (dp, pp, tp), as `init_device_mesh` numbers the ranks."""
+    return {"dp": rank // (pp * tp), "pp": (rank // tp) % pp, "tp": rank % tp}
+
+
+def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
+    """Per-rank terms of a run on torch's parallel engines (`harness.trainers.tensor`, `pipeline`, `fsdp`), or
+    None where they do not run it (no architecture, not a decoder, not a torch-engine layout, inference)."""
+    from formulas import activations as act
+    from formulas.layouts import INDEX_BYTES, buffer_bytes, input_bytes
+    from formulas.precision import MASTER_COPY_BYTES, activation_bytes_per_element, is_mixed
+    from formulas.variants import activation_variant
+
+    arch, t, p = spec.model.arch, spec.training, spec.parallel
+    if arch is None or arch.family != "decoder" or spec.measurement.mode != "train":
+        return None
+    if not (p.tp > 1 or p.pp > 1 or p.dp_shard == "fsdp2") or spec.measurement.impl != "reference":
+        return None
+    fsdp = p.dp_shard == "fsdp2"
+    variant = activation_variant(arch, impl="reference", precision=t.precision, attention=t.attention,
+                                 recompute=t.recompute, device=device if device in ("cpu", "cuda", "meta") else "cpu")  # fmt: skip
+    e = activation_bytes_per_element(t.precision)
+    mixed = is_mixed(t.precision)
+    # FSDP2's mixed precision keeps fp32 shards and optimizer state and casts for compute; the plain trainer
+    # keeps 16-bit weights and gradients and an fp32 master copy in the optimizer.
+    w_bytes = 4 if (fsdp and mixed) or t.precision == "fp32" else 2
+    state = {"adamw": 2, "sgd": 1}[t.optimizer] * (4 if mixed or t.precision == "fp32" else 2)
+    master = MASTER_COPY_BYTES if mixed and not fsdp else 0
+    s, b, h, tp, sp = t.seq, t.batch, arch.hidden, p.tp, p.sequence_parallel
+    sbh = s * b * h
+    terms = act.layer_terms(arch, s, b, elem_bytes=e, mask_bytes=variant.mask_bytes, recompute=t.recompute,
+                            attention=t.attention, stats_bytes=variant.stats_bytes)  # fmt: skip
+    per_layer = terms.bytes(tp, sp)
+    departures: dict[str, int] = {}
+    if sp and t.recompute != "full":
+        departures["sp_gathered_input"] = 2 * e * sbh - 2 * act._ceil_div(e * sbh, tp)
+    per_layer += sum(departures.values())
+    stages_total = p.pp * p.virtual_stages
+    layers_of = stage_layers(arch.n_layers, stages_total)
+    M = p.n_microbatches
+    ranks = []
+    unmodelled = []
+    if p.virtual_stages > 1:
+        unmodelled.append("virtual stages: in-flight bytes as the count of stage forwards × this rank's mean stage "
+                          "bytes per micro-batch")  # fmt: skip
+    for rank in range(p.gpus):
+        c = _coords(rank, p.dp, p.pp, p.tp)
+        stages = rank_stages(c["pp"], p.pp, p.virtual_stages) if p.pp > 1 else [0]
+        n_blocks = sum(layers_of[st] for st in stages)
+        embedding, head = 0 in stages, (stages_total - 1) in stages
+        tensors = rank_tensors(arch, blocks=n_blocks, embedding=embedding, head=head, head_copy=head and not embedding)
+        local = local_tensors(tensors, tp=tp, tp_rank=c["tp"], dp_shard=p.dp if fsdp else 1, dp_rank=c["dp"])
+        elements = sum(x.elements for x in local)
+        storage = sum(x.storage_elements for x in local)
+        weights = w_bytes * storage
+        gradients = w_bytes * (storage if fsdp else elements)  # FSDP2 reduce-scatters into padded shards
+        steps = 4 * len(local) if t.optimizer == "adamw" else 0  # AdamW's fp32 `step` per tensor
+        optimizer = (state + master) * elements + steps
+        v_rows = shard_sizes(arch.vocab, tp)[c["tp"]]
+        out = 0
+        emb = 0
+        if embedding:
+            emb = act._ceil_div(variant.mask_bytes * sbh, tp if sp else 1) if arch.dropout > 0 else 0
+            emb += INDEX_BYTES * s * b  # the token ids the embedding's backward reads
+        if head:
+            norm = e * sbh + (2 if arch.norm == "layernorm" else 1) * s * b * variant.stats_bytes
+            out = act._ceil_div(norm, tp if sp else 1) + e * sbh + act.LOSS_LOGIT_BYTES * s * b * v_rows
+            out += INDEX_BYTES * s * b + 4  # labels, and nll_loss's fp32 total weight
+        layers_bytes = per_layer * n_blocks
+        activations = layers_bytes + emb + out
+        count = in_flight_chunks(p.pp_schedule, p.pp, M, c["pp"], p.virtual_stages) if p.pp > 1 else 1
+        in_flight = count * activations // len(stages)
+        held = weights + optimizer + buffer_bytes(arch, "reference", t.attention, e) + input_bytes(arch, b, s) * M
+        peak = held + gradients + in_flight
+        ranks.append(RankPrediction(
+            rank=rank, coords=c, stages=stages if p.pp > 1 else [], blocks=n_blocks, parameter_elements=elements,
+            weights=weights, gradients=gradients, optimizer=optimizer, activations=activations,
+            activations_layers=layers_bytes, per_layer=per_layer, in_flight_microbatches=count,
+            activations_in_flight=in_flight, peak=peak,
+            peak_basis="weights + gradients + optimizer + buffers + inputs + activations in flight (the sum of the "
+            "rank's terms: the phase walk does not cover torch's parallel engines yet)",
+            departures={k: v * n_blocks for k, v in departures.items()},
+        ))  # fmt: skip
+    unmodelled.append("the phase walk of a tensor/pipeline/FSDP2 step (transients of the loss and the backward, "
+                      "FSDP2's gathered units, pipeline send/receive buffers): the peak is the sum of the rank's terms")  # fmt: skip
+    engine = {"pipeline": f"pipeline {p.pp_schedule} pp={p.pp} v={p.virtual_stages} M={M}"}.get(
+        "pipeline" if p.pp > 1 else "", f"tp={tp}" + (" sp" if sp else "") + (f" fsdp2 dp={p.dp}" if fsdp else ""))
+    if p.pp > 1 and tp > 1:
+        engine += f", tp={tp}" + (" sp" if sp else "")
+    return ParallelPrediction(engine=engine, ranks=ranks, unmodelled=unmodelled)

@@ -277,6 +277,26 @@ class LiveTensorTracker(TorchDispatchMode):
                 self._add(category, record.nbytes)
         self._update_peak()
 
+    def remeasure(self, *tensors: torch.Tensor, category: str | None = None) -> None:
+        """Re-read the size of each tensor's storage after a resize the dispatcher does not see
+        (`UntypedStorage.resize_`: FSDP2 frees and re-allocates its gathered parameters that way). A known
+        storage keeps its category unless `category` is given; an unknown one is registered under it."""
+        for t in tensors:
+            if t is None or t.device.type == "meta":
+                continue
+            storage = storage_of(t)
+            record = self._storages.get(storage._cdata)
+            if record is None or record.ref() is not storage:
+                if storage.nbytes():
+                    self._register(storage, category or self.category)
+                continue
+            if category is not None and category != record.category:
+                self._add(record.category, -record.nbytes)
+                record.category = category
+                self._add(category, record.nbytes)
+            self._register(storage, record.category)
+        self._update_peak()
+
     def snapshot(self) -> dict[str, int]:
         """Live bytes by category (categories with no live bytes are left out)."""
         return {category: nbytes for category, nbytes in self._live_by_category.items() if nbytes}

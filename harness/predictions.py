@@ -10,6 +10,8 @@ device it ran on:
     naive           the Q&A answer: 4·L·C² parameters, no optimizer state, B·N·L·T·(T+2D) activations
     naive-mlp4c     its comment's correction for a 4C-wide MLP
     deepspeed       DeepSpeed's own ZeRO estimator (model states only, ZeRO runs)
+    parallel        every rank of a tensor/pipeline/FSDP2 layout as torch's engines split it
+                    (`formulas.parallel`): exact shards, Korthikanti's t-rows, in-flight micro-batches
 
 A record keeps each method's prediction under its name (`Record.predicted`), typed by the method's
 `summary` class; `Method.terms` reads the comparable terms out of it. A new method is a new entry here.
@@ -24,6 +26,7 @@ from typing import Any
 from formulas.activations import ActivationBreakdown
 from formulas.compute import matmul_flops_per_step
 from formulas.inference import InferenceMemory
+from formulas.parallel import ParallelPrediction, parallel_prediction
 from formulas.peak import PeakPrediction
 from formulas.predict import Flops, predict
 from formulas.spec import MEASURED_DEVICES, RunSpec
@@ -218,6 +221,23 @@ def _estimator_terms(p: EstimatorPrediction, spec: RunSpec, device: str) -> Term
     return Terms(model_states=p.memory_bytes.gpu)
 
 
+def _parallel(spec: RunSpec, device: str | None) -> ParallelPrediction | None:
+    return parallel_prediction(spec, device if device in MEASURED_DEVICES else spec.measurement.device)
+
+
+def _parallel_terms(p: ParallelPrediction, spec: RunSpec, device: str) -> Terms:
+    """Each term's maximum over the ranks, as `measured.memory_bytes` keeps the measured ones."""
+
+    def top(name: str) -> int:
+        return max(getattr(r, name) for r in p.ranks)
+
+    per_layer = max(r.per_layer for r in p.ranks)
+    states = max(r.weights + r.gradients + r.optimizer for r in p.ranks)
+    return Terms(weights=top("weights"), gradients=top("gradients"), optimizer=top("optimizer"),
+                 activations=top("activations"), activations_per_layer=per_layer, model_states=states,
+                 peak=top("peak"))  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------------
 # The registry
 
@@ -253,6 +273,9 @@ METHODS: tuple[Method, ...] = (
     Method("peak", "peak", PeakPrediction, _peak, _peak_terms,
            "the step's peak walked phase by phase for the implementation and device that ran (`formulas/peak.py`; "
            "where the walk does not reach, the sum of the terms)"),
+    Method("parallel", "parallel", ParallelPrediction, _parallel, _parallel_terms,
+           "every rank of a tensor/pipeline/FSDP2 layout as torch's engines split it (`formulas/parallel.py`); "
+           "the busiest rank's terms"),
 )  # fmt: skip
 BY_NAME: dict[str, Method] = {m.name: m for m in METHODS}
 

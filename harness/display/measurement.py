@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from harness.display import console, run_title
+from harness.display.parallel import print_parallel_ranks
 from harness.display.ranks import print_ranks
 from harness.formatting import human, ratio, size
 from harness.predictions import METHODS, NaivePrediction
@@ -88,7 +89,9 @@ def print_measurement(record: Record) -> None:
             table.add_row(f"total, {method.name} formula", size(mem.peak_allocated), size(total),
                           ratio(mem.peak_allocated, total), "the Q&A seed's formula")  # fmt: skip
     con.print(table)
-    if m.ranks:
+    if m.ranks and record.prediction("parallel") is not None:
+        print_parallel_ranks(record, con)
+    elif m.ranks:
         print_ranks(record, con)
     if m.flops_counted is not None:
         con.print(_compute_table(record))
