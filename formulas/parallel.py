@@ -21,9 +21,14 @@ L/pp layers times Korthikanti et al.'s factor 1 + (pp − 1)/(pp·v) (arXiv:2205
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from formulas import activations as act
 from formulas.architecture import Architecture
+from formulas.layouts import INDEX_BYTES, buffer_bytes, input_bytes
+from formulas.peak import StepBytes, plain_step_peak
+from formulas.precision import MASTER_COPY_BYTES, activation_bytes_per_element, is_mixed
+from formulas.variants import activation_variant
 
 
 def shard_sizes(n: int, parts: int) -> list[int]:
@@ -178,7 +183,9 @@ class LocalTensor:
     dim-0 split, whose short ranks keep their rows in a buffer of ceil(rows/t) (`distribute_tensor`)."""
 
 
-def local_tensors(tensors: list[Tensor], *, tp: int, tp_rank: int, dp_shard: int = 1, dp_rank: int = 0) -> list[LocalTensor]:
+def local_tensors(
+    tensors: list[Tensor], *, tp: int, tp_rank: int, dp_shard: int = 1, dp_rank: int = 0
+) -> list[LocalTensor]:
     """Each tensor's local elements after tensor parallelism and then FSDP2 over `dp_shard` ranks."""
     out = []
     for t in tensors:
@@ -243,14 +250,48 @@ def _coords(rank: int, dp: int, pp: int, tp: int) -> dict[str, int]:
     return {"dp": rank // (pp * tp), "pp": (rank // tp) % pp, "tp": rank % tp}
 
 
+SUM_BASIS = "the sum of the rank's terms: weights + gradients + optimizer + buffers + inputs + activations in flight"
+
+TIED_DTENSOR_COPY = (
+    "DTensor, tied embedding: the end of backward holds one more V/t × h gradient than the single-process "
+    "walk's two (the vocab-parallel embedding's local gradient beside the head's and their sum)"
+)
+
+
+def _tensor_parallel_walk(spec, local, weights, gradients, optimizer, activations, output, v_rows, e):
+    """`formulas.peak.plain_step_peak` over one tensor-parallel rank's bytes: the plain trainer's step on its
+    local shards, the loss on its V/t logits."""
+    arch, t, p = spec.model.arch, spec.training, spec.parallel
+    tp, sp = p.tp, p.sequence_parallel
+    h, f, s, b = arch.hidden, arch.ffn_hidden, t.seq, t.batch
+    sizes = [x.elements for x in local]
+    state_bytes = 4 if is_mixed(t.precision) or t.precision == "fp32" else 2
+    previous = [0, *sizes[:-1]]
+    temporaries = (
+        state_bytes * max(2 * n + q for n, q in zip(sizes, previous, strict=True)) if t.optimizer == "adamw" else 0
+    )
+    tokens = s * b // (tp if sp else 1)
+    head = e * v_rows * h
+    positions = arch.max_positions * h if arch.position == "learned" else 0
+    buffers, inputs = buffer_bytes(arch, "reference", t.attention, e), input_bytes(arch, b, s)
+    walk = plain_step_peak(StepBytes(
+        weights=weights, buffers=buffers, inputs=inputs, optimizer=optimizer, gradients=gradients,
+        activations=activations, logits_model=e * s * b * v_rows, logits_fp32=4 * s * b * v_rows,
+        head_gradient=head, tied=arch.tied_embeddings, step_temporaries=temporaries,
+        step_copies=4 * sum(sizes) if is_mixed(t.precision) else 0,
+        embedding_gradients=e * (v_rows * h * (3 if arch.tied_embeddings else 1) + positions),
+        largest_gradient=e * max(sizes), output_activations=output,
+        layer_transient=e * (2 * tokens * h + s * b * (f // tp) + (f // tp) * h),
+    ))  # fmt: skip
+    tied_end = weights + buffers + inputs + optimizer + gradients + 3 * head  # TIED_DTENSOR_COPY
+    if arch.tied_embeddings and tied_end > walk.bytes:
+        walk = replace(walk, bytes=tied_end, phase="backward", moment="tied embedding gradient (DTensor: G + 3H)")
+    return walk
+
+
 def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
     """Per-rank terms of a run on torch's parallel engines (`harness.trainers.tensor`, `pipeline`, `fsdp`), or
     None where they do not run it (no architecture, not a decoder, not a torch-engine layout, inference)."""
-    from formulas import activations as act
-    from formulas.layouts import INDEX_BYTES, buffer_bytes, input_bytes
-    from formulas.precision import MASTER_COPY_BYTES, activation_bytes_per_element, is_mixed
-    from formulas.variants import activation_variant
-
     arch, t, p = spec.model.arch, spec.training, spec.parallel
     if arch is None or arch.family != "decoder" or spec.measurement.mode != "train":
         return None
@@ -311,20 +352,26 @@ def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
         count = in_flight_chunks(p.pp_schedule, p.pp, M, c["pp"], p.virtual_stages) if p.pp > 1 else 1
         in_flight = count * activations // len(stages)
         held = weights + optimizer + buffer_bytes(arch, "reference", t.attention, e) + input_bytes(arch, b, s) * M
-        peak = held + gradients + in_flight
+        peak, basis = held + gradients + in_flight, SUM_BASIS
+        if p.pp == 1 and not fsdp:
+            walk = _tensor_parallel_walk(spec, local, weights, gradients, optimizer, activations, out, v_rows, e)
+            peak, basis = walk.bytes, f"phase walk: {walk.moment} ({walk.phase})"
         ranks.append(RankPrediction(
             rank=rank, coords=c, stages=stages if p.pp > 1 else [], blocks=n_blocks, parameter_elements=elements,
             weights=weights, gradients=gradients, optimizer=optimizer, activations=activations,
             activations_layers=layers_bytes, per_layer=per_layer, in_flight_microbatches=count,
-            activations_in_flight=in_flight, peak=peak,
-            peak_basis="weights + gradients + optimizer + buffers + inputs + activations in flight (the sum of the "
-            "rank's terms: the phase walk does not cover torch's parallel engines yet)",
+            activations_in_flight=in_flight, peak=peak, peak_basis=basis,
             departures={k: v * n_blocks for k, v in departures.items()},
         ))  # fmt: skip
-    unmodelled.append("the phase walk of a tensor/pipeline/FSDP2 step (transients of the loss and the backward, "
-                      "FSDP2's gathered units, pipeline send/receive buffers): the peak is the sum of the rank's terms")  # fmt: skip
+    if p.pp > 1 or fsdp:
+        unmodelled.append("the phase walk of a pipeline or FSDP2 step (FSDP2's gathered units and unsharded "
+                          "gradients, pipeline send/receive buffers, the loss's transients): the peak is the sum of "
+                          "the rank's terms")  # fmt: skip
+    else:
+        unmodelled.append("tensor parallel walk: the top layer's eager-softmax backward is not a candidate")
     engine = {"pipeline": f"pipeline {p.pp_schedule} pp={p.pp} v={p.virtual_stages} M={M}"}.get(
-        "pipeline" if p.pp > 1 else "", f"tp={tp}" + (" sp" if sp else "") + (f" fsdp2 dp={p.dp}" if fsdp else ""))
+        "pipeline" if p.pp > 1 else "", f"tp={tp}" + (" sp" if sp else "") + (f" fsdp2 dp={p.dp}" if fsdp else "")
+    )
     if p.pp > 1 and tp > 1:
         engine += f", tp={tp}" + (" sp" if sp else "")
     return ParallelPrediction(engine=engine, ranks=ranks, unmodelled=unmodelled)

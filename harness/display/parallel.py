@@ -41,17 +41,34 @@ def print_parallel_ranks(record: Record, con: Console | None = None) -> None:
         account = rank.measured.engine if isinstance(rank.measured.engine, ParallelAccount) else None
         layers = rank.measured.activations_by_layer or []
         per_layer = sum(layers) / len(layers) if layers else None
-        extra = "; ".join(f"{k.replace('_', ' ')} {size(v)}" for k, v in (account.named_bytes if account else {}).items() if v)
+        extra = "; ".join(
+            f"{k.replace('_', ' ')} {size(v)}" for k, v in (account.named_bytes if account else {}).items() if v
+        )
         rows = [
-            ("parameters (elements)", account.parameter_elements if account else None, pr.parameter_elements, None,
-             _where(pr.coords, pr.stages) + f", {pr.blocks} blocks"),
+            (
+                "parameters (elements)",
+                account.parameter_elements if account else None,
+                pr.parameter_elements,
+                None,
+                _where(pr.coords, pr.stages) + f", {pr.blocks} blocks",
+            ),
             ("weights", mem.weights, pr.weights, formula.weights, ""),
             ("gradients", mem.gradients, pr.gradients, formula.gradients, ""),
             ("optimizer", mem.optimizer, pr.optimizer, formula.optimizer, "AdamW step counters included"),
-            ("activations per layer", per_layer, pr.per_layer, None,
-             ", ".join(f"{k} {size(v // max(pr.blocks, 1))}" for k, v in pr.departures.items())),
-            ("activations, one micro-batch", mem.activations, pr.activations, None,
-             f"its {pr.blocks} blocks {size(mem.activations_layers)} (predicted {size(pr.activations_layers)})"),
+            (
+                "activations per layer",
+                per_layer,
+                pr.per_layer,
+                None,
+                ", ".join(f"{k} {size(v // max(pr.blocks, 1))}" for k, v in pr.departures.items()),
+            ),
+            (
+                "activations, one micro-batch",
+                mem.activations,
+                pr.activations,
+                None,
+                f"its {pr.blocks} blocks {size(mem.activations_layers)} (predicted {size(pr.activations_layers)})",
+            ),
         ]
         if p.pp > 1:
             counted = account.in_flight_microbatches if account else None

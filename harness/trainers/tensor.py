@@ -46,7 +46,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from formulas.parallel import SP_GATHERED_INPUT
+from formulas.parallel import SP_GATHERED_INPUT, TIED_DTENSOR_COPY
 from formulas.spec import RunSpec
 from harness.errors import UsageError
 from harness.memtrack import local_tensor, unique_storage_bytes
@@ -148,15 +148,18 @@ class TensorParallelTrainer(PlainTrainer):
 
     def finish(self, measurement: Measurement) -> None:
         lay = self.layout
-        notes = []
+        notes = [TIED_DTENSOR_COPY] if getattr(self.model.lm_head, "weight", None) is self.model.wte.weight else []
         if self.spec.parallel.sequence_parallel:
             notes.append(SP_GATHERED_INPUT)
+        named = {"buffers": unique_storage_bytes(self.model.buffers())}
+        if hasattr(self, "gathered"):
+            named["gathered_parameters_max"] = self.gathered.max_bytes
         measurement.engine = TensorAccount(
             rank=lay.rank, world_size=lay.world_size, mesh=dict(lay.sizes), coords=dict(lay.coords),
             engine=describe(self.spec),
             parameter_elements=local_parameter_elements(self.model),
             blocks=list(range(len(getattr(self.model, "blocks", [])))),
-            named_bytes={"buffers": unique_storage_bytes(self.model.buffers())},
+            named_bytes=named,
             notes=notes,
         )  # fmt: skip
         measurement.methods = {
