@@ -85,6 +85,11 @@ def in_flight_chunks(schedule: str, pp: int, microbatches: int, pp_rank: int, vi
     raise ValueError(f"unknown pipeline schedule {schedule!r}")
 
 
+FSDP_UNSHARDED_SAVED = (
+    "FSDP2 with reshard_after_forward=False: the gathered weights autograd saves (linear weights, norm weights "
+    "and biases, the head) are kept gathered to backward and counted with the saved tensors, in the compute dtype"
+)
+
 SP_GATHERED_INPUT = (
     "sequence parallel: DTensor's column-parallel QKV and MLP-up linears save their all-gathered input "
     "(e·s·b·h each, whole) where Megatron saves the norm's s/t output and gathers it again in backward: "
@@ -315,6 +320,13 @@ def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
     departures: dict[str, int] = {}
     if sp and t.recompute != "full":
         departures["sp_gathered_input"] = 2 * e * sbh - 2 * act._ceil_div(e * sbh, tp)
+    # FSDP2 without resharding after forward: the gathered weights that autograd saves (the linears' weights,
+    # the norms' weights and biases) stay the gathered ones until backward, and are saved in the compute dtype.
+    saved_unsharded = fsdp and not p.reshard_after_forward
+    norm_elements = 2 * h if arch.norm == "layernorm" else h
+    if saved_unsharded:
+        linear = sum(_numel(x.shape) for x in block_tensors(arch) if x.name.endswith("weight") and len(x.shape) == 2)
+        departures["fsdp_unsharded_saved"] = e * (linear + 2 * norm_elements) // tp
     per_layer += sum(departures.values())
     stages_total = p.pp * p.virtual_stages
     layers_of = stage_layers(arch.n_layers, stages_total)
@@ -347,6 +359,8 @@ def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
             norm = e * sbh + (2 if arch.norm == "layernorm" else 1) * s * b * variant.stats_bytes
             out = act._ceil_div(norm, tp if sp else 1) + e * sbh + act.LOSS_LOGIT_BYTES * s * b * v_rows
             out += INDEX_BYTES * s * b + 4  # labels, and nll_loss's fp32 total weight
+            if saved_unsharded:
+                out += e * (arch.vocab * h + norm_elements)  # the head's weight and the final norm's, gathered
         layers_bytes = per_layer * n_blocks
         activations = layers_bytes + emb + out
         count = in_flight_chunks(p.pp_schedule, p.pp, M, c["pp"], p.virtual_stages) if p.pp > 1 else 1

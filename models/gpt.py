@@ -195,7 +195,7 @@ class SelfAttention(nn.Module):
             self.register_buffer("sin", rope[1], persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.size()  # batch, sequence, hidden
+        B, T, _ = x.size()  # batch, sequence (the hidden width is this rank's heads × head size)
         nh, nkv, hs = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)
         q, k, v = q.view(B, T, nh, hs), k.view(B, T, nkv, hs), v.view(B, T, nkv, hs)

@@ -25,6 +25,7 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
 
+from formulas.parallel import FSDP_UNSHARDED_SAVED
 from formulas.precision import is_mixed
 from formulas.spec import RunSpec
 from harness.errors import UsageError
@@ -139,6 +140,7 @@ class FSDPTrainer(PlainTrainer):
             blocks=list(range(len(self.model.blocks))),
             named_bytes={"gathered_parameters_max": self.gathered.max_bytes,
                          "buffers": unique_storage_bytes(self.model.buffers())},
+            notes=[] if p.reshard_after_forward else [FSDP_UNSHARDED_SAVED],
         )  # fmt: skip
         measurement.methods = {
             **measurement.methods,

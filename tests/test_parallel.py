@@ -1,0 +1,142 @@
+"""Tensor, sequence and FSDP2 parallelism through torch's engines, per rank against `formulas.parallel`.
+
+Fast tests check the formulas (shards as DTensor splits them, the pipeline schedules' in-flight counts,
+Korthikanti's interleaving factor) and the one-line refusals of layouts no engine runs. The slow ones run
+two or four gloo ranks and compare every term of every rank with its own prediction, to the byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from formulas import activations as act
+from formulas.parallel import (
+    in_flight_chunks,
+    local_tensors,
+    parallel_prediction,
+    rank_tensors,
+    shard_sizes,
+    stage_layers,
+)
+from formulas.params import parameter_count
+from harness.cli import main
+from harness.distributed import run_distributed
+from harness.specbuild import build_spec
+from models.presets import PRESETS
+
+TINY = {"model": "gpt2", "layers": 2, "hidden": 64, "heads": 4, "vocab": 130, "max_positions": 64, "seq": 32}
+RUN = {"batch": 2, "device": "cpu", "steps": 0, "warmup": 0, "precision": "fp32"}
+
+
+def test_shard_sizes_follow_torch_chunk():
+    assert shard_sizes(50257, 2) == [25129, 25128]
+    assert shard_sizes(50257, 4) == [12565, 12565, 12565, 12562]
+    assert shard_sizes(5, 4) == [2, 2, 1, 0]
+    assert sum(shard_sizes(1001, 8)) == 1001
+
+
+def test_stage_layers_contiguous_and_balanced():
+    assert stage_layers(4, 2) == [2, 2]
+    assert stage_layers(5, 2) == [3, 2]
+    with pytest.raises(ValueError, match="whole blocks"):
+        stage_layers(2, 3)
+
+
+@pytest.mark.parametrize("pp,v", [(2, 2), (4, 2), (4, 4), (8, 3)])
+def test_interleaved_first_stage_is_korthikantis_factor(pp, v):
+    """Rank 0 of interleaved 1F1B holds pp·v + pp − 1 chunks of L/(pp·v) layers: pp micro-batches of L/pp layers
+    times 1 + (pp − 1)/(pp·v) (Korthikanti et al. 2022, Section 4.2.3)."""
+    chunks = in_flight_chunks("interleaved-1f1b", pp, 4 * pp, 0, v)
+    assert chunks / v == pytest.approx(pp * (1 + (pp - 1) / (pp * v)))
+
+
+def test_in_flight_counts_per_schedule():
+    assert [in_flight_chunks("1f1b", 4, 8, r) for r in range(4)] == [4, 3, 2, 1]
+    assert in_flight_chunks("1f1b", 4, 2, 0) == 2  # fewer micro-batches than stages
+    assert [in_flight_chunks("gpipe", 4, 8, r) for r in range(4)] == [8] * 4
+    assert in_flight_chunks("looped-bfs", 2, 4, 1, 2) == 8
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_rank_tensors_add_up_to_the_model(tp):
+    """Summed over tensor-parallel ranks, the shards are the model, plus t − 1 copies of what is replicated."""
+    arch = dataclasses.replace(PRESETS["gpt2"], n_layers=3)
+    tensors = rank_tensors(arch, blocks=3, embedding=True, head=True, head_copy=False)
+    assert sum(x.elements for x in local_tensors(tensors, tp=1, tp_rank=0)) == parameter_count(arch).total
+    total = sum(x.elements for r in range(tp) for x in local_tensors(tensors, tp=tp, tp_rank=r))
+    replicated = sum(
+        x.elements for x in local_tensors([t for t in tensors if t.split == "replicated"], tp=1, tp_rank=0)
+    )
+    assert total == parameter_count(arch).total + (tp - 1) * replicated
+
+
+def test_fsdp_storage_is_padded_to_dp_rows():
+    arch = dataclasses.replace(PRESETS["gpt2"], n_layers=1)
+    tensors = rank_tensors(arch, blocks=1, embedding=True, head=True, head_copy=False)
+    shards = [local_tensors(tensors, tp=1, tp_rank=0, dp_shard=2, dp_rank=r) for r in range(2)]
+    assert sum(x.elements for s in shards for x in s) == parameter_count(arch).total
+    wte = [s[0] for s in shards]
+    assert [x.elements for x in wte] == [25129 * 768, 25128 * 768] and wte[1].storage_elements == 25129 * 768
+
+
+def test_sequence_parallel_row_and_its_named_departure():
+    """With sp the t-row is Korthikanti's 34/t (replicated part split) plus DTensor's gathered QKV and MLP-up
+    inputs, 2·e·sbh·(1 − 1/t)."""
+    spec = build_spec({**TINY, **RUN, "tp": 2, "gpus": 2, "sequence_parallel": True, "dropout": 0.0})
+    pred = parallel_prediction(spec, "cpu")
+    arch, e, sbh = spec.model.arch, 4, 32 * 2 * 64
+    paper = act.layer_bytes(arch, 32, 2, elem_bytes=e, tp=2, sequence_parallel=True, stats_bytes=4)
+    assert pred.ranks[0].per_layer == paper + e * sbh
+    assert pred.ranks[0].departures == {"sp_gathered_input": 2 * e * sbh // 2 * arch.n_layers}
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--tp", "5", "--gpus", "5"], "must divide heads"),
+        (["--tp", "2", "--gpus", "3"], "multiple of tp"),
+        (["--pp", "3", "--gpus", "3"], "cannot exceed the number of layers"),
+        (["--pp", "2", "--gpus", "2", "--pp-schedule", "zbv"], "invalid choice"),
+        (["--sequence-parallel"], "needs --tp > 1"),
+        (["--pp", "2", "--gpus", "2", "--pp-schedule", "interleaved-1f1b"], "--virtual-stages 2 or more"),
+        (["--tp", "2", "--gpus", "4"], "--dp-shard fsdp2"),
+        (["--tp", "2", "--gpus", "2", "--zero", "1"], "DeepSpeed over a tensor/pipeline mesh"),
+        (["--tp", "2", "--gpus", "2", "--device", "meta"], "one process per rank"),
+        (["--dp-shard", "fsdp2", "--zero", "3", "--gpus", "2"], "give one of them"),
+    ],
+)
+def test_bad_layouts_are_one_line_errors(flags, message, capsys):
+    argv = ["measure", "--model", "gpt2", "--layers", "2", "--seq", "64", "--device", "cpu", *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def _assert_every_rank_exact(record, *, peak: bool):
+    assert record.status == "ok", record.error
+    pred = record.prediction("parallel")
+    for rank, expected in zip(record.measured.ranks, pred.ranks, strict=True):
+        mem = rank.measured.memory_bytes
+        assert rank.measured.engine.parameter_elements == expected.parameter_elements
+        for term in ("weights", "gradients", "optimizer", "activations", "activations_layers"):
+            assert getattr(mem, term) == getattr(expected, term), (rank.rank, term)
+        if peak:
+            assert mem.peak_allocated == pytest.approx(expected.peak, rel=1e-4), rank.rank
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sp", [False, True])
+def test_tensor_parallel_every_term_per_rank(sp):
+    spec = build_spec({**TINY, **RUN, "tp": 2, "gpus": 2, "sequence_parallel": sp})
+    _assert_every_rank_exact(run_distributed(spec, timeout=600), peak=True)
+
+
+@pytest.mark.slow
+def test_fsdp2_model_states_per_rank():
+    spec = build_spec({**TINY, **RUN, "dp_shard": "fsdp2", "gpus": 2, "precision": "bf16-mixed"})
+    record = run_distributed(spec, timeout=600)
+    _assert_every_rank_exact(record, peak=False)
+    account = record.measured.ranks[0].measured.engine
+    assert account.named_bytes["gathered_parameters_max"] > 0
