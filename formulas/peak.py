@@ -434,7 +434,7 @@ def step_peak(spec: RunSpec, states: ModelStates, paper_activations: int) -> Pea
     """The predicted peak of a steady training step of `spec`, or None where it is not modelled (no
     architecture, inference, tensor or pipeline parallelism, what `engine_unmodelled` names)."""
     p, t = spec.parallel, spec.training
-    if spec.model.arch is None or spec.measurement.mode != "train" or p.tp > 1 or p.pp > 1:
+    if spec.model.arch is None or spec.measurement.mode != "train" or p.tp > 1 or p.pp > 1 or p.dp_shard == "fsdp2":
         return None
     b = step_bytes(spec, states, paper_activations)
     if p.zero == 0 and p.gpus == 1:

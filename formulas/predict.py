@@ -244,8 +244,11 @@ def _unmodelled_peak(spec: RunSpec) -> str:
     p = spec.parallel
     if spec.model.arch is None:
         return "no architecture (--params): no activations to walk"
-    if p.tp > 1 or p.pp > 1:
-        return "tensor and pipeline parallel steps are not walked yet"
+    if p.tp > 1 or p.pp > 1 or p.dp_shard == "fsdp2":
+        return (
+            "tensor, pipeline and FSDP2 layouts: the per-rank prediction (`formulas.parallel`, the `parallel` "
+            "method) walks tensor-parallel steps; this per-GPU formula does not"
+        )
     if spec.measurement.mode != "train":
         return "inference is not a training step"
     return engine_unmodelled(spec) or "not walked"
@@ -323,7 +326,9 @@ def predict(spec: RunSpec, method: str = "korthikanti", calibration: Calibration
     terms = None
     if method == "korthikanti":
         states = model_state_bytes(
-            params, precision=t.precision, optimizer=t.optimizer, zero=p.zero, dp=p.dp, tp=p.tp, pp=p.pp,
+            # FSDP2 shards like ZeRO-3 (parameters, gradients and optimizer state over dp, a unit gathered whole).
+            params, precision=t.precision, optimizer=t.optimizer, zero=3 if p.dp_shard == "fsdp2" else p.zero,
+            dp=p.dp, tp=p.tp, pp=p.pp,
             largest_module_params=largest_module_params(arch) if arch is not None else 0,
             offload_optimizer=p.offload_optimizer != "none", offload_params=p.offload_params != "none",
             grad_dtype=t.grad_dtype, shard_params=_heaviest_stage(spec),
