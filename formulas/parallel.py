@@ -21,7 +21,7 @@ L/pp layers times Korthikanti et al.'s factor 1 + (pp − 1)/(pp·v) (arXiv:2205
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from formulas import activations as act
 from formulas.architecture import Architecture
@@ -257,9 +257,14 @@ def _coords(rank: int, dp: int, pp: int, tp: int) -> dict[str, int]:
 
 SUM_BASIS = "the sum of the rank's terms: weights + gradients + optimizer + buffers + inputs + activations in flight"
 
-TIED_DTENSOR_COPY = (
-    "DTensor, tied embedding: the end of backward holds one more V/t × h gradient than the single-process "
-    "walk's two (the vocab-parallel embedding's local gradient beside the head's and their sum)"
+EMBEDDING_FULL_GRADIENT = (
+    "DTensor's vocab-parallel embedding: its backward makes a gradient of the whole vocabulary (e·V·h) on every "
+    "rank before keeping its V/t rows; with a tied head the end of backward holds G + H + e·V·h (measured at "
+    "t = 2 and 4), where one process holds G + 2H"
+)
+LOSS_PARALLEL_FREES = (
+    "loss_parallel's cross-entropy frees its saved fp32 logits (V/t) before making their gradients: the backward "
+    "starts at A + L32, where the single-process loss holds A + 2·L32"
 )
 
 
@@ -287,11 +292,59 @@ def _tensor_parallel_walk(spec, local, weights, gradients, optimizer, activation
         embedding_gradients=e * (v_rows * h * (3 if arch.tied_embeddings else 1) + positions),
         largest_gradient=e * max(sizes), output_activations=output,
         layer_transient=e * (2 * tokens * h + s * b * (f // tp) + (f // tp) * h),
+        loss_frees_saved_logits=True,  # loss_parallel (LOSS_PARALLEL_FREES)
+        # DTensor's vocab-parallel embedding backward: a whole-vocabulary gradient (EMBEDDING_FULL_GRADIENT)
+        embedding_transient=e * arch.vocab * h - head if tp > 1 else 0,
     ))  # fmt: skip
-    tied_end = weights + buffers + inputs + optimizer + gradients + 3 * head  # TIED_DTENSOR_COPY
-    if arch.tied_embeddings and tied_end > walk.bytes:
-        walk = replace(walk, bytes=tied_end, phase="backward", moment="tied embedding gradient (DTensor: G + 3H)")
     return walk
+
+
+def _fsdp_walk(spec, tensors, local, held, gradients, activations, e, v_rows) -> tuple[str, int]:
+    """The largest of the moments that decide an FSDP2 step's peak, for one rank (measured on the CPU:
+    results/parallel-cpu): the root unit (embeddings, final norm, head) stays gathered from its forward to
+    the end of backward; at the backward start FSDP2 has also gathered the last block again (its backward
+    prefetch); without resharding every unit stays gathered. Gathered units are in the compute dtype e.
+    `activations` excludes what autograd saves of the gathered weights (counted with them)."""
+    p, t, arch = spec.parallel, spec.training, spec.model.arch
+    tp = p.tp
+    root = [x for x in tensors if not x.name.startswith(("ln_1", "ln_2", "attn", "mlp"))]
+    block = block_tensors(arch)
+    root_gathered = e * sum(_numel(tp_local_shape(x, tp, 0)) for x in root)
+    block_gathered = e * sum(_numel(tp_local_shape(x, tp, 0)) for x in block)
+    blocks = sum(1 for x in tensors if x.name == "ln_1.weight")
+    if p.reshard_after_forward:
+        forward, prefetch = root_gathered, block_gathered
+    else:
+        forward, prefetch = root_gathered + blocks * block_gathered, 0
+    s, b = t.seq, t.batch
+    L32, Le = act.LOSS_LOGIT_BYTES * s * b * v_rows, e * s * b * v_rows
+    sizes = [x.elements for x in local]
+    state_bytes = 4 if is_mixed(t.precision) or t.precision == "fp32" else 2
+    previous = [0, *sizes[:-1]]
+    temporaries = (
+        state_bytes * max(2 * n + q for n, q in zip(sizes, previous, strict=True)) if t.optimizer == "adamw" else 0
+    )
+    # The end of backward: the root's gradients unsharded in e (a tied head's arrives twice and is added out of
+    # place: 3·H), beside the blocks' reduce-scattered shards and the fp32 reduce-scatter buffer of the last
+    # block reduced (FSDP2 reduces in fp32 here: `reduce_dtype`), still alive.
+    blocks_local = [x for x in local if x.name.startswith(("ln_1", "ln_2", "attn", "mlp"))]
+    grad_bytes = gradients // max(1, sum(x.storage_elements for x in local))
+    head = e * sum(_numel(tp_local_shape(x, tp, 0)) for x in root if x.name in ("wte.weight", "lm_head.weight"))
+    other_root = root_gathered - head
+    tied = arch.tied_embeddings and any(x.name == "wte.weight" for x in root)
+    end = (held + root_gathered + grad_bytes * sum(x.storage_elements for x in blocks_local)
+           + (3 * head if tied else head) + other_root + 4 * block_gathered // e)  # fmt: skip
+    moments = {
+        "end of backward (the root's gradients unsharded, the last block's fp32 reduce-scatter buffer)": end,
+        "forward end (root unit gathered, logits beside log_softmax)":
+            held + forward + activations + Le + (L32 if e != act.LOSS_LOGIT_BYTES else 0),
+        # With tp > 1, loss_parallel frees its saved logits first (LOSS_PARALLEL_FREES).
+        "backward start (root and the last block gathered, nll_loss and log_softmax gradients)":
+            held + forward + prefetch + activations + (1 if tp > 1 else 2) * L32,
+        "optimizer update": held + gradients + temporaries,
+    }  # fmt: skip
+    moment = max(moments, key=moments.get)
+    return moment, moments[moment]
 
 
 def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
@@ -370,6 +423,11 @@ def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
         if p.pp == 1 and not fsdp:
             walk = _tensor_parallel_walk(spec, local, weights, gradients, optimizer, activations, out, v_rows, e)
             peak, basis = walk.bytes, f"phase walk: {walk.moment} ({walk.phase})"
+        elif fsdp:
+            saved_gathered = departures.get("fsdp_unsharded_saved", 0) * n_blocks + (
+                e * (arch.vocab * h + norm_elements) if saved_unsharded else 0)  # fmt: skip
+            moment, peak = _fsdp_walk(spec, tensors, local, held, gradients, activations - saved_gathered, e, v_rows)
+            basis = f"FSDP2 walk: {moment}"
         ranks.append(RankPrediction(
             rank=rank, coords=c, stages=stages if p.pp > 1 else [], blocks=n_blocks, parameter_elements=elements,
             weights=weights, gradients=gradients, optimizer=optimizer, activations=activations,

@@ -142,6 +142,12 @@ class StepBytes:
     """The top layer's MLP backward beyond the saved activations, at its down projection: the incoming gradient
     and its copy on the residual branch (2·b·s·h), the projection's input gradient (b·s·f) and weight gradient
     (f·h), one micro-batch."""
+    loss_frees_saved_logits: bool = False
+    """The loss frees its saved fp32 logits before it makes their gradients (torch's tensor-parallel
+    `loss_parallel` cross-entropy): the backward start holds A + L32, not A + 2·L32."""
+    embedding_transient: int = 0
+    """Beyond the embedding's gradient, what its backward allocates at the end of backward (DTensor's
+    vocab-parallel embedding: a gradient of the whole vocabulary, e·v·h, before its rows are kept)."""
 
 
 def _phase(phase: str, moment: str, parts: dict[str, int]) -> PhasePeak:
@@ -158,8 +164,9 @@ def plain_step_peak(b: StepBytes) -> PeakPrediction:
     copy = b.logits_fp32 if b.logits_model != b.logits_fp32 else 0
     forward = _phase("activations", "forward end (logits beside log_softmax)",
                      {**held, "backward": before, "activations": A + b.logits_model + copy})  # fmt: skip
+    freed = b.logits_fp32 if b.loss_frees_saved_logits else 0
     start = _phase("backward", "backward start (nll_loss and log_softmax gradients)",
-                   {**held, "activations": A, "backward": before + 2 * b.logits_fp32})  # fmt: skip
+                   {**held, "activations": A - freed, "backward": before + 2 * b.logits_fp32})  # fmt: skip
     head = _phase("backward", "output projection's weight gradient",
                   {**held, "activations": A, "backward": before + H * (2 if last else 1)})  # fmt: skip
     layer = _phase("backward", "top layer's MLP backward",
@@ -169,11 +176,12 @@ def plain_step_peak(b: StepBytes) -> PeakPrediction:
         candidates.append(_phase("backward", "top layer's softmax backward",
                                  {**held, "activations": b.softmax_saved,
                                   "backward": before + H + b.softmax_transient}))  # fmt: skip
+    X = b.embedding_transient
     if b.tied:
         candidates.append(_phase("backward", "tied embedding gradient added out of place",
-                                 {**held, "backward": G + 2 * H}))  # fmt: skip
+                                 {**held, "backward": G + 2 * H + X}))  # fmt: skip
     else:
-        candidates.append(_phase("backward", "backward end", {**held, "backward": G}))
+        candidates.append(_phase("backward", "backward end", {**held, "backward": G + X}))
     backward = max(candidates, key=lambda p: p.bytes)
     step = _phase("optimizer step", "optimizer update",
                   {**held, "gradients": G, "optimizer step": b.step_copies + b.step_temporaries})  # fmt: skip

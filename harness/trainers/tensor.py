@@ -46,7 +46,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from formulas.parallel import SP_GATHERED_INPUT, TIED_DTENSOR_COPY
+from formulas.parallel import EMBEDDING_FULL_GRADIENT, LOSS_PARALLEL_FREES, SP_GATHERED_INPUT
 from formulas.spec import RunSpec
 from harness.errors import UsageError
 from harness.memtrack import local_tensor, unique_storage_bytes
@@ -148,7 +148,7 @@ class TensorParallelTrainer(PlainTrainer):
 
     def finish(self, measurement: Measurement) -> None:
         lay = self.layout
-        notes = [TIED_DTENSOR_COPY] if getattr(self.model.lm_head, "weight", None) is self.model.wte.weight else []
+        notes = [EMBEDDING_FULL_GRADIENT, LOSS_PARALLEL_FREES]
         if self.spec.parallel.sequence_parallel:
             notes.append(SP_GATHERED_INPUT)
         named = {"buffers": unique_storage_bytes(self.model.buffers())}
