@@ -11,6 +11,7 @@ from harness.errors import UsageError
 from harness.predictions import METHODS
 from harness.report.document import Document
 from harness.report.frame import error_frame, frame
+from harness.report.parallel import section as parallel_section
 from harness.report.peak import family_table, peak_rows, phase_table, plot_timelines, runs_table, summary_text, unwalked
 from harness.report.plots import (
     plot_activations_vs_seq,
@@ -118,6 +119,8 @@ def build_report(
                 + "; ".join(f"{label}: {why}" for label, why in missing)
                 + "."
             )
+
+    parallel_section(doc, records)
 
     doc.heading("Activations against sequence length")
     shown = doc.figure(
