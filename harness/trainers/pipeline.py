@@ -51,6 +51,9 @@ from torch.distributed.pipelining import (
     ScheduleInterleavedZeroBubble,
     ScheduleLoopedBFS,
 )
+from torch.distributed.tensor.parallel import loss_parallel
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+from torch.utils.flop_counter import FlopCounterMode
 
 from formulas.parallel import in_flight_chunks, rank_stages, stage_blocks
 from formulas.spec import RunSpec
@@ -77,6 +80,31 @@ Chunk = tuple[int, int]
 """(stage index, micro-batch index): one stage forward of one micro-batch."""
 
 
+SPLIT_BACKWARD = ("interleaved-zero-bubble",)
+"""Schedules that split each backward into an input-gradient pass (`torch.autograd.grad`) and a weight pass."""
+
+
+@contextlib.contextmanager
+def _flop_counter_without_module_hooks():
+    """Suspend the module tracking of an active `FlopCounterMode` (its total is unchanged: it counts every op
+    it dispatches; only the per-module split stops). Its backward hooks (`register_multi_grad_hook` on module
+    inputs) fail inside the zero-bubble input-gradient pass, torch 2.13: "A leaf node was passed to
+    _will_engine_execute_node but we are currently running autograd.grad()" (a stage input is a leaf)."""
+    # FlopCounterMode enters an inner dispatch mode that points back at it (`counter`).
+    counters = [
+        m.counter
+        for m in _get_current_dispatch_mode_stack()
+        if isinstance(getattr(m, "counter", None), FlopCounterMode)
+    ]
+    for counter in counters:
+        counter.mod_tracker.__exit__()
+    try:
+        yield
+    finally:
+        for counter in counters:
+            counter.mod_tracker.__enter__()
+
+
 class StageModule(nn.Module):
     """One pipeline stage of the reference GPT: its blocks, with the embeddings on the first stage and the final
     norm and output layer on the last. The modules are the model's own (not copies), so the stage trains them."""
@@ -84,16 +112,19 @@ class StageModule(nn.Module):
     def __init__(self, model: nn.Module, index: int, n_stages: int, blocks: range) -> None:
         super().__init__()
         self.index = index
-        first, last = index == 0, index == n_stages - 1
-        self.wte = model.wte if first else None
-        self.wpe = model.wpe if first else None
-        self.drop = model.drop if first else None
-        if first and model.wpe is not None:
-            self.register_buffer("positions", model.positions, persistent=False)
+        # Only the modules the stage runs are attributes (`hasattr` tells a stage's part, as
+        # `harness.trainers.tensor.apply_tensor_parallel` reads it).
+        if index == 0:
+            self.wte = model.wte
+            if model.wpe is not None:
+                self.wpe = model.wpe
+                self.register_buffer("positions", model.positions, persistent=False)
+            self.drop = model.drop
         # Keyed by the block's index in the model, so that measured activations name the model's blocks.
         self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in blocks})
-        self.ln_f = model.ln_f if last else None
-        self.lm_head = model.lm_head if last else None
+        if index == n_stages - 1:
+            self.ln_f = model.ln_f
+            self.lm_head = model.lm_head
 
     def named_blocks(self) -> list[tuple[str, nn.Module]]:
         """(`blocks.<model index>`, block) for each block of the stage, in order."""
@@ -101,18 +132,18 @@ class StageModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """As `GPT.prefill`, over this stage's part: ids (B, T) → hidden (B, T, h) → ... → logits (B, T, V)."""
-        if self.wte is not None:
+        if hasattr(self, "wte"):
             # The schedule splits the step's concatenated ids into views of one storage; a copy gives each
             # micro-batch its own (B, T) ids, as a data loader hands them, so that the ids the embedding saves
             # are this micro-batch's B·T·8 bytes, not the whole step's.
             ids = x.clone()
             x = self.wte(ids)  # (B, T, h)
-            if self.wpe is not None:
+            if hasattr(self, "wpe"):
                 x = x + self.wpe(self.positions[: ids.size(1)])  # (T, h) broadcast over the batch
             x = self.drop(x)
         for block in self.blocks.values():
             x = block(x)
-        if self.lm_head is not None:
+        if hasattr(self, "lm_head"):
             x = self.lm_head(self.ln_f(x))  # (B, T, V)
         return x
 
@@ -125,7 +156,7 @@ def keep_only(model: nn.Module, stages: list[StageModule]) -> None:
     stage's embedding is dropped: torch's pipelining has no shared-parameter gradient sync, so the two copies
     (first and last rank) train apart; Megatron-LM all-reduces their gradients (Narayanan et al. 2021, §4.1)."""
     kept_blocks = {int(i) for stage in stages for i in stage.blocks}
-    if not any(stage.wte is not None for stage in stages):
+    if not any(hasattr(stage, "wte") for stage in stages):
         model.wte = None
         if model.wpe is not None:
             model.wpe = None
@@ -133,7 +164,7 @@ def keep_only(model: nn.Module, stages: list[StageModule]) -> None:
     for i in range(len(model.blocks)):
         if i not in kept_blocks:
             model.blocks[i] = nn.Identity()
-    if not any(stage.lm_head is not None for stage in stages):
+    if not any(hasattr(stage, "lm_head") for stage in stages):
         model.ln_f = None
         model.lm_head = None
 
@@ -296,11 +327,13 @@ class _MeteredStage(PipelineStage):
 
     def backward_one_chunk(self, bwd_chunk_id, loss=None, full_backward=True, last_backward=False):
         self.trainer.set_category("backward")
-        super().backward_one_chunk(bwd_chunk_id, loss, full_backward, last_backward)
+        with self.trainer.loss_parallel():
+            super().backward_one_chunk(bwd_chunk_id, loss, full_backward, last_backward)
 
     def backward_weight_one_chunk(self, bwd_chunk_id, last_backward=False):
         self.trainer.set_category("backward")
-        super().backward_weight_one_chunk(bwd_chunk_id, last_backward)
+        with self.trainer.loss_parallel():
+            super().backward_weight_one_chunk(bwd_chunk_id, last_backward)
 
 
 class PipelineTrainer:
@@ -349,12 +382,14 @@ class PipelineTrainer:
     def _pipeline_stage(self, module: StageModule) -> _MeteredStage:
         """torch's stage for `module`, told the shapes of its input and output (static metadata: no
         metadata-inference forward and backward at the first step)."""
-        t, arch = self.spec.training, self.spec.model.arch
+        t, p, arch = self.spec.training, self.spec.parallel, self.spec.model.arch
         B, T = t.batch, t.seq
+        # Sequence parallel hands each tensor-parallel rank its s/t slice of the hidden state between blocks.
+        T_hidden = T // p.tp if p.tp > 1 and p.sequence_parallel else T
         # Under bf16-mixed the model's parameters are 16-bit and every stage boundary (block output, logits)
         # is in their dtype too, as in pure 16-bit: autocast keeps only norms and the loss in fp32.
         dtype = param_dtype(t.precision)
-        hidden = torch.empty(B, T, arch.hidden, dtype=dtype, device="meta", requires_grad=True)
+        hidden = torch.empty(B, T_hidden, arch.hidden, dtype=dtype, device="meta", requires_grad=True)
         ids = torch.empty(B, T, dtype=torch.long, device="meta")
         logits = torch.empty(B, T, arch.vocab, dtype=dtype, device="meta", requires_grad=True)
         first, last = module.index == 0, module.index == self.n_stages - 1
@@ -368,24 +403,32 @@ class PipelineTrainer:
 
     def _initialize(self, B: int, T: int) -> None:
         """Initialise the schedule's stages now (the ranks' warm-up exchange, the receive buffers of every
-        micro-batch) rather than in the first measured step, under a category of their own."""
+        micro-batch) rather than in the first measured step, under a category of their own. Where the static
+        shapes do not suffice (DTensor boundaries), torch infers them here with a forward and backward of its
+        own on these example inputs: under the step's autocast and loss_parallel, before anything is measured."""
         previous = self.set_category(BUFFERS_CATEGORY)
         example = (torch.zeros(B, T, dtype=torch.long),)
+        target = torch.zeros(B, T, dtype=torch.long)
         try:
-            if hasattr(self.schedule, "_initialize_stages"):
-                self.schedule._initialize_stages(example, {})
-            else:
-                self.schedule._initialize_stage(example, {})
+            with self.plain.autocast(), self.loss_parallel():
+                if hasattr(self.schedule, "_initialize_stages"):
+                    self.schedule._initialize_stages(example, {}, target)
+                else:
+                    self.schedule._initialize_stage(example, {}, target)
         finally:
             self.set_category(previous)
 
     def _tensor_parallel(self) -> None:
-        try:
-            from harness.trainers.tensor import apply_tensor_parallel
-        except ImportError:
-            raise UsageError("--tp with --pp needs harness.trainers.tensor (tensor parallel within stages)") from None
+        """Megatron's tensor-parallel layout within each stage, over this rank's tensor-parallel group."""
+        from harness.trainers.tensor import apply_tensor_parallel
+
         for stage in self.stages:
             apply_tensor_parallel(stage, self.layout.mesh["tp"], sequence_parallel=self.spec.parallel.sequence_parallel)
+
+    def loss_parallel(self) -> contextlib.AbstractContextManager:
+        """DTensor's vocabulary-parallel cross-entropy (tensor parallel: the logits are split by vocabulary),
+        for the loss and every backward through it."""
+        return loss_parallel() if self.spec.parallel.tp > 1 else contextlib.nullcontext()
 
     def set_category(self, category: str) -> str | None:
         """Label what the live tracker sees from now on; returns the previous label."""
@@ -402,6 +445,7 @@ class PipelineTrainer:
         # The labels are a view of the step's concatenated labels: a copy of the micro-batch's own, as for ids.
         labels = labels.clone()
         with contextlib.ExitStack() as stack:
+            stack.enter_context(self.loss_parallel())
             stack.enter_context(self.plain.autocast())
             if self.meter is not None:
                 stack.enter_context(self.meter.forward(self.last_forward, self.meter.loss_tracker))
@@ -429,8 +473,10 @@ class PipelineTrainer:
         if self.n_stages - 1 in self.stage_ids:
             kwargs["target"] = torch.cat([b["labels"] for b in batches])
         self.input_bytes = unique_storage_bytes([*args, *kwargs.values()])
-        # return_outputs=False: the last stage would otherwise keep every micro-batch's logits for the step.
-        self.schedule.step(*args, return_outputs=False, **kwargs)
+        split = self.spec.parallel.pp_schedule in SPLIT_BACKWARD
+        with _flop_counter_without_module_hooks() if split else contextlib.nullcontext():
+            # return_outputs=False: the last stage would otherwise keep every micro-batch's logits for the step.
+            self.schedule.step(*args, return_outputs=False, **kwargs)
 
     def train_step(self, batches: list[dict]) -> None:
         self.forward_backward(batches)
