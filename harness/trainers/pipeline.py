@@ -27,10 +27,16 @@ micro-batch stage-forwards holding saved tensors at once is the account's `in_fl
 quantity `formulas.parallel.in_flight_chunks` predicts.
 
 What torch's engine holds beyond the formula's terms, each measured and named in the account: the receive
-buffers of every micro-batch's stage input and output gradient, allocated once for the run; each stage's
-output, kept in the stage's forward cache until that micro-batch's backward (the root of its backward:
-B·s·h per micro-batch in flight, and the whole logits B·s·v on the last stage, which a plain forward frees
-once the loss is taken); and the step's concatenated inputs.
+buffers of every micro-batch's stage input and output gradient, allocated once for the run (a non-first
+stage's first block saves its input, which is that buffer: counted in the activations, as a plain forward
+counts its block input); each stage's output, kept in the stage's forward cache until that micro-batch's
+backward (the root of its backward) and by the schedule's loop until its next forward returns: B·s·h per
+micro-batch on a non-last stage, the whole logits B·s·v on the last, which a plain forward frees once the loss
+is taken; and the step's concatenated inputs. Departures from the simple in-flight count are measured, not
+assumed: interleaved-zero-bubble's input-gradient pass keeps a micro-batch's saved tensors (retain_graph) until
+its weight pass, so it holds more than its warm-up. With `--tp`, each stage gets Megatron's layout
+(`harness.trainers.tensor.apply_tensor_parallel`) over the rank's tensor-parallel group and the loss is
+DTensor's `loss_parallel`.
 """
 
 from __future__ import annotations
@@ -571,6 +577,11 @@ class PipelineTrainer:
             "micro-batch's backward, and in the schedule's loop until the next forward returns; the hidden state "
             "on a non-last stage, the whole logits on the last (a plain forward frees them after the loss)",
         ]
+        if p.pp_schedule in SPLIT_BACKWARD:
+            notes.append(
+                "zero bubble: each micro-batch's input-gradient pass keeps its saved tensors (retain_graph) until "
+                "its weight pass, which rank r runs r micro-batches later: more in flight than the warm-up"
+            )
         if self.spec.model.arch.tied_embeddings and self.n_stages - 1 in self.stage_ids and 0 not in self.stage_ids:
             notes.append(
                 "tied output layer: the last stage keeps its own copy of the token embedding; torch's pipelining "
