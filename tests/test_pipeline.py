@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from formulas import activations as act
-from formulas.parallel import in_flight_chunks, microbatches_per_round, rank_stages, stage_blocks
+from formulas.parallel import in_flight_chunks, rank_stages, stage_blocks
 from formulas.params import embedding_params, head_params, layer_params, pipeline_stage_params
 from harness.distributed import run_distributed
 from harness.memtrack import SavedTensorTracker
@@ -240,23 +240,16 @@ def test_engine_buffers_are_named(records):
     assert any("tied output layer" in note for note in last.measured.engine.notes)
 
 
-def zero_bubble_in_flight(pp: int, M: int, v: int) -> int:
-    """What torch 2.13's ScheduleInterleavedZeroBubble holds (measured): a warm-up of (v − 1)·R + (pp − 1 − r)
-    forwards (`_get_warmup_ops`, multiply_factor 1), one more before the first backward, and each input-gradient
-    pass keeps its micro-batch's saved tensors (retain_graph) until the weight pass, which rank r runs r
-    micro-batches later (`num_1f1b_microbatches = rank`): (v − 1)·R + pp on every rank."""
-    return min(M * v, (v - 1) * microbatches_per_round(pp, M) + pp)
-
-
 @pytest.mark.slow
 def test_zero_bubble_holds_its_input_passes_until_the_weight_passes():
     spec = spec_of(pp_schedule="interleaved-zero-bubble", microbatches=4, virtual_stages=2)
     p = spec.parallel
     for rank in ranks_ok(run_distributed(spec, timeout=600)):
         e, mem = rank.measured.engine, rank.measured.memory_bytes
-        assert e.in_flight_microbatches == zero_bubble_in_flight(p.pp, p.n_microbatches, p.virtual_stages) == 4
-        # formulas.parallel counts it as interleaved 1F1B: 5 on rank 0, 3 on rank 1.
-        assert in_flight_chunks(p.pp_schedule, p.pp, p.n_microbatches, e.coords["pp"], 2) == 5 - 2 * e.coords["pp"]
+        # torch 2.13's ScheduleInterleavedZeroBubble: a warm-up of (v − 1)·R + (pp − 1 − r) forwards, and input
+        # passes that keep their saved tensors to the weight pass r micro-batches later: (v − 1)·R + pp = 4.
+        assert e.in_flight_microbatches == 4
+        assert in_flight_chunks(p.pp_schedule, p.pp, p.n_microbatches, e.coords["pp"], 2) == 4
         assert rank.measured.flops_counted > 0  # the FLOP count step ran (module hooks suspended)
         assert len(set(e.activations_per_microbatch)) == 1 and mem.activations_in_flight > mem.activations
 
