@@ -353,6 +353,91 @@ def _fsdp_walk(spec, tensors, local, held, gradients, activations, e, v_rows) ->
     return moment, moments[moment]
 
 
+def _pipeline_walk(spec, stages, local, weights, gradients, optimizer, per_microbatch, count, output, v_rows, e):
+    """`formulas.peak.plain_step_peak` over one pipeline rank at the two backwards that can decide its peak:
+    the first, with `count` micro-batches in flight and no gradients yet, and the second, beside the gradients
+    the first made (every parameter's, accumulated in place from then on) with min(count, M − 1) in flight
+    (GPipe: one fewer; 1F1B: as many, when M > count). What torch's engine holds beyond the plain step
+    (measured: `harness.trainers.pipeline`, results/parallel-cpu):
+
+        receive buffers      M · e·b·s·h for the inputs of a non-first stage and M for the output gradients of
+                             a non-last one, for the whole run (a non-first stage's first block saves its input,
+                             which is that buffer: counted once)
+        stage outputs        kept from each forward to its micro-batch's backward (count of them, the logits
+                             on the last stage), and the previous one until the next forward returns: one more
+                             at a forward's end (walked as the forward's "logits")
+    """
+    arch, t, p = spec.model.arch, spec.training, spec.parallel
+    s, b, h, tp, sp, M = t.seq, t.batch, arch.hidden, p.tp, p.sequence_parallel, p.n_microbatches
+    last_stage = p.pp * p.virtual_stages - 1
+    n = len(stages)
+    not_first = sum(st != 0 for st in stages)
+    not_last = sum(st != last_stage for st in stages)
+    head = last_stage in stages
+    hidden = e * b * (s // tp if sp else s) * h  # one micro-batch's stage input or output on this rank
+    receive = M * hidden * (not_first + not_last)
+    Le, L32 = e * s * b * v_rows, act.LOSS_LOGIT_BYTES * s * b * v_rows
+    sizes = [x.elements for x in local]
+    state_bytes = 4 if is_mixed(t.precision) or t.precision == "fp32" else 2
+    previous = [0, *sizes[:-1]]
+    temporaries = (
+        state_bytes * max(2 * x + q for x, q in zip(sizes, previous, strict=True)) if t.optimizer == "adamw" else 0
+    )
+    embedding = 0 in stages
+    positions = arch.max_positions * h if arch.position == "learned" else 0
+    ids = INDEX_BYTES * s * b * M * (int(embedding) + int(head))  # the step's concatenated ids and labels
+
+    def alive(c: int) -> int:
+        """Saved bytes of c stage forwards in flight, less the receive buffers they save (held below), plus their
+        stage outputs."""
+        return c * (per_microbatch - hidden * not_first + hidden * not_last + (Le if head else 0)) // n
+
+    walks = [_pipeline_backward(spec, weights, receive, ids, optimizer, gradients, alive(count), 1, head, Le, L32, e,
+                                v_rows, temporaries, sizes, embedding, positions, output, hidden)]  # fmt: skip
+    if M > 1:
+        walks.append(_pipeline_backward(spec, weights, receive, ids, optimizer, gradients, alive(min(count, M - 1)),
+                                        2, head, Le, L32, e, v_rows, temporaries, sizes, embedding, positions, output,
+                                        hidden))  # fmt: skip
+    return max(walks, key=lambda w: w.bytes)
+
+
+def _pipeline_backward(
+    spec,
+    weights,
+    receive,
+    ids,
+    optimizer,
+    gradients,
+    activations,
+    accumulated,
+    head,
+    Le,
+    L32,
+    e,
+    v_rows,
+    temporaries,
+    sizes,
+    embedding,
+    positions,
+    output,
+    hidden,
+):
+    """One backward of `_pipeline_walk` (`accumulated` 2: the gradients of an earlier one are live)."""
+    arch, t, p = spec.model.arch, spec.training, spec.parallel
+    s, b, h, tp, sp, M = t.seq, t.batch, arch.hidden, p.tp, p.sequence_parallel, p.n_microbatches
+    return plain_step_peak(StepBytes(
+        weights=weights, buffers=buffer_bytes(arch, "reference", t.attention, e) + receive,
+        inputs=input_bytes(arch, b, s) * M + ids, optimizer=optimizer, gradients=gradients, activations=activations,
+        logits_model=Le if head else hidden, logits_fp32=L32 if head else 0, head_gradient=e * v_rows * h if head else 0,
+        tied=False, step_temporaries=temporaries, step_copies=4 * sum(sizes) if is_mixed(t.precision) else 0,
+        grad_accum=accumulated, embedding_gradients=e * (v_rows * h + positions) if embedding else 0,
+        largest_gradient=e * max(sizes), output_activations=output if head else 0,
+        layer_transient=e * (2 * (s // tp if sp else s) * b * h + s * b * (arch.ffn_hidden // tp)
+                             + (arch.ffn_hidden // tp) * h),
+        loss_frees_saved_logits=tp > 1,
+    ))  # fmt: skip
+
+
 def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
     """Per-rank terms of a run on torch's parallel engines (`harness.trainers.tensor`, `pipeline`, `fsdp`), or
     None where they do not run it (no architecture, not a decoder, not a torch-engine layout, inference)."""
@@ -429,6 +514,11 @@ def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
         if p.pp == 1 and not fsdp:
             walk = _tensor_parallel_walk(spec, local, weights, gradients, optimizer, activations, out, v_rows, e)
             peak, basis = walk.bytes, f"phase walk: {walk.moment} ({walk.phase})"
+        elif p.pp > 1:
+            walk = _pipeline_walk(
+                spec, stages, local, weights, gradients, optimizer, activations, count, out, v_rows, e
+            )
+            peak, basis = walk.bytes, f"pipeline walk: {walk.moment} ({walk.phase})"
         elif fsdp:
             saved_gathered = departures.get("fsdp_unsharded_saved", 0) * n_blocks + (
                 e * (arch.vocab * h + norm_elements) if saved_unsharded else 0)  # fmt: skip
@@ -441,11 +531,10 @@ def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
             activations_in_flight=in_flight, peak=peak, peak_basis=basis,
             departures={k: v * n_blocks for k, v in departures.items()},
         ))  # fmt: skip
-    if p.pp > 1 or fsdp:
-        unmodelled.append("the phase walk of a pipeline or FSDP2 step (FSDP2's gathered units and unsharded "
-                          "gradients, pipeline send/receive buffers, the loss's transients): the peak is the sum of "
-                          "the rank's terms")  # fmt: skip
-    else:
+    if p.pp > 1:
+        unmodelled.append("pipeline walk: the moments between micro-batches of an interleaved schedule (a rank's "
+                          "stages as one, in-flight bytes spread evenly over them)")  # fmt: skip
+    if p.tp > 1:
         unmodelled.append("tensor parallel walk: the top layer's eager-softmax backward is not a candidate")
     engine = {"pipeline": f"pipeline {p.pp_schedule} pp={p.pp} v={p.virtual_stages} M={M}"}.get(
         "pipeline" if p.pp > 1 else "", f"tp={tp}" + (" sp" if sp else "") + (f" fsdp2 dp={p.dp}" if fsdp else "")
