@@ -28,7 +28,7 @@ from formulas import activations as act
 from formulas.architecture import Architecture
 from formulas.layouts import INDEX_BYTES, buffer_bytes, input_bytes
 from formulas.peak import StepBytes, plain_step_peak
-from formulas.precision import MASTER_COPY_BYTES, activation_bytes_per_element, is_mixed
+from formulas.precision import MASTER_COPY_BYTES, activation_bytes_per_element, compute_dtype, is_mixed
 from formulas.variants import activation_variant
 
 
@@ -281,11 +281,7 @@ def _tensor_parallel_walk(spec, local, weights, gradients, optimizer, activation
     tp, sp = p.tp, p.sequence_parallel
     h, f, s, b = arch.hidden, arch.ffn_hidden, t.seq, t.batch
     sizes = [x.elements for x in local]
-    state_bytes = 4 if is_mixed(t.precision) or t.precision == "fp32" else 2
-    previous = [0, *sizes[:-1]]
-    temporaries = (
-        state_bytes * max(2 * n + q for n, q in zip(sizes, previous, strict=True)) if t.optimizer == "adamw" else 0
-    )
+    temporaries = step_temporaries(spec, sizes)
     tokens = s * b // (tp if sp else 1)
     head = e * v_rows * h
     positions = arch.max_positions * h if arch.position == "learned" else 0
@@ -303,6 +299,18 @@ def _tensor_parallel_walk(spec, local, weights, gradients, optimizer, activation
         embedding_transient=e * arch.vocab * h - head if tp > 1 else 0,
     ))  # fmt: skip
     return walk
+
+
+def step_temporaries(spec, sizes: list[int]) -> int:
+    """The optimizer update's largest temporaries over a rank's local tensors (`formulas.peak`): for-loop AdamW
+    on the CPU keeps sqrt(v) and its quotient for the tensor it updates, the previous quotient still bound;
+    fused AdamW on CUDA (the plain trainer's) none; SGD none."""
+    t = spec.training
+    if t.optimizer != "adamw" or spec.measurement.device == "cuda":
+        return 0
+    state_bytes = 4 if is_mixed(t.precision) or t.precision == "fp32" else 2
+    previous = [0, *sizes[:-1]]
+    return state_bytes * max(2 * n + q for n, q in zip(sizes, previous, strict=True))
 
 
 def _fsdp_walk(spec, tensors, local, held, gradients, activations, e, v_rows) -> tuple[str, int]:
@@ -325,11 +333,7 @@ def _fsdp_walk(spec, tensors, local, held, gradients, activations, e, v_rows) ->
     s, b = t.seq, t.batch
     L32, Le = act.LOSS_LOGIT_BYTES * s * b * v_rows, e * s * b * v_rows
     sizes = [x.elements for x in local]
-    state_bytes = 4 if is_mixed(t.precision) or t.precision == "fp32" else 2
-    previous = [0, *sizes[:-1]]
-    temporaries = (
-        state_bytes * max(2 * n + q for n, q in zip(sizes, previous, strict=True)) if t.optimizer == "adamw" else 0
-    )
+    temporaries = step_temporaries(spec, sizes)
     # The end of backward: the root's gradients unsharded in e (a tied head's arrives twice and is added out of
     # place: 3·H), beside the blocks' reduce-scattered shards and the fp32 reduce-scatter buffer of the last
     # block reduced (FSDP2 reduces in fp32 here: `reduce_dtype`), still alive.
@@ -378,11 +382,7 @@ def _pipeline_walk(spec, stages, local, weights, gradients, optimizer, per_micro
     receive = M * hidden * (not_first + not_last)
     Le, L32 = e * s * b * v_rows, act.LOSS_LOGIT_BYTES * s * b * v_rows
     sizes = [x.elements for x in local]
-    state_bytes = 4 if is_mixed(t.precision) or t.precision == "fp32" else 2
-    previous = [0, *sizes[:-1]]
-    temporaries = (
-        state_bytes * max(2 * x + q for x, q in zip(sizes, previous, strict=True)) if t.optimizer == "adamw" else 0
-    )
+    temporaries = step_temporaries(spec, sizes)
     embedding = 0 in stages
     positions = arch.max_positions * h if arch.position == "learned" else 0
     ids = INDEX_BYTES * s * b * M * (int(embedding) + int(head))  # the step's concatenated ids and labels
@@ -447,8 +447,15 @@ def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
     if not (p.tp > 1 or p.pp > 1 or p.dp_shard == "fsdp2") or spec.measurement.impl != "reference":
         return None
     fsdp = p.dp_shard == "fsdp2"
-    variant = activation_variant(arch, impl="reference", precision=t.precision, attention=t.attention,
-                                 recompute=t.recompute, device=device if device in ("cpu", "cuda", "meta") else "cpu")  # fmt: skip
+    device = device if device in ("cpu", "cuda", "meta") else "cuda"
+    notes: list[str] = []
+    try:
+        variant = activation_variant(arch, impl="reference", precision=t.precision, attention=t.attention,
+                                     recompute=t.recompute, device=device)  # fmt: skip
+    except ValueError:  # CUDA autocast: not measured yet; the pure 16-bit row stands in and says so
+        variant = activation_variant(arch, impl="reference", precision=compute_dtype(t.precision),
+                                     attention=t.attention, recompute=t.recompute, device=device)  # fmt: skip
+        notes.append("CUDA autocast's fp32 copies (norms, softmax) are not measured yet: the pure 16-bit row")
     e = activation_bytes_per_element(t.precision)
     mixed = is_mixed(t.precision)
     # FSDP2's mixed precision keeps fp32 shards and optimizer state and casts for compute; the plain trainer
@@ -476,7 +483,7 @@ def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
     layers_of = stage_layers(arch.n_layers, stages_total)
     M = p.n_microbatches
     ranks = []
-    unmodelled = []
+    unmodelled = notes
     if p.virtual_stages > 1:
         unmodelled.append("virtual stages: in-flight bytes as the count of stage forwards × this rank's mean stage "
                           "bytes per micro-batch")  # fmt: skip

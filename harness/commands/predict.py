@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 
 from formulas.calibration import Calibration
+from formulas.parallel import parallel_prediction
+from formulas.peak import target_device
 from formulas.predict import METHODS, predict
-from harness.display.prediction import print_prediction
+from harness.display.prediction import print_prediction, print_rank_predictions
 from harness.errors import UsageError
 from harness.flags import add_run_settings, spec_from_args
+from harness.schema import to_json
 
 SECTIONS = ("model", "training", "parallel", "budget")
 
@@ -28,8 +31,14 @@ def run(args) -> int:
         prediction = predict(spec, method=args.method, calibration=calibration)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    per_rank = parallel_prediction(spec, target_device(spec.measurement.device))
     if args.format == "json":
-        print(json.dumps(prediction.to_dict(), indent=2))
+        out = prediction.to_dict()
+        if per_rank is not None:
+            out["per_rank"] = to_json(per_rank)
+        print(json.dumps(out, indent=2))
     else:
         print_prediction(prediction)
+        if per_rank is not None:
+            print_rank_predictions(per_rank)
     return 0

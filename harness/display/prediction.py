@@ -15,6 +15,40 @@ _OVERHEAD_SOURCES = {
 }
 
 
+def print_rank_predictions(pred) -> None:
+    """The per-rank prediction of a tensor/pipeline/FSDP2 layout (`formulas.parallel`): one row per distinct
+    rank (ranks that hold the same bytes are listed together)."""
+    con = console()
+    table = Table(title=f"Per rank as torch's engines split it ({pred.engine}; formulas/parallel.py)",
+                  title_justify="left")  # fmt: skip
+    for col in ("ranks", "place", "params", "weights", "gradients", "optimizer", "activations / micro-batch",
+                "in flight", "peak", "peak's moment"):  # fmt: skip
+        table.add_column(col, justify="left" if col in ("ranks", "place", "peak's moment") else "right")
+    groups: dict[tuple, list] = {}
+    for r in pred.ranks:
+        key = (
+            r.parameter_elements,
+            r.weights,
+            r.gradients,
+            r.optimizer,
+            r.activations,
+            r.activations_in_flight,
+            r.peak,
+        )
+        groups.setdefault(key, []).append(r)
+    for rs in groups.values():
+        r = rs[0]
+        place = f"pp {r.coords['pp']}" + (f" stages {','.join(map(str, r.stages))}" if r.stages else "")
+        flight = f"{gib(r.activations_in_flight)} ({r.in_flight_microbatches})" if r.stages else "-"
+        table.add_row(",".join(str(x.rank) for x in rs), place, human(r.parameter_elements), gib(r.weights),
+                      gib(r.gradients), gib(r.optimizer), gib(r.activations), flight, gib(r.peak),
+                      r.peak_basis)  # fmt: skip
+    con.print(table)
+    busiest = pred.busiest
+    con.print(f"Busiest rank: {busiest.rank}, peak {gib(busiest.peak)} GiB. GiB = 2^30 bytes. Not modelled: "
+              + "; ".join(pred.unmodelled))  # fmt: skip
+
+
 def print_prediction(pred) -> None:
     con = console()
     spec = pred.spec
