@@ -71,6 +71,18 @@ def microbatches_per_round(pp: int, microbatches: int) -> int:
     return microbatches // rounds
 
 
+def forward_stages(schedule: str, pp: int, microbatches: int, virtual: int, count: int) -> list[int]:
+    """The local stage (0 … v − 1) of each of a rank's first `count` forwards: the stage forwards in flight at
+    the end of its warm-up. Interleaved schedules run rounds of R micro-batches through each local stage in
+    turn (forward i on local stage (i // R) mod v); looped BFS runs all M on a stage before the next."""
+    if virtual == 1:
+        return [0] * count
+    if schedule == "looped-bfs":
+        return [i // microbatches for i in range(count)]
+    R = microbatches_per_round(pp, microbatches)
+    return [(i // R) % virtual for i in range(count)]
+
+
 def in_flight_chunks(schedule: str, pp: int, microbatches: int, pp_rank: int, virtual: int = 1) -> int:
     """Stage forwards (one stage, one micro-batch) whose saved tensors rank `pp_rank` holds at its peak."""
     M, v, r = microbatches, virtual, pp_rank
@@ -357,11 +369,11 @@ def _fsdp_walk(spec, tensors, local, held, gradients, activations, e, v_rows) ->
     return moment, moments[moment]
 
 
-def _pipeline_walk(spec, stages, local, weights, gradients, optimizer, per_microbatch, count, output, v_rows, e):
+def _pipeline_walk(spec, stages, local, weights, gradients, optimizer, per_stage, count, output, v_rows, e):
     """`formulas.peak.plain_step_peak` over one pipeline rank at the two backwards that can decide its peak:
-    the first, with `count` micro-batches in flight and no gradients yet, and the second, beside the gradients
-    the first made (every parameter's, accumulated in place from then on) with min(count, M − 1) in flight
-    (GPipe: one fewer; 1F1B: as many, when M > count). What torch's engine holds beyond the plain step
+    the first, with `count` stage forwards in flight and no gradients yet, and the second, beside the gradients
+    the first made (accumulated in place from then on; all of the rank's, as an upper bound with several
+    stages) with min(count, forwards − 1) in flight (GPipe: one fewer; 1F1B: as many, when M > count). What torch's engine holds beyond the plain step
     (measured: `harness.trainers.pipeline`, results/parallel-cpu):
 
         receive buffers      M · e·b·s·h for the inputs of a non-first stage and M for the output gradients of
@@ -374,7 +386,6 @@ def _pipeline_walk(spec, stages, local, weights, gradients, optimizer, per_micro
     arch, t, p = spec.model.arch, spec.training, spec.parallel
     s, b, h, tp, sp, M = t.seq, t.batch, arch.hidden, p.tp, p.sequence_parallel, p.n_microbatches
     last_stage = p.pp * p.virtual_stages - 1
-    n = len(stages)
     not_first = sum(st != 0 for st in stages)
     not_last = sum(st != last_stage for st in stages)
     head = last_stage in stages
@@ -388,14 +399,19 @@ def _pipeline_walk(spec, stages, local, weights, gradients, optimizer, per_micro
     ids = INDEX_BYTES * s * b * M * (int(embedding) + int(head))  # the step's concatenated ids and labels
 
     def alive(c: int) -> int:
-        """Saved bytes of c stage forwards in flight, less the receive buffers they save (held below), plus their
-        stage outputs."""
-        return c * (per_microbatch - hidden * not_first + hidden * not_last + (Le if head else 0)) // n
+        """Saved bytes of the first c stage forwards in flight (`forward_stages`), less the receive buffers they
+        save (held above), plus their stage outputs."""
+        total = 0
+        for k in forward_stages(p.pp_schedule, p.pp, M, p.virtual_stages, c):
+            st = stages[k]
+            total += per_stage[k] - (hidden if st != 0 else 0) + (hidden if st != last_stage else Le)
+        return total
 
     walks = [_pipeline_backward(spec, weights, receive, ids, optimizer, gradients, alive(count), 1, head, Le, L32, e,
                                 v_rows, temporaries, sizes, embedding, positions, output, hidden)]  # fmt: skip
-    if M > 1:
-        walks.append(_pipeline_backward(spec, weights, receive, ids, optimizer, gradients, alive(min(count, M - 1)),
+    forwards = M * len(stages)  # stage forwards on this rank in a step
+    if forwards > 1:
+        walks.append(_pipeline_backward(spec, weights, receive, ids, optimizer, gradients, alive(min(count, forwards - 1)),
                                         2, head, Le, L32, e, v_rows, temporaries, sizes, embedding, positions, output,
                                         hidden))  # fmt: skip
     return max(walks, key=lambda w: w.bytes)
@@ -484,9 +500,9 @@ def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
     M = p.n_microbatches
     ranks = []
     unmodelled = notes
-    if p.virtual_stages > 1:
-        unmodelled.append("virtual stages: in-flight bytes as the count of stage forwards × this rank's mean stage "
-                          "bytes per micro-batch")  # fmt: skip
+    if p.pp_schedule == "interleaved-zero-bubble":
+        unmodelled.append("interleaved zero bubble: after its input-gradient pass a stage forward keeps only what "
+                          "its weight pass needs; counted whole until then")  # fmt: skip
     for rank in range(p.gpus):
         c = _coords(rank, p.dp, p.pp, p.tp)
         stages = rank_stages(c["pp"], p.pp, p.virtual_stages) if p.pp > 1 else [0]
@@ -515,16 +531,16 @@ def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
         layers_bytes = per_layer * n_blocks
         activations = layers_bytes + emb + out
         count = in_flight_chunks(p.pp_schedule, p.pp, M, c["pp"], p.virtual_stages) if p.pp > 1 else 1
-        in_flight = count * activations // len(stages)
+        per_stage = [layers_of[st] * per_layer + (emb if st == 0 else 0) + (out if st == stages_total - 1 else 0)
+                     for st in stages]  # fmt: skip
+        in_flight = sum(per_stage[k] for k in forward_stages(p.pp_schedule, p.pp, M, p.virtual_stages, count))
         held = weights + optimizer + buffer_bytes(arch, "reference", t.attention, e) + input_bytes(arch, b, s) * M
         peak, basis = held + gradients + in_flight, SUM_BASIS
         if p.pp == 1 and not fsdp:
             walk = _tensor_parallel_walk(spec, local, weights, gradients, optimizer, activations, out, v_rows, e)
             peak, basis = walk.bytes, f"phase walk: {walk.moment} ({walk.phase})"
         elif p.pp > 1:
-            walk = _pipeline_walk(
-                spec, stages, local, weights, gradients, optimizer, activations, count, out, v_rows, e
-            )
+            walk = _pipeline_walk(spec, stages, local, weights, gradients, optimizer, per_stage, count, out, v_rows, e)
             peak, basis = walk.bytes, f"pipeline walk: {walk.moment} ({walk.phase})"
         elif fsdp:
             saved_gathered = departures.get("fsdp_unsharded_saved", 0) * n_blocks + (
