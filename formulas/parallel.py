@@ -280,6 +280,10 @@ EMBEDDING_FULL_GRADIENT = (
     "rank before keeping its V/t rows; with a tied head the end of backward holds G + H + e·V·h (measured at "
     "t = 2 and 4), where one process holds G + 2H"
 )
+EMBEDDING_GRADIENT_VIEW = (
+    "DTensor's vocab-parallel embedding without a tied head on the same rank: its gradient is a view of the "
+    "whole-vocabulary gradient, which stays allocated: e·V·h where the shard is e·V·h/t"
+)
 LOSS_PARALLEL_FREES = (
     "loss_parallel's cross-entropy frees its saved fp32 logits (V/t) before making their gradients: the backward "
     "starts at A + L32, where the single-process loss holds A + 2·L32"
@@ -514,6 +518,12 @@ def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
         storage = sum(x.storage_elements for x in local)
         weights = w_bytes * storage
         gradients = w_bytes * (storage if fsdp else elements)  # FSDP2 reduce-scatters into padded shards
+        tied_here = arch.tied_embeddings and embedding and head
+        if embedding and tp > 1 and not fsdp and not tied_here:
+            # DTensor's vocab-parallel embedding: its gradient is a view of the whole-vocabulary one
+            # (EMBEDDING_GRADIENT_VIEW); a tied head's gradient is added to it out of place, a local tensor.
+            wte_rows = shard_sizes(arch.vocab, tp)[c["tp"]]
+            gradients += w_bytes * (arch.vocab - wte_rows) * h
         steps = 4 * len(local) if t.optimizer == "adamw" else 0  # AdamW's fp32 `step` per tensor
         optimizer = (state + master) * elements + steps
         v_rows = shard_sizes(arch.vocab, tp)[c["tp"]]

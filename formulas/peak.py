@@ -144,7 +144,8 @@ class StepBytes:
     (f·h), one micro-batch."""
     loss_frees_saved_logits: bool = False
     """The loss frees its saved fp32 logits before it makes their gradients (torch's tensor-parallel
-    `loss_parallel` cross-entropy): the backward start holds A + L32, not A + 2·L32."""
+    `loss_parallel` cross-entropy): the backward start holds A + L32, not A + 2·L32, and the head's gradient
+    comes after them."""
     embedding_transient: int = 0
     """Beyond the embedding's gradient, what its backward allocates at the end of backward (DTensor's
     vocab-parallel embedding: a gradient of the whole vocabulary, e·v·h, before its rows are kept)."""
@@ -168,7 +169,7 @@ def plain_step_peak(b: StepBytes) -> PeakPrediction:
     start = _phase("backward", "backward start (nll_loss and log_softmax gradients)",
                    {**held, "activations": A - freed, "backward": before + 2 * b.logits_fp32})  # fmt: skip
     head = _phase("backward", "output projection's weight gradient",
-                  {**held, "activations": A, "backward": before + H * (2 if last else 1)})  # fmt: skip
+                  {**held, "activations": A - freed, "backward": before + H * (2 if last else 1)})  # fmt: skip
     layer = _phase("backward", "top layer's MLP backward",
                    {**held, "activations": A - b.output_activations, "backward": before + H + b.layer_transient})  # fmt: skip
     candidates = [start, head, layer]

@@ -46,7 +46,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from formulas.parallel import EMBEDDING_FULL_GRADIENT, LOSS_PARALLEL_FREES, SP_GATHERED_INPUT
+from formulas.parallel import EMBEDDING_FULL_GRADIENT, EMBEDDING_GRADIENT_VIEW, LOSS_PARALLEL_FREES, SP_GATHERED_INPUT
 from formulas.spec import RunSpec
 from harness.errors import UsageError
 from harness.memtrack import local_tensor, unique_storage_bytes
@@ -149,6 +149,8 @@ class TensorParallelTrainer(PlainTrainer):
     def finish(self, measurement: Measurement) -> None:
         lay = self.layout
         notes = [EMBEDDING_FULL_GRADIENT, LOSS_PARALLEL_FREES]
+        if self.model.lm_head.weight is not self.model.wte.weight:
+            notes.append(EMBEDDING_GRADIENT_VIEW)
         if self.spec.parallel.sequence_parallel:
             notes.append(SP_GATHERED_INPUT)
         named = {"buffers": unique_storage_bytes(self.model.buffers())}
