@@ -13,6 +13,7 @@ import pytest
 
 from formulas import activations as act
 from formulas.parallel import (
+    forward_stages,
     in_flight_chunks,
     local_tensors,
     parallel_prediction,
@@ -123,20 +124,54 @@ def _assert_every_rank_exact(record, *, peak: bool):
         for term in ("weights", "gradients", "optimizer", "activations", "activations_layers"):
             assert getattr(mem, term) == getattr(expected, term), (rank.rank, term)
         if peak:
-            assert mem.peak_allocated == pytest.approx(expected.peak, rel=1e-4), rank.rank
+            assert mem.peak_allocated == pytest.approx(expected.peak, rel=0.02), (
+                rank.rank,
+                mem.peak_allocated,
+                expected.peak,
+            )
+
+
+def test_forward_stages_of_interleaved_and_looped_schedules():
+    # R = 2 micro-batches per round over v = 2 local stages: 0, 0, 1, 1, 0, ...; looped BFS: all M on stage 0 first.
+    assert forward_stages("interleaved-1f1b", 2, 4, 2, 5) == [0, 0, 1, 1, 0]
+    assert forward_stages("looped-bfs", 2, 4, 2, 6) == [0, 0, 0, 0, 1, 1]
+    assert forward_stages("1f1b", 2, 4, 1, 2) == [0, 0]
+
+
+LLAMA_TINY = {"model": "llama-2-7b", "layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "ffn_hidden": 128,
+              "vocab": 130, "seq": 32}  # fmt: skip
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sp", [False, True])
-def test_tensor_parallel_every_term_per_rank(sp):
-    spec = build_spec({**TINY, **RUN, "tp": 2, "gpus": 2, "sequence_parallel": sp})
+@pytest.mark.parametrize(
+    "shape,sp", [(TINY, False), (TINY, True), (LLAMA_TINY, True)], ids=["gpt2", "gpt2-sp", "llama-gqa-sp"]
+)
+def test_tensor_parallel_every_term_per_rank(shape, sp):
+    """GPT-2 (tied head) and a Llama shape (SwiGLU, RoPE, RMSNorm, grouped-query attention, untied head)."""
+    spec = build_spec({**shape, **RUN, "tp": 2, "gpus": 2, "sequence_parallel": sp})
     _assert_every_rank_exact(run_distributed(spec, timeout=600), peak=True)
 
 
 @pytest.mark.slow
-def test_fsdp2_model_states_per_rank():
-    spec = build_spec({**TINY, **RUN, "dp_shard": "fsdp2", "gpus": 2, "precision": "bf16-mixed"})
+@pytest.mark.parametrize("schedule,M", [("gpipe", 2), ("1f1b", 4)])
+def test_pipeline_every_term_and_the_walked_peak_per_rank(schedule, M):
+    spec = build_spec({**TINY, **RUN, "pp": 2, "gpus": 2, "pp_schedule": schedule, "microbatches": M})
     record = run_distributed(spec, timeout=600)
     _assert_every_rank_exact(record, peak=False)
+    for rank, expected in zip(record.measured.ranks, record.prediction("parallel").ranks, strict=True):
+        assert rank.measured.memory_bytes.activations_in_flight == expected.activations_in_flight
+        assert rank.measured.memory_bytes.peak_allocated == pytest.approx(expected.peak, rel=0.02), rank.rank
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reshard", [True, False])
+def test_fsdp2_every_term_per_rank(reshard):
+    spec = build_spec({**TINY, **RUN, "dp_shard": "fsdp2", "gpus": 2, "precision": "bf16-mixed",
+                       "reshard_after_forward": reshard})  # fmt: skip
+    record = run_distributed(spec, timeout=600)
+    # The FSDP2 walk's moments are checked on the sweep's shape (results/parallel-cpu); on this 2-layer h = 64
+    # shape a block's backward decides the peak, which the walk does not model (it says so).
+    _assert_every_rank_exact(record, peak=False)
+    assert any("a block's backward" in note for note in record.prediction("parallel").unmodelled)
     account = record.measured.ranks[0].measured.engine
     assert account.named_bytes["gathered_parameters_max"] > 0
