@@ -11,7 +11,7 @@ device it ran on:
     naive-mlp4c     its comment's correction for a 4C-wide MLP
     deepspeed       DeepSpeed's own ZeRO estimator (model states only, ZeRO runs)
     parallel        every rank of a tensor/pipeline/FSDP2 layout as torch's engines split it
-                    (`formulas.parallel`): exact shards, Korthikanti's t-rows, in-flight micro-batches
+                    (`formulas.ranks`): exact shards, Korthikanti's t-rows, in-flight micro-batches
 
 A record keeps each method's prediction under its name (`Record.predicted`), typed by the method's
 `summary` class; `Method.terms` reads the comparable terms out of it. A new method is a new entry here.
@@ -26,9 +26,9 @@ from typing import Any
 from formulas.activations import ActivationBreakdown
 from formulas.compute import matmul_flops_per_step
 from formulas.inference import InferenceMemory
-from formulas.parallel import ParallelPrediction, parallel_prediction
 from formulas.peak import PeakPrediction
 from formulas.predict import Flops, predict
+from formulas.ranks import ParallelPrediction, parallel_prediction
 from formulas.spec import MEASURED_DEVICES, RunSpec
 from formulas.variants import ImplementationSummary, implementation_summary
 from harness.schema import SchemaError, from_json, to_json
@@ -274,7 +274,7 @@ METHODS: tuple[Method, ...] = (
            "the step's peak walked phase by phase for the implementation and device that ran (`formulas/peak.py`; "
            "where the walk does not reach, the sum of the terms)"),
     Method("parallel", "parallel", ParallelPrediction, _parallel, _parallel_terms,
-           "every rank of a tensor/pipeline/FSDP2 layout as torch's engines split it (`formulas/parallel.py`); "
+           "every rank of a tensor/pipeline/FSDP2 layout as torch's engines split it (`formulas/ranks.py`); "
            "the busiest rank's terms"),
 )  # fmt: skip
 BY_NAME: dict[str, Method] = {m.name: m for m in METHODS}

@@ -16,12 +16,12 @@ from formulas.parallel import (
     forward_stages,
     in_flight_chunks,
     local_tensors,
-    parallel_prediction,
     rank_tensors,
     shard_sizes,
     stage_layers,
 )
 from formulas.params import parameter_count
+from formulas.ranks import parallel_prediction
 from harness.cli import main
 from harness.distributed import run_distributed
 from harness.specbuild import build_spec

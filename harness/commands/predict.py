@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 from formulas.calibration import Calibration
-from formulas.parallel import parallel_prediction
 from formulas.peak import target_device
 from formulas.predict import METHODS, predict
+from formulas.ranks import parallel_prediction
 from harness.display.prediction import print_prediction, print_rank_predictions
 from harness.errors import UsageError
 from harness.flags import add_run_settings, spec_from_args

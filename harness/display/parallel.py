@@ -1,5 +1,5 @@
 """The per-rank table of a tensor/pipeline/FSDP2 run: each rank's measured terms against its own prediction
-(`formulas.parallel`, the record's `parallel` method) and the textbook per-GPU formula, with the rank's place
+(`formulas.ranks`, the record's `parallel` method) and the textbook per-GPU formula, with the rank's place
 in the mesh and what its engine allocated beyond the terms (`harness.trainers.account.ParallelAccount`)."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def print_parallel_ranks(record: Record, con: Console | None = None) -> None:
     p = spec.parallel
     table = Table(
         title=f"Per rank ({predicted.engine if predicted else ''}, {len(m.ranks)} ranks): measured vs predicted for "
-        "the rank (formulas/parallel.py) vs the per-GPU textbook formula",
+        "the rank (formulas/ranks.py) vs the per-GPU textbook formula",
         title_justify="left",
     )
     for col in ("rank", "term", "measured", "predicted", "meas/pred", "textbook", "note"):

@@ -16,10 +16,10 @@ _OVERHEAD_SOURCES = {
 
 
 def print_rank_predictions(pred) -> None:
-    """The per-rank prediction of a tensor/pipeline/FSDP2 layout (`formulas.parallel`): one row per distinct
+    """The per-rank prediction of a tensor/pipeline/FSDP2 layout (`formulas.ranks`): one row per distinct
     rank (ranks that hold the same bytes are listed together)."""
     con = console()
-    table = Table(title=f"Per rank as torch's engines split it ({pred.engine}; formulas/parallel.py)",
+    table = Table(title=f"Per rank as torch's engines split it ({pred.engine}; formulas/ranks.py)",
                   title_justify="left")  # fmt: skip
     for col in ("ranks", "place", "params", "weights", "gradients", "optimizer", "activations / micro-batch",
                 "in flight", "peak", "peak's moment"):  # fmt: skip

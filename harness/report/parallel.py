@@ -1,5 +1,5 @@
 """The report's "3D parallel, per rank" section: every rank of each tensor/pipeline/FSDP2 run against its own
-prediction (`formulas.parallel`, the record's `parallel` method), the worst rank per term, and the pipeline
+prediction (`formulas.ranks`, the record's `parallel` method), the worst rank per term, and the pipeline
 schedules' in-flight micro-batches measured against the schedules' counts."""
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def section(doc, records: list[Record]) -> None:
     doc.heading("3D parallel, per rank")
     doc.para(
         f"{len(runs)} runs on torch's engines (DTensor tensor/sequence parallel, torch.distributed.pipelining, "
-        "FSDP2). Each rank is compared with its own prediction (`formulas/parallel.py`: DTensor's and FSDP2's "
+        "FSDP2). Each rank is compared with its own prediction (`formulas/ranks.py`: DTensor's and FSDP2's "
         "shards, Korthikanti's t-rows, the schedule's in-flight micro-batches, a walk of the step's peak); a cell "
         "is the worst rank's measured / predicted − 1. The last columns hold the per-layer bytes against "
         "Korthikanti et al.'s Table 2 row at t, and the named departures the prediction includes."

@@ -25,8 +25,8 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
 
-from formulas.parallel import FSDP_UNSHARDED_SAVED
 from formulas.precision import is_mixed
+from formulas.ranks import FSDP_UNSHARDED_SAVED
 from formulas.spec import RunSpec
 from harness.errors import UsageError
 from harness.memtrack import unique_storage_bytes

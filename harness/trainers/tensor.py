@@ -25,7 +25,7 @@ initialisation this is the same distribution of models as the unsplit one.
 
 What autograd keeps differs from Korthikanti's sequence-parallel row in one named way: DTensor's
 column-parallel linear saves its all-gathered input (e·s·b·h, whole), where Megatron saves the norm's
-sharded output and gathers it again in backward (`formulas.parallel.SP_GATHERED_INPUT`).
+sharded output and gathers it again in backward (`formulas.ranks.SP_GATHERED_INPUT`).
 
 Measured like the plain trainer (harness.measure): the saved-tensor and live-bytes trackers count DTensors
 by their local shards (`harness.memtrack.storage_of`). With `--dp-shard fsdp2` the data-parallel dimension
@@ -46,7 +46,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from formulas.parallel import EMBEDDING_FULL_GRADIENT, EMBEDDING_GRADIENT_VIEW, LOSS_PARALLEL_FREES, SP_GATHERED_INPUT
+from formulas.ranks import EMBEDDING_FULL_GRADIENT, EMBEDDING_GRADIENT_VIEW, LOSS_PARALLEL_FREES, SP_GATHERED_INPUT
 from formulas.spec import RunSpec
 from harness.errors import UsageError
 from harness.memtrack import local_tensor, unique_storage_bytes
