@@ -33,7 +33,7 @@ def test_every_committed_record_loads_and_round_trips(path):
         assert record.spec.key() == record.spec_key, "the spec's key is stable across the schema change"
 
 
-@pytest.mark.parametrize("name", ["departures", "zero-cpu", "reference/cpu-smoke", "peak"])
+@pytest.mark.parametrize("name", ["departures", "zero-cpu", "reference/cpu-smoke", "peak", "parallel-cpu"])
 def test_committed_reports_are_what_their_records_render(tmp_path, monkeypatch, name):
     """report.md of each committed results directory, regenerated from its runs.jsonl, is the committed one."""
     monkeypatch.chdir(REPO)  # the report names its runs.jsonl as given
