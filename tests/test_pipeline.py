@@ -20,7 +20,7 @@ from harness.distributed import run_distributed
 from harness.memtrack import SavedTensorTracker
 from harness.records import RankResult, Record
 from harness.specbuild import build_spec
-from harness.trainers.pipeline import SavedLedger, StageModule, _ChunkTracker, keep_only
+from harness.trainers.stages import ChunkTracker, SavedLedger, StageModule, keep_only
 from models.build import build_model
 
 TINY = {"model": "gpt2", "layers": 4, "hidden": 64, "heads": 4, "vocab": 128, "max_positions": 64, "seq": 64}
@@ -116,7 +116,7 @@ def test_stage_saved_bytes_add_up_to_the_models():
     ledger = SavedLedger(state_keys(model))
     totals, x, outputs = [], ids, []
     for stage in stages:
-        tracker = _ChunkTracker(ledger, model, stage.named_blocks())
+        tracker = ChunkTracker(ledger, model, stage.named_blocks())
         tracker.chunk = (stage.index, 0)
         with tracker:
             out = stage(x)
@@ -135,7 +135,7 @@ def test_ledger_releases_a_microbatch_at_its_backward():
     model = tiny_model(spec)
     stage = split(model, 1)[0]
     ledger = SavedLedger(state_keys(model))
-    tracker = _ChunkTracker(ledger, model, stage.named_blocks())
+    tracker = ChunkTracker(ledger, model, stage.named_blocks())
     losses, per_mb = [], []
     for mb in range(2):
         tracker.chunk = (0, mb)
