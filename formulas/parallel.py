@@ -139,9 +139,32 @@ def block_tensors(arch: Architecture) -> list[Tensor]:
     return out
 
 
-def rank_tensors(arch: Architecture, *, blocks: int, embedding: bool, head: bool, head_copy: bool) -> list[Tensor]:
+def hf_llama_block_tensors(arch: Architecture) -> list[Tensor]:
+    """One transformers Llama block's parameters in `parameters()` order, split by its `base_model_tp_plan`
+    (q, k, v, gate, up colwise; o, down rowwise; the RMSNorms replicated)."""
+    h, f, kv, b = arch.hidden, arch.ffn_hidden, arch.kv_width, arch.bias
+    out = _linear("q_proj", h, h, b, COLUMN) + _linear("k_proj", kv, h, b, COLUMN) + _linear("v_proj", kv, h, b, COLUMN)
+    out += _linear("o_proj", h, h, b, ROW)
+    out += (
+        _linear("gate_proj", f, h, b, COLUMN) + _linear("up_proj", f, h, b, COLUMN) + _linear("down_proj", h, f, b, ROW)
+    )
+    return out + _norm_tensors(arch, "input_layernorm") + _norm_tensors(arch, "post_attention_layernorm")
+
+
+def rank_tensors(
+    arch: Architecture, *, blocks: int, embedding: bool, head: bool, head_copy: bool, impl: str = "reference"
+) -> list[Tensor]:
     """The parameters of a rank holding `blocks` blocks, the input embeddings and/or the head, in order.
-    `head_copy`: the head is tied to an embedding that another pipeline stage holds, so it is a copy."""
+    `head_copy`: the head is tied to an embedding that another pipeline stage holds, so it is a copy.
+    `impl="hf"`: transformers Llama's tensors (separate q, k, v), as its tensor-parallel plan splits them."""
+    if impl == "hf":
+        out = [Tensor("wte.weight", (arch.vocab, arch.hidden), VOCAB)] if embedding else []
+        out += hf_llama_block_tensors(arch) * blocks
+        if head:
+            out += _norm_tensors(arch, "ln_f")
+            if not arch.tied_embeddings or not embedding:
+                out.append(Tensor("lm_head.weight", (arch.vocab, arch.hidden), VOCAB))
+        return out
     h = arch.hidden
     out: list[Tensor] = []
     if embedding:

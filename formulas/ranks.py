@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from formulas import activations as act
+from formulas.families import hf_family
 from formulas.layouts import INDEX_BYTES, buffer_bytes, input_bytes
 from formulas.parallel import (
     block_tensors,
@@ -31,7 +32,7 @@ from formulas.parallel import (
 )
 from formulas.peak import StepBytes, plain_step_peak
 from formulas.precision import MASTER_COPY_BYTES, activation_bytes_per_element, compute_dtype, is_mixed
-from formulas.variants import activation_variant
+from formulas.variants import activation_variant, layer_account, outside_account
 
 FSDP_UNSHARDED_SAVED = (
     "FSDP2 with reshard_after_forward=False: the gathered weights autograd saves (linear weights, norm weights "
@@ -95,6 +96,15 @@ EMBEDDING_FULL_GRADIENT = (
     "rank before keeping its V/t rows; with a tied head the end of backward holds G + H + e·V·h (measured at "
     "t = 2 and 4), where one process holds G + 2H"
 )
+SHARDED_DEPARTURES = frozenset(
+    {"repeat_kv", "softmax_fp32", "sdpa_math_fallback", "sdpa_value_keeps_qkv", "sdpa_output_copy", "gelu_new"}
+)
+"""Departures (formulas.variants) that live on the heads or on the MLP's inner width: split by t."""
+
+HF_GATHERED_LOGITS = (
+    "transformers' plan gathers the head's logits whole on every rank (`colwise_gather_output`) and its loss runs "
+    "on them: the loss's fp32 logits and their gradients are e·s·b·V, not V/t, per rank"
+)
 EMBEDDING_GRADIENT_VIEW = (
     "DTensor's vocab-parallel embedding without a tied head on the same rank: its gradient is a view of the "
     "whole-vocabulary gradient, which stays allocated: e·V·h where the shard is e·V·h/t"
@@ -116,16 +126,18 @@ def _tensor_parallel_walk(spec, local, weights, gradients, optimizer, activation
     tokens = s * b // (tp if sp else 1)
     head = e * v_rows * h
     positions = arch.max_positions * h if arch.position == "learned" else 0
-    buffers, inputs = buffer_bytes(arch, "reference", t.attention, e), input_bytes(arch, b, s)
+    hf = spec.measurement.impl == "hf"
+    buffers, inputs = buffer_bytes(arch, spec.measurement.impl, t.attention, e), input_bytes(arch, b, s)
+    logits = arch.vocab if hf else v_rows  # transformers' plan gathers the logits whole (HF_GATHERED_LOGITS)
     walk = plain_step_peak(StepBytes(
         weights=weights, buffers=buffers, inputs=inputs, optimizer=optimizer, gradients=gradients,
-        activations=activations, logits_model=e * s * b * v_rows, logits_fp32=4 * s * b * v_rows,
+        activations=activations, logits_model=e * s * b * logits, logits_fp32=4 * s * b * logits,
         head_gradient=head, tied=arch.tied_embeddings, step_temporaries=temporaries,
         step_copies=4 * sum(sizes) if is_mixed(t.precision) else 0,
         embedding_gradients=e * (v_rows * h * (3 if arch.tied_embeddings else 1) + positions),
         largest_gradient=e * max(sizes), output_activations=output,
         layer_transient=e * (2 * tokens * h + s * b * (f // tp) + (f // tp) * h),
-        loss_frees_saved_logits=True,  # loss_parallel (LOSS_PARALLEL_FREES)
+        loss_frees_saved_logits=not hf,  # loss_parallel (LOSS_PARALLEL_FREES); transformers' is a plain loss
         # DTensor's vocab-parallel embedding backward: a whole-vocabulary gradient (EMBEDDING_FULL_GRADIENT)
         embedding_transient=e * arch.vocab * h - head if tp > 1 else 0,
     ))  # fmt: skip
@@ -279,16 +291,19 @@ def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
     arch, t, p = spec.model.arch, spec.training, spec.parallel
     if arch is None or arch.family != "decoder" or spec.measurement.mode != "train":
         return None
-    if not (p.tp > 1 or p.pp > 1 or p.dp_shard == "fsdp2") or spec.measurement.impl != "reference":
+    if not (p.tp > 1 or p.pp > 1 or p.dp_shard == "fsdp2"):
         return None
+    impl = spec.measurement.impl
     fsdp = p.dp_shard == "fsdp2"
+    if impl == "hf" and (hf_family(arch) != "llama" or p.pp > 1 or fsdp or p.sequence_parallel):
+        return None  # transformers models are measured under their own tensor-parallel plan (Llama) only
     device = device if device in ("cpu", "cuda", "meta") else "cuda"
     notes: list[str] = []
     try:
-        variant = activation_variant(arch, impl="reference", precision=t.precision, attention=t.attention,
+        variant = activation_variant(arch, impl=impl, precision=t.precision, attention=t.attention,
                                      recompute=t.recompute, device=device)  # fmt: skip
     except ValueError:  # CUDA autocast: not measured yet; the pure 16-bit row stands in and says so
-        variant = activation_variant(arch, impl="reference", precision=compute_dtype(t.precision),
+        variant = activation_variant(arch, impl=impl, precision=compute_dtype(t.precision),
                                      attention=t.attention, recompute=t.recompute, device=device)  # fmt: skip
         notes.append("CUDA autocast's fp32 copies (norms, softmax) are not measured yet: the pure 16-bit row")
     e = activation_bytes_per_element(t.precision)
@@ -304,6 +319,15 @@ def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
                             attention=t.attention, stats_bytes=variant.stats_bytes)  # fmt: skip
     per_layer = terms.bytes(tp, sp)
     departures: dict[str, int] = {}
+    shared = 0
+    if impl == "hf":
+        # The paper's row at t, and transformers' departures (formulas.variants) split as its plan splits them:
+        # what lives on the heads or the MLP's inner width by t, the norms' copies and statistics whole.
+        account = layer_account(arch, s, b, variant)
+        per_layer = act.layer_terms(arch, s, b, elem_bytes=e, recompute=t.recompute, attention=t.attention).bytes(tp)
+        for name, nbytes in account.departures.items():
+            departures[name] = act._ceil_div(nbytes, tp) if name in SHARDED_DEPARTURES else nbytes
+        shared = sum(account.shared.values())
     if sp and t.recompute != "full":
         departures["sp_gathered_input"] = 2 * e * sbh - 2 * act._ceil_div(e * sbh, tp)
     # FSDP2 without resharding after forward: the gathered weights that autograd saves (the linears' weights,
@@ -331,7 +355,8 @@ def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
         stages = rank_stages(c["pp"], p.pp, p.virtual_stages) if p.pp > 1 else [0]
         n_blocks = sum(layers_of[st] for st in stages)
         embedding, head = 0 in stages, (stages_total - 1) in stages
-        tensors = rank_tensors(arch, blocks=n_blocks, embedding=embedding, head=head, head_copy=head and not embedding)
+        tensors = rank_tensors(arch, blocks=n_blocks, embedding=embedding, head=head, head_copy=head and not embedding,
+                               impl=impl)  # fmt: skip
         local = local_tensors(tensors, tp=tp, tp_rank=c["tp"], dp_shard=p.dp if fsdp else 1, dp_rank=c["dp"])
         elements = sum(x.elements for x in local)
         storage = sum(x.storage_elements for x in local)
@@ -357,7 +382,9 @@ def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
             out += INDEX_BYTES * s * b + 4  # labels, and nll_loss's fp32 total weight
             if saved_unsharded:
                 out += e * (arch.vocab * h + norm_elements)  # the head's weight and the final norm's, gathered
-        layers_bytes = per_layer * n_blocks
+        layers_bytes = per_layer * n_blocks + shared
+        if impl == "hf":  # the head's logits are gathered whole: the embedding, head and loss as on one GPU
+            emb, out = 0, outside_account(arch, s, b, variant).total
         activations = layers_bytes + emb + out
         count = in_flight_chunks(p.pp_schedule, p.pp, M, c["pp"], p.virtual_stages) if p.pp > 1 else 1
         per_stage = [layers_of[st] * per_layer + (emb if st == 0 else 0) + (out if st == stages_total - 1 else 0)

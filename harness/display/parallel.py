@@ -58,7 +58,7 @@ def print_parallel_ranks(record: Record, con: Console | None = None) -> None:
             (
                 "activations per layer",
                 per_layer,
-                pr.per_layer,
+                pr.activations_layers / max(pr.blocks, 1),  # the mean, as measured: the first layer keeps shared tables
                 None,
                 ", ".join(f"{k} {size(v // max(pr.blocks, 1))}" for k, v in pr.departures.items()),
             ),

@@ -61,6 +61,10 @@ def _data_parallel(spec: RunSpec) -> bool:
     return uses_deepspeed(spec) and not _torch_engine(spec)
 
 
+HF_TP_PLANS: tuple[str, ...] = ("llama",)
+"""transformers families measured under their config's `base_model_tp_plan` (transformers 5.x): Llama (and Mistral); GPT-2 and BERT have no plan, GPT-NeoX's is not measured yet."""
+
+
 def _torch_parallel_checks(spec: RunSpec, device: str) -> None:
     """What torch's parallel engines are not measured with, before any rank starts."""
     _common_checks(spec)
@@ -70,9 +74,21 @@ def _torch_parallel_checks(spec: RunSpec, device: str) -> None:
         raise UsageError(f"--device meta measures one process with fake tensors; {layout} runs one process per rank")
     if spec.measurement.mode != "train":
         raise UsageError(f"{layout} is measured in training mode only")
-    if spec.measurement.impl != "reference" and (p.tp > 1 or p.pp > 1):
-        raise UsageError(f"{layout} is measured on the reference models (--impl reference); with --impl hf it is "
-                         "predicted only")  # fmt: skip
+    if spec.measurement.impl == "hf" and p.pp > 1:
+        raise UsageError(f"{layout} is measured on the reference models (--impl reference); transformers models "
+                         "under pipeline parallelism are predicted only")  # fmt: skip
+    if spec.measurement.impl == "hf" and p.tp > 1:
+        from formulas.families import hf_family
+
+        family = hf_family(spec.model.arch) if spec.model.arch is not None else None
+        if family not in HF_TP_PLANS:
+            raise UsageError(f"--tp {p.tp} --impl hf: transformers' {family} model has no tensor-parallel plan "
+                             f"(base_model_tp_plan: {', '.join(HF_TP_PLANS)}); measure it with --impl reference")  # fmt: skip
+        if p.sequence_parallel:
+            raise UsageError("--sequence-parallel --impl hf: transformers' default tensor-parallel plans do not "
+                             "split the sequence; measure it with --impl reference")  # fmt: skip
+        if p.dp_shard == "fsdp2":
+            raise UsageError("--impl hf --tp with --dp-shard fsdp2 is not measured (transformers' plan under FSDP2)")
     if spec.model.arch is not None and spec.model.arch.family != "decoder" and (p.tp > 1 or p.pp > 1):
         raise UsageError(f"{layout} is measured on decoder models (GPT, Llama shapes); BERT is predicted only")
     if p.zero:

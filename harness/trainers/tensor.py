@@ -34,6 +34,8 @@ of the mesh is sharded by FSDP2 over the tensor-parallel DTensors (2D, `harness.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.distributed.tensor import Replicate, Shard
@@ -46,7 +48,13 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from formulas.ranks import EMBEDDING_FULL_GRADIENT, EMBEDDING_GRADIENT_VIEW, LOSS_PARALLEL_FREES, SP_GATHERED_INPUT
+from formulas.ranks import (
+    EMBEDDING_FULL_GRADIENT,
+    EMBEDDING_GRADIENT_VIEW,
+    HF_GATHERED_LOGITS,
+    LOSS_PARALLEL_FREES,
+    SP_GATHERED_INPUT,
+)
 from formulas.spec import RunSpec
 from harness.errors import UsageError
 from harness.memtrack import local_tensor, unique_storage_bytes
@@ -54,6 +62,7 @@ from harness.records import Measurement
 from harness.trainers.account import TensorAccount
 from harness.trainers.mesh import Layout, build_mesh
 from harness.trainers.plain import PlainTrainer
+from models.build import transformer_blocks
 
 
 def _block_plan(block: nn.Module, sequence_parallel: bool) -> dict:
@@ -103,8 +112,24 @@ def apply_tensor_parallel(module: nn.Module, mesh, *, sequence_parallel: bool) -
         module.lm_head.weight = module.wte.weight
 
 
+def apply_transformers_plan(model: nn.Module, mesh) -> None:
+    """transformers' own tensor-parallel plan (`base_model_tp_plan` and the head's `_tp_plan`, expanded by the
+    model's `_resolve_parallel_plans`) on a transformers model built from its config (`models.hf`), applied with
+    `transformers.distributed.tensor_parallel.apply_tensor_parallelism`: what `from_pretrained(tp_plan="auto")`
+    does after loading, here on the random weights every rank built alike (seed 0)."""
+    from transformers.distributed import DistributedConfig
+    from transformers.distributed.tensor_parallel import apply_tensor_parallelism
+
+    inner = model.model  # models.hf.HFLossModel wraps the transformers model
+    plan, _, _ = inner._resolve_parallel_plans(DistributedConfig(tp_size=mesh.size()))
+    apply_tensor_parallelism(inner, mesh, plan)
+
+
 def describe(spec: RunSpec) -> str:
     p = spec.parallel
+    if spec.measurement.impl == "hf":
+        return (f"transformers' tensor-parallel plan t={p.tp} (base_model_tp_plan: colwise q/k/v and MLP-up, rowwise "
+                "o and MLP-down, vocab-parallel embedding, the head's logits gathered whole)")  # fmt: skip
     text = f"DTensor tensor parallel t={p.tp} (Megatron: colwise QKV/MLP-up, rowwise out/MLP-down, vocab-parallel"
     text += " embedding and loss_parallel head)"
     if p.sequence_parallel:
@@ -123,7 +148,11 @@ class TensorParallelTrainer(PlainTrainer):
     def __init__(self, model: nn.Module, spec: RunSpec, *, device_type: str, probe=None):
         self.layout: Layout = build_mesh(spec, device_type)
         self.spec = spec
-        apply_tensor_parallel(model, self.layout.mesh["tp"], sequence_parallel=spec.parallel.sequence_parallel)
+        self.hf = spec.measurement.impl == "hf"
+        if self.hf:
+            apply_transformers_plan(model, self.layout.mesh["tp"])
+        else:
+            apply_tensor_parallel(model, self.layout.mesh["tp"], sequence_parallel=spec.parallel.sequence_parallel)
         if spec.parallel.dp_shard == "fsdp2":
             from harness.trainers.fsdp import FSDPTrainer, apply_fsdp  # 2D: FSDP2 over the TP DTensors
 
@@ -132,12 +161,16 @@ class TensorParallelTrainer(PlainTrainer):
             return
         super().__init__(model, spec, device_type=device_type, probe=probe)
 
+    def _loss_parallel(self):
+        # transformers' plans gather the logits whole ("colwise_gather_output"): its loss is a plain one.
+        return contextlib.nullcontext() if self.hf else loss_parallel()
+
     def forward(self, batch: dict) -> torch.Tensor:
-        with loss_parallel(), self.autocast():
+        with self._loss_parallel(), self.autocast():
             return self._module(**batch)
 
     def backward(self, loss: torch.Tensor) -> None:
-        with loss_parallel():
+        with self._loss_parallel():
             loss.backward()
 
     def compile(self) -> str:
@@ -148,9 +181,12 @@ class TensorParallelTrainer(PlainTrainer):
 
     def finish(self, measurement: Measurement) -> None:
         lay = self.layout
-        notes = [EMBEDDING_FULL_GRADIENT, LOSS_PARALLEL_FREES]
-        if self.model.lm_head.weight is not self.model.wte.weight:
-            notes.append(EMBEDDING_GRADIENT_VIEW)
+        if self.hf:
+            notes = [HF_GATHERED_LOGITS]
+        else:
+            notes = [EMBEDDING_FULL_GRADIENT, LOSS_PARALLEL_FREES]
+            if self.model.lm_head.weight is not self.model.wte.weight:
+                notes.append(EMBEDDING_GRADIENT_VIEW)
         if self.spec.parallel.sequence_parallel:
             notes.append(SP_GATHERED_INPUT)
         named = {"buffers": unique_storage_bytes(self.model.buffers())}
@@ -160,7 +196,7 @@ class TensorParallelTrainer(PlainTrainer):
             rank=lay.rank, world_size=lay.world_size, mesh=dict(lay.sizes), coords=dict(lay.coords),
             engine=describe(self.spec),
             parameter_elements=local_parameter_elements(self.model),
-            blocks=list(range(len(getattr(self.model, "blocks", [])))),
+            blocks=list(range(len(transformer_blocks(self.model)))),
             named_bytes=named,
             notes=notes,
         )  # fmt: skip
