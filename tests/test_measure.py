@@ -174,7 +174,7 @@ def test_crash_without_record_is_recorded(monkeypatch):
     ("argv", "message"),
     [
         (["--device", "cuda"], "no CUDA device"),
-        (["--tp", "2", "--gpus", "2", "--impl", "hf"], "predicted only"),
+        (["--tp", "2", "--gpus", "2", "--pp", "1", "--impl", "hf"], "no tensor-parallel plan"),
         (["--optimizer", "adam8bit"], "needs a CUDA device"),
         (["--impl", "hf", "--recompute", "selective"], "reference only"),
         (["--steps", "-1"], "non-negative"),
