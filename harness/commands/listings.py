@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 from formulas.hardware import GPUS, tflops_bar
+from formulas.interconnect import interconnect
 from formulas.params import parameter_count
 from harness.display.prediction import print_gpus, print_presets
 from models.presets import PRESETS
@@ -32,6 +34,7 @@ def run_gpus(args) -> int:
                 "peak_tflops": g.peak_tflops,
                 "tflops_bar": tflops_bar(g),
                 "source": g.source,
+                "interconnect": asdict(interconnect(g.name)),
             }
             for g in GPUS.values()
         }

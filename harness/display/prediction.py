@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from formulas.hardware import tflops_bar
+from formulas.interconnect import interconnect
 from harness.display import console, run_title
 from harness.formatting import gib, human
 
@@ -187,3 +188,11 @@ def print_gpus(gpus) -> None:
         ]
         table.add_row(g.name, g.label, f"{g.memory_gib:g}", *peaks, f"{tflops_bar(g):.1f}", g.source)
     console().print(table)
+    links = Table(title="Interconnects (datasheet GB/s per direction; `tmath plan` uses them)")
+    for col in ("name", "in node", "link", "host (PCIe)", "node network", "network", "source"):
+        links.add_column(col, justify="right" if col in ("in node", "host (PCIe)", "node network") else "left")
+    for g in gpus:
+        ic = interconnect(g.name)
+        links.add_row(g.name, f"{ic.intra_node_gbps:g}", ic.intra_node_kind, f"{ic.pcie_gbps:g}",
+                      f"{ic.node_network_gbps:g}", ic.node_network_kind, ic.source)  # fmt: skip
+    console().print(links)
