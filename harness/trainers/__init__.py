@@ -71,7 +71,7 @@ def _torch_parallel_checks(spec: RunSpec, device: str) -> None:
     p, t = spec.parallel, spec.training
     layout = f"--tp {p.tp} --pp {p.pp}" + (" --dp-shard fsdp2" if p.dp_shard == "fsdp2" else "")
     if device == "meta":
-        raise UsageError(f"--device meta measures one process with fake tensors; {layout} runs one process per rank")
+        _fake_rank_checks(spec, layout)
     if spec.measurement.mode != "train":
         raise UsageError(f"{layout} is measured in training mode only")
     if spec.measurement.impl == "hf" and p.pp > 1:
@@ -105,6 +105,22 @@ def _torch_parallel_checks(spec: RunSpec, device: str) -> None:
         raise UsageError(f"--optimizer adam8bit is not measured with {layout}")
     if spec.measurement.deepspeed_config:
         raise UsageError("--deepspeed-config configures a DeepSpeed run; this layout runs torch's engines")
+
+
+FAKE_RANK_LAYOUTS = "tensor parallel, FSDP2, and FSDP2 over tensor parallel"
+"""What one rank of a layout is measured as on fake tensors under the fake process group (`tmath plan --verify`):
+torch.distributed.pipelining's p2p warm-up reads a value (`.item()`) that fake tensors do not have."""
+
+
+def _fake_rank_checks(spec: RunSpec, layout: str) -> None:
+    from harness.trainers.mesh import fake_process_group
+
+    if not fake_process_group():
+        raise UsageError(f"--device meta measures one process with fake tensors; {layout} runs one process per rank "
+                         "(`tmath plan --verify` dry-runs one rank of it)")  # fmt: skip
+    p = spec.parallel
+    if p.pp > 1:
+        raise UsageError(f"{layout} is not measured on fake tensors: only {FAKE_RANK_LAYOUTS}")
 
 
 def _deepspeed_checks(spec: RunSpec, device: str) -> None:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+from torch.distributed.tensor import DTensor
 
 from formulas.precision import is_mixed
 from formulas.ranks import FSDP_UNSHARDED_SAVED
@@ -83,11 +84,30 @@ def mixed_policy(spec: RunSpec) -> MixedPrecisionPolicy | None:
     return MixedPrecisionPolicy(param_dtype=param_dtype(spec.training.precision), reduce_dtype=torch.float32)
 
 
+def _to_fp32(model: nn.Module) -> None:
+    """The parameters in fp32 as `model.float()` makes them (`param.data` replaced; a tensor-parallel DTensor
+    swapped for a new parameter): fake tensors would take `_apply`'s `swap_tensors` path, which the trackers'
+    weak references refuse. Buffers keep the compute dtype: FSDP2's policy casts parameters only, and fp32
+    rotary tables would promote the queries and keys beside bf16 values."""
+    replaced: dict[int, nn.Parameter] = {}  # tied parameters stay one parameter
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in list(module._parameters.items()):
+                if param is None or not param.is_floating_point():
+                    continue
+                if isinstance(param.data, DTensor):  # tensor-parallel shards: a new parameter, as `_apply` swaps
+                    if id(param) not in replaced:
+                        replaced[id(param)] = nn.Parameter(param.data.float(), requires_grad=param.requires_grad)
+                    module._parameters[name] = replaced[id(param)]
+                else:
+                    param.data = param.data.float()
+
+
 def apply_fsdp(model: nn.Module, mesh, spec: RunSpec, *, probe=None) -> _GatheredBytes:
     """`fully_shard` each block, then the root, over the 1-D data-parallel `mesh`; returns the resize
     accountant (entered for the life of the process: the trainer's steps all need it)."""
     if is_mixed(spec.training.precision):
-        model.float()  # FSDP2's mixed precision: fp32 sharded parameters, bf16 compute (the policy)
+        _to_fp32(model)  # FSDP2's mixed precision: fp32 sharded parameters, bf16 compute (the policy)
     policy = mixed_policy(spec)
     kwargs = {"mesh": mesh, "reshard_after_forward": spec.parallel.reshard_after_forward}
     if policy is not None:

@@ -1,0 +1,56 @@
+"""One rank of a layout measured on fake tensors in one process: the fake process group makes it rank R of N.
+
+    python -m harness.plan.fakerank < request.json    # {"spec": RunSpec.to_dict(), "rank": R}
+
+prints one JSON line: the rank's measured bytes (`harness.records.MemoryBytes`) and FLOPs, or {"error": ...}.
+The mesh is built before fake-tensor mode is entered (`harness.trainers.mesh.build_mesh` keeps it), then
+`harness.measure.measure` runs the single-process protocol on `--device meta` (`tmath plan --verify`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+
+
+def _meshes_outside_fake_mode() -> None:
+    """FSDP2 over a tensor-parallel mesh concatenates the dp and tp meshes while it shards (fake-tensor mode is
+    on by then): the new mesh's rank tensor is made with fake-tensor mode set aside, as a real run makes it."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.distributed.device_mesh import DeviceMesh
+
+    concatenate = DeviceMesh._concatenate
+
+    def real(meshes):
+        with unset_fake_temporarily():
+            return concatenate(meshes)
+
+    DeviceMesh._concatenate = staticmethod(real)
+
+
+def main() -> int:
+    request = json.loads(sys.stdin.read())
+    from formulas.spec import RunSpec
+    from harness.errors import UsageError
+    from harness.measure import measure
+    from harness.records import Measurement
+    from harness.trainers.mesh import build_mesh, init_fake_process_group
+
+    spec = RunSpec.from_dict(request["spec"])
+    measured = Measurement()
+    try:
+        if spec.parallel.gpus > 1:
+            init_fake_process_group(int(request["rank"]), spec.parallel.gpus)
+            build_mesh(spec, "cpu")
+            _meshes_outside_fake_mode()
+        measure(spec, measured)
+    except UsageError as exc:
+        print(json.dumps({"error": str(exc).splitlines()[0]}))
+        return 2
+    print(json.dumps({"memory_bytes": asdict(measured.memory_bytes), "flops_counted": measured.flops_counted}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
