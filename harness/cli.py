@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("harness.commands.report", "run", "Markdown and HTML report with plots from a results directory"),
     "calibrate": ("harness.commands.calibrate", "run", "fit overhead factors from measured runs (calibration.json)"),
     "check": ("harness.commands.check", "run", "exit 0 when every ok run clears a TFLOP/s bar, else 1 listing the failures"),
+    "plan": ("harness.commands.plan", "run", "the layouts that fit a cluster, their largest micro-batch and step time, best first"),
     "presets": ("harness.commands.listings", "run_presets", "list the named architectures"),
     "gpus": ("harness.commands.listings", "run_gpus", "list the accelerators with their peaks and sources"),
 }  # fmt: skip

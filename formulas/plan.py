@@ -1,0 +1,160 @@
+"""The planner's arithmetic: the busiest rank's peak and the step time of a layout, term by term.
+
+`tmath plan` scores every layout of a cluster with these functions. They are written with arithmetic
+operators only (no `if`, no `max`), so that the same expressions take Python numbers (one layout, the tests)
+and NumPy arrays (every layout at once, `harness.plan`): `_pos(x)` is max(x, 0), `_min(a, b)` min(a, b), and
+a condition is a 0/1 factor (`1 * (zero >= 1)`).
+
+**Memory** (per rank, the first and the last pipeline stage: the busiest is one of them)
+
+    states       Transformer Math 101 with ZeRO (Rajbhandari et al. 2020): weights w·P, gradients g·P,
+                 optimizer o·P for P the stage's parameters per tensor-parallel rank (the heaviest stages,
+                 `formulas.params.pipeline_stage_params`), divided by dp from stage 1 (optimizer), 2
+                 (gradients), 3 or FSDP (weights; plus the largest module gathered whole); offload moves the
+                 optimizer state (and at stages 1-2 the gradients) to the host
+                 (`formulas.memory.model_state_bytes`, of which this is the array form)
+    activations  Korthikanti et al. 2022, Table 2 per layer at (t, sequence parallel, recompute), times the
+                 stage's ceil(L/pp) layers, times the micro-batches in flight: Megatron-LM's warm-up count
+                 (Narayanan et al. 2021: 1F1B holds pp − r on rank r; interleaved, v chunks per rank,
+                 2·(pp − r − 1) + (v − 1)·pp + 1 chunks of L/(pp·v) layers; GPipe all M); the embedding's on
+                 the first stage, the output layer's and the loss's fp32 logits (4·s·b·V/t) on the last
+    peak         the larger of two moments of `formulas.peak`'s walk: the backward start (states, the
+                 gradients already accumulated when M > 1 or pp > 1, the activations, and the loss's two
+                 fp32 gradients 2·4·s·b·V/t on the last stage) and the optimizer step (states, gradients,
+                 the fp32 gradient partition and the foreach AdamW temporary, 4 + 4 B per stepped parameter)
+
+**Step time** (per optimizer step; every term printed by `tmath plan`)
+
+    compute      hardware FLOPs per GPU (Transformer Math 101's 6P + Korthikanti's 12·L·s·h attention term,
+                 plus what recompute repeats, `formulas.compute`) / (efficiency × the GPU's dense peak)
+    bubble       compute × (pp − 1) / (v · M) (Narayanan et al. 2021, §2.2.1 and §2.2.2)
+    tensor       per layer and micro-batch 4 all-reduces of e·b·s·h (2 forward, 2 backward; 6 with full
+                 recompute; Shoeybi et al. 2019, §3; sequence parallelism's all-gather + reduce-scatter move
+                 the same bytes, Korthikanti §4.2.2), ring cost 2·(t − 1)/t over the node's links, not overlapped
+    pipeline     per micro-batch and chunk a forward send and a backward send of e·b·s·h/t (Megatron's
+                 scatter/gather, Narayanan §4.1) over NVLink within a node, the network between nodes; not
+                 overlapped
+    data         gradient all-reduce 2·(dp − 1)/dp·Ψ once per step (ZeRO 0-1), ZeRO-2's reduce-scatter per
+                 micro-batch plus one parameter all-gather, ZeRO-3/FSDP's two all-gathers and one
+                 reduce-scatter per micro-batch (1.5× data parallel's volume, Rajbhandari et al. §7), over
+                 the network's share per GPU when the group leaves the node; assumed overlapped with the
+                 backward of the last micro-batch (ZeRO 0-2) or with each micro-batch's compute (ZeRO-3/FSDP's
+                 prefetch); only what exceeds that window counts
+    offload      the gradients to the host and the parameters back over PCIe, per step (CPU Adam's own time
+                 is not modelled: a lower bound)
+
+Not modelled: the optimizer step's own time, kernel launch gaps, NCCL's achieved bus bandwidth below the
+datasheet's, hierarchical collectives, the embedding's and loss's collectives, compute/communication
+contention. The efficiency is one constant fitted on published runs (`results/plan/published-fit.json`).
+"""
+
+from __future__ import annotations
+
+SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved-1f1b")
+"""Pipeline schedules the planner searches, coded 0, 1, 2 in its arrays."""
+
+FP32_GRADIENT_BYTES = 4
+"""The fp32 gradient partition a mixed-precision step makes (DeepSpeed) or keeps (FSDP2)."""
+FOREACH_TEMPORARY_BYTES = 4
+"""torch's foreach AdamW (DeepSpeed's default on CUDA): one fp32 temporary per stepped element."""
+LOSS_GRADIENT_COPIES = 2
+"""The loss's two fp32 logit gradients at the backward start (nll_loss and log_softmax; `formulas.peak`)."""
+TP_ALL_REDUCES = 4
+"""Per layer and micro-batch: 2 in the forward, 2 in the backward (Shoeybi et al. 2019, §3, Figure 4)."""
+TP_RECOMPUTE_ALL_REDUCES = 2
+"""Full recompute repeats the forward's two."""
+
+
+def _pos(x):
+    """max(x, 0) for numbers and arrays."""
+    return (x + abs(x)) / 2
+
+
+def _min(a, b):
+    """min(a, b) for numbers and arrays."""
+    return (a + b - abs(a - b)) / 2
+
+
+def _ceil(x, y):
+    return -(-x // y)
+
+
+def model_states(P, dp, zero, fsdp, offload, *, w, g, o, largest, tp):
+    """Weights, gradients, optimizer state and ZeRO-3's gathered module per rank, bytes (the array form of
+    `formulas.memory.model_state_bytes`; FSDP shards as ZeRO-3). `P` the rank's parameters before data
+    parallel, `w`/`g`/`o` bytes per parameter, `largest` the largest module's parameters."""
+    s1, s2, s3 = 1 * (zero >= 1) + 1 * fsdp, 1 * (zero >= 2) + 1 * fsdp, 1 * (zero >= 3) + 1 * fsdp
+    off = 1 * offload
+    weights = s3 * _ceil(w * P, dp) + (1 - s3) * w * P
+    gradients = s2 * _ceil(g * P, dp) + (1 - s2) * g * P
+    optimizer = (s1 * _ceil(o * P, dp) + (1 - s1) * o * P) * (1 - off)
+    gradients = gradients * (1 - off * (1 - s3))  # offloaded at stages 1-2: none left on the GPU
+    live = s3 * (dp > 1) * w * _ceil(largest, tp)
+    return weights, gradients, optimizer, live
+
+
+def in_flight(schedule, pp, v, M, rank):
+    """Micro-batches of a stage's L/pp layers that pipeline rank `rank` holds at once (1 without a pipeline):
+    GPipe all M; 1F1B and interleaved Megatron-LM's warm-up count plus the one in its forward, in chunks of
+    L/(pp·v) layers, over v."""
+    gpipe = 1 * (schedule == 0)
+    looped = 1 * (v > 1)
+    warm = (pp - rank - 1) * (1 + looped) + looped * (v - 1) * pp
+    held = gpipe * M + (1 - gpipe) * _min(M * v, warm + 1) / v
+    return held * (pp > 1) + 1 * (pp == 1)
+
+
+def stage_peak(*, states, gradients, accumulating, layer_bytes, layers, held, embedding, output, loss_grad,
+               step_extra):  # fmt: skip
+    """One stage's peak: the backward start or the optimizer step, whichever is larger. `states` the bytes held
+    across steps (weights, optimizer, ZeRO-3's gathered module), `layer_bytes`/`embedding`/`output` one
+    micro-batch's, `loss_grad` the loss's gradients at the backward start (0 off the last stage)."""
+    activations = held * (layers * layer_bytes + embedding) + output
+    backward = states + accumulating * gradients + activations + loss_grad
+    step = states + gradients + step_extra
+    return backward + _pos(step - backward), activations
+
+
+def ring_all_reduce_seconds(nbytes, ranks, gbps):
+    """A ring all-reduce of `nbytes` over `ranks` at `gbps` GB/s per direction: 2·(n − 1)/n·bytes / bw
+    (Patarasuk and Yuan 2009; NCCL's bus bandwidth convention)."""
+    return 2 * (ranks - 1) / ranks * nbytes / (gbps * 1e9)
+
+
+def step_terms(*, tokens, gpus, hw_flops_per_token, tflops, pp, v, M, tp, layers, tp_collectives, act_bytes, dp,
+               zero, fsdp, grad_bytes, weight_bytes, tp_gbps, pp_gbps, dp_gbps, offload, pcie_gbps):  # fmt: skip
+    """Seconds per optimizer step by term (see the module's docstring). `tokens` per step (global batch ×
+    seq), `act_bytes` e·b·s·h of one micro-batch, `grad_bytes`/`weight_bytes` the rank's gradient and weight
+    bytes before data-parallel sharding, bandwidths in GB/s per direction."""
+    compute = tokens * hw_flops_per_token / gpus / (tflops * 1e12)
+    bubble = compute * (pp - 1) / (v * M)
+    tensor = (tp > 1) * tp_collectives * layers * M * ring_all_reduce_seconds(act_bytes, tp, tp_gbps)
+    pipeline = (pp > 1) * 2 * v * M * (act_bytes / tp) / (pp_gbps * 1e9)
+    f = (dp - 1) / dp / (dp_gbps * 1e9)
+    s2, s3 = 1 * (zero == 2) * (1 - fsdp), 1 * (zero == 3) + 1 * fsdp
+    s01 = 1 - s2 - s3
+    per_micro = compute / M
+    backward = per_micro * 2 / 3  # the backward's share of a micro-batch (4P of 6P per token)
+    data = (s01 * _pos(2 * f * grad_bytes - backward)
+            + s2 * (M * _pos(f * grad_bytes - backward) + f * weight_bytes)
+            + s3 * M * _pos(f * (2 * weight_bytes + grad_bytes) - per_micro))  # fmt: skip
+    moved = (grad_bytes + weight_bytes) / dp
+    host = 1 * offload * moved / (pcie_gbps * 1e9)
+    return {"compute": compute, "bubble": bubble, "tensor": tensor, "pipeline": pipeline, "data": data,
+            "offload": host}  # fmt: skip
+
+
+def step_seconds(terms: dict):
+    return sum(terms.values())
+
+
+def mfu(tokens, model_flops_per_token, seconds, gpus, peak_tflops):
+    """Model FLOPs utilisation: model FLOPs per step (no recompute) / (seconds × GPUs × dense peak) (PaLM,
+    Chowdhery et al. 2022, Appendix B)."""
+    return tokens * model_flops_per_token / (seconds * gpus * peak_tflops * 1e12)
+
+
+EFFICIENCY = 0.604
+"""Achieved fraction of the dense peak in the compute term: fitted on half of the published runs in
+results/plan/published.csv (`scripts/fit_published.py`, results/plan/published-fit.json)."""
+EFFICIENCY_SOURCE = "fitted on published runs (results/plan/published-fit.json)"

@@ -1,0 +1,126 @@
+"""`tmath plan --verify N`: the top N layouts' busiest rank measured on fake tensors, next to the planner's peak
+and the engine walk's (`formulas.predict`, `formulas.ranks`).
+
+Each rank runs in a subprocess of its own (`harness.plan.fakerank`: the fake process group is process-wide)
+on `--device meta`: shapes without data, every tensor the step makes counted by the live-bytes tracker. What
+cannot run so is said with its reason: DeepSpeed's ZeRO (real collectives), torch's pipeline schedules
+(`harness.trainers.FAKE_RANK_LAYOUTS`), data parallel replicas without
+sharding (no torch engine here).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from formulas.predict import predict
+from formulas.ranks import parallel_prediction
+from formulas.spec import RunSpec
+
+VERIFY_TIMEOUT_S = 900
+
+
+@dataclass(frozen=True)
+class Check:
+    layout: dict
+    micro_batch: int
+    grad_accum: int
+    rank: int
+    planned_peak: int
+    walk_peak: int | None
+    walk_basis: str
+    measured_peak: int | None
+    status: str
+    """measured | not verifiable | failed"""
+    note: str
+    seconds: float
+
+    @property
+    def error(self) -> float | None:
+        """(planned − measured) / measured."""
+        if not self.measured_peak:
+            return None
+        return (self.planned_peak - self.measured_peak) / self.measured_peak
+
+
+def candidate_spec(request, candidate, device: str = "meta") -> RunSpec:
+    """The RunSpec `tmath measure` would run for a candidate."""
+    lay = candidate.layout
+    pp = lay["pp"]
+    settings = dict(
+        arch=request.arch, model=request.model, seq=request.seq, batch=candidate.micro_batch,
+        precision=request.precision, optimizer=request.optimizer, attention=request.attention,
+        recompute=lay["recompute"], zero=lay["zero"], gpus=request.gpus, tp=lay["tp"], pp=pp,
+        sequence_parallel=lay["sequence_parallel"], dp_shard="fsdp2" if lay["fsdp"] else "none",
+        offload_optimizer=lay["offload"], gpu=request.gpu, device=device, steps=0, warmup=0,
+        nodes=max(1, request.gpus // request.gpus_per_node) if request.gpus % request.gpus_per_node == 0 else 1,
+    )  # fmt: skip
+    if pp > 1:
+        settings.update(pp_schedule=lay["schedule"], microbatches=candidate.grad_accum,
+                        virtual_stages=lay["virtual_stages"])  # fmt: skip
+    else:
+        settings["grad_accum"] = candidate.grad_accum
+    return RunSpec.build(**settings)
+
+
+def _why_not(spec: RunSpec) -> str | None:
+    p = spec.parallel
+    if p.zero or (p.dp > 1 and p.dp_shard != "fsdp2"):
+        return "DeepSpeed ZeRO / data-parallel replicas run real collectives: not on fake tensors"
+    if p.pp > 1:
+        return "torch.distributed.pipelining's p2p warm-up reads a value fake tensors do not have"
+    return None
+
+
+def _walk(spec: RunSpec) -> tuple[int | None, str, int]:
+    p = spec.parallel
+    if p.zero and (p.tp > 1 or p.pp > 1):
+        return None, "no engine walk (DeepSpeed over a tensor/pipeline mesh)", 0
+    ranks = parallel_prediction(spec, "meta")
+    if ranks is not None:
+        busiest = ranks.busiest
+        return busiest.peak, f"formulas.ranks: {busiest.peak_basis}", busiest.rank
+    peak = predict(spec).peak
+    if peak.phase == "none":
+        return None, f"no engine walk ({peak.moment})", 0
+    return peak.bytes, f"formulas.peak: {peak.moment}", 0
+
+
+def verify(result, n: int, timeout: float = VERIFY_TIMEOUT_S) -> list[Check]:
+    checks = []
+    for candidate in result.candidates[:n]:
+        t0 = time.perf_counter()
+        base = dict(layout=candidate.layout, micro_batch=candidate.micro_batch, grad_accum=candidate.grad_accum,
+                    planned_peak=candidate.peak_bytes)  # fmt: skip
+        try:
+            spec = candidate_spec(result.request, candidate)
+        except ValueError as exc:
+            checks.append(Check(**base, rank=0, walk_peak=None, walk_basis="", measured_peak=None,
+                                status="not verifiable", note=str(exc).splitlines()[0], seconds=0.0))  # fmt: skip
+            continue
+        walk, basis, rank = _walk(spec)
+        reason = _why_not(spec)
+        if reason:
+            checks.append(Check(**base, rank=rank, walk_peak=walk, walk_basis=basis, measured_peak=None,
+                                status="not verifiable", note=reason, seconds=0.0))  # fmt: skip
+            continue
+        request = json.dumps({"spec": spec.to_dict(), "rank": rank})
+        try:
+            done = subprocess.run([sys.executable, "-m", "harness.plan.fakerank"], input=request, text=True,
+                                  capture_output=True, timeout=timeout)  # fmt: skip
+            last = (done.stdout.strip().splitlines() or ["{}"])[-1]
+            out = json.loads(last)
+        except subprocess.TimeoutExpired:
+            out = {"error": f"timed out after {timeout:g} s"}
+        except json.JSONDecodeError:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            out = {"error": f"the fake-tensor run failed: {tail[:200]}"}
+        measured = (out.get("memory_bytes") or {}).get("peak_allocated")
+        status = "measured" if measured else "failed"
+        checks.append(Check(**base, rank=rank, walk_peak=walk, walk_basis=basis, measured_peak=measured,
+                            status=status, note=out.get("error", "fake tensors, live-bytes tracker (device meta)"),
+                            seconds=time.perf_counter() - t0))  # fmt: skip
+    return checks

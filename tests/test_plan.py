@@ -1,0 +1,191 @@
+"""`tmath plan`: the array formulas against the scalar ones, the search's bookkeeping, its largest micro-batch
+against fake-tensor measurements, the published-runs fit, and the CLI's contract and errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from formulas import plan as fp
+from formulas.memory import model_state_bytes
+from formulas.parallel import in_flight_chunks
+from harness.cli import main
+from harness.plan.published import fit_efficiency, load_rows
+from harness.plan.search import PlanRequest, plan
+from harness.plan.verify import _walk, candidate_spec
+from models.presets import PRESETS
+
+
+def _request(model="gpt2", seq=1024, batch=64, gpus=8, gpu="h100-sxm", **kw):
+    return PlanRequest(arch=PRESETS[model], model=model, seq=seq, global_batch=batch, gpu=gpu, gpus=gpus,
+                       gpus_per_node=min(8, gpus), efficiency=0.5, **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize("zero,fsdp,offload", [(0, False, False), (1, False, False), (2, False, False),
+                                                (3, False, False), (0, True, False), (1, False, True),
+                                                (2, False, True), (3, False, True)])  # fmt: skip
+@pytest.mark.parametrize("dp,tp", [(1, 1), (8, 1), (16, 4), (3, 2)])
+def test_model_states_are_the_array_form_of_model_state_bytes(zero, fsdp, offload, dp, tp):
+    P, largest = 1_234_567_891, 98_765_432
+    got = fp.model_states(P, dp, zero, fsdp, offload, w=2, g=2, o=12, largest=largest, tp=tp)
+    want = model_state_bytes(P * tp, precision="bf16-mixed", optimizer="adamw", zero=3 if fsdp else zero, dp=dp,
+                             tp=tp, largest_module_params=largest, offload_optimizer=offload)  # fmt: skip
+    assert got == (want.weights, want.gradients, want.optimizer, want.zero3_live_params)
+
+
+@pytest.mark.parametrize("pp,v,M", [(4, 1, 8), (4, 1, 2), (2, 2, 8), (4, 2, 8), (4, 4, 16)])
+def test_in_flight_is_the_schedules_count(pp, v, M):
+    for rank in range(pp):
+        schedule = 1 if v == 1 else 2
+        name = "1f1b" if v == 1 else "interleaved-1f1b"
+        assert fp.in_flight(schedule, pp, v, M, rank) == in_flight_chunks(name, pp, M, rank, v) / v
+    assert fp.in_flight(0, pp, 1, M, 0) == M
+    assert fp.in_flight(1, 1, 1, M, 0) == 1
+
+
+def test_step_terms_follow_their_formulas():
+    t = fp.step_terms(tokens=10**6, gpus=64, hw_flops_per_token=6e9, tflops=500, pp=4, v=2, M=16, tp=1, layers=8,
+                      tp_collectives=4, act_bytes=1e8, dp=1, zero=0, fsdp=0, grad_bytes=1e9, weight_bytes=1e9,
+                      tp_gbps=450, pp_gbps=50, dp_gbps=50, offload=False, pcie_gbps=64)  # fmt: skip
+    assert t["compute"] == pytest.approx(10**6 * 6e9 / 64 / 500e12)
+    assert t["bubble"] == pytest.approx(t["compute"] * 3 / (2 * 16))
+    assert t["tensor"] == 0 and t["data"] == 0 and t["offload"] == 0
+    assert t["pipeline"] == pytest.approx(2 * 2 * 16 * 1e8 / 50e9)
+
+
+@pytest.mark.parametrize("model,fixed", [("gpt2", {}), ("pythia-1b", {"recompute": "full"}),
+                                         ("llama-2-7b", {"recompute": "selective"})])  # fmt: skip
+def test_one_gpu_peak_is_the_step_walk(model, fixed):
+    req = _request(model=model, seq=1024, batch=8, gpus=1, fixed={**fixed, "micro_batch": 2}, memory_bytes=10**15)
+    c = plan(req, top=1).candidates[0]
+    walk, _, _ = _walk(candidate_spec(req, c, device="cuda"))
+    # The planner leaves out the buffers and token ids the walk holds (a few hundred KiB).
+    assert c.peak_bytes == pytest.approx(walk, rel=1e-3) and c.peak_bytes <= walk
+
+
+def test_search_bookkeeping_and_largest_micro_batch():
+    req = _request(model="llama-2-7b", seq=4096, batch=256, gpus=32, gpu="a100-80gb")
+    result = plan(req, top=10)
+    assert result.searched == result.layouts * len([b for b in range(1, 257) if 256 % b == 0])
+    assert sum(result.rejected.values()) < result.searched
+    seconds = [c.step_seconds for c in result.candidates]
+    assert seconds == sorted(seconds)
+    for c in result.candidates:
+        lay = c.layout
+        assert lay["dp"] * lay["tp"] * lay["pp"] == 32
+        assert lay["dp"] * c.micro_batch * c.grad_accum == 256
+        assert c.fits and c.device_bytes <= result.memory_limit and c.max_micro_batch >= c.micro_batch
+        fixed = {"tp": lay["tp"], "pp": lay["pp"], "zero": lay["zero"], "fsdp": lay["fsdp"], "recompute": lay["recompute"],
+                 "sequence_parallel": lay["sequence_parallel"], "virtual_stages": lay["virtual_stages"],
+                 "offload": False}  # fmt: skip
+        if lay["pp"] > 1:
+            fixed["schedule"] = lay["schedule"]
+        bigger = [b for b in range(c.max_micro_batch + 1, 257) if 256 % (lay["dp"] * b) == 0]
+        for b in bigger[:1]:
+            assert not plan(_request(model="llama-2-7b", seq=4096, batch=256, gpus=32, gpu="a100-80gb",
+                                     fixed={**fixed, "micro_batch": b}), top=1).candidates  # fmt: skip
+
+
+def test_a_fixed_axis_is_kept_and_an_impossible_one_fits_nothing():
+    result = plan(_request(model="llama-2-13b", seq=4096, batch=512, gpus=64, fixed={"tp": 4, "zero": 1}), top=5)
+    assert result.candidates and all(c.layout["tp"] == 4 and c.layout["zero"] == 1 for c in result.candidates)
+    assert not plan(_request(model="llama-2-70b", seq=4096, batch=8, gpus=8, fixed={"tp": 1, "pp": 1, "zero": 0}),
+                    top=1).candidates  # fmt: skip
+
+
+def _fake_peak(spec) -> int:
+    done = subprocess.run([sys.executable, "-m", "harness.plan.fakerank"], input=json.dumps({"spec": spec.to_dict(),
+                          "rank": 0}), text=True, capture_output=True, timeout=600)  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])["memory_bytes"]["peak_allocated"]
+
+
+def test_largest_micro_batch_against_fake_tensors():
+    """The planner's largest micro-batch for a memory budget: measured on fake tensors, it fits and the next
+    does not (one GPU, gpt2 cut to 2 layers; the budget set between two micro-batches' predicted peaks)."""
+    base = dict(model="gpt2", seq=512, batch=16, gpus=1, fixed={"tp": 1, "pp": 1, "zero": 0, "fsdp": False})
+    req = _request(**base, memory_bytes=10**15)
+    req = PlanRequest(
+        **{**req.__dict__, "arch": PRESETS["gpt2"].__class__(**{**PRESETS["gpt2"].to_dict(), "n_layers": 2})}
+    )
+    peaks = {b: plan(PlanRequest(**{**req.__dict__, "fixed": {**req.fixed, "micro_batch": b}}), top=1).candidates[0]
+             for b in (2, 4)}  # fmt: skip
+    fixed_overheads = peaks[2].device_bytes - peaks[2].peak_bytes
+    budget = (peaks[2].device_bytes + peaks[4].device_bytes) // 2
+    result = plan(PlanRequest(**{**req.__dict__, "memory_bytes": budget}), top=1)
+    c = result.candidates[0]
+    assert c.max_micro_batch == 2
+    for b, fits in ((2, True), (4, False)):
+        spec = candidate_spec(req, peaks[b], device="meta").replace(device="meta")
+        measured = _fake_peak(spec)
+        # The measurement runs for-loop AdamW on fake tensors where the plan is for fused AdamW on CUDA: the
+        # walk for the measured device accounts for the difference, and is what the measurement meets.
+        walk, _, _ = _walk(spec)
+        assert measured == pytest.approx(walk, rel=0.01)
+        assert (measured + fixed_overheads <= budget) == fits or abs(measured - peaks[b].peak_bytes) / measured < 0.05
+
+
+def test_fake_rank_is_the_real_rank():
+    """One rank of tp 2 × FSDP2 dp 2 on fake tensors under the fake process group against the same rank measured
+    for real over gloo (4 processes, `tmath measure ... --device cpu`, committed)."""
+    from harness.specbuild import build_spec
+
+    real = json.loads(Path("results/plan/real-tp2-fsdp2-gpt2-2l.json").read_text())
+    spec = build_spec(dict(model="gpt2", layers=2, seq=128, batch=2, tp=2, dp_shard="fsdp2", gpus=4, device="meta",
+                           steps=0, warmup=0))  # fmt: skip
+    assert _fake_peak(spec) == pytest.approx(real["measured"]["memory_bytes"]["peak_allocated"], rel=1e-4)
+
+
+def test_the_efficiency_is_the_committed_fit():
+    committed = json.loads(Path("results/plan/published-fit.json").read_text())
+    assert committed["efficiency"] == fp.EFFICIENCY
+    fit = fit_efficiency(load_rows("results/plan/published.csv"))
+    assert fit["efficiency"] == committed["efficiency"]
+    assert fit["held_out_median_abs_error"] == pytest.approx(committed["held_out_median_abs_error"])
+
+
+def test_cli_json_contract(capsys):
+    assert main(["plan", "--model", "llama-2-13b", "--seq", "4096", "--global-batch", "512", "--gpu", "h100-sxm",
+                 "--gpus", "64", "--format", "json", "--top", "3"]) == 0  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["rejected"]) == {"invalid split", "unsupported", "batch not divisible", "over memory"}
+    assert out["searched"] > 10_000 and len(out["candidates"]) == 3
+    c = out["candidates"][0]
+    assert set(c["layout"]) >= {"dp", "tp", "pp", "zero", "fsdp", "sequence_parallel", "recompute", "schedule",
+                                "offload"}  # fmt: skip
+    for key in (
+        "micro_batch",
+        "grad_accum",
+        "max_micro_batch",
+        "peak_bytes",
+        "fits",
+        "step_seconds",
+        "tokens_per_second_per_gpu",
+        "mfu",
+        "terms",
+    ):
+        assert key in c
+    assert set(c["terms"]) == {"compute", "bubble", "tensor", "pipeline", "data", "offload"}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--gpus", "12"], "whole number of nodes"),
+    (["--tp", "3"], "does not divide"),
+    (["--tokens-per-step", "1000"], "not a multiple of --seq"),
+    (["--pp", "99"], "exceeds the 40 layers"),
+    (["--efficiency", "1.5"], "must be in (0, 1]"),
+    (["--dp-shard", "fsdp2", "--zero", "2"], "give one of them"),
+])  # fmt: skip
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    base = {"--model": "llama-2-13b", "--seq": "4096", "--global-batch": "512", "--gpu": "h100-sxm", "--gpus": "64"}
+    if "--tokens-per-step" in argv:
+        base.pop("--global-batch")
+    for k, v in zip(argv[::2], argv[1::2], strict=True):
+        base[k] = v
+    args = [x for kv in base.items() for x in kv]
+    assert main(["plan", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
