@@ -189,3 +189,15 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert main(["plan", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_a_calibration_scales_the_need():
+    from formulas.calibration import Calibration
+
+    fixed = {"tp": 1, "pp": 1, "zero": 1, "fsdp": False, "recompute": "none", "micro_batch": 2}
+    base = plan(_request(model="llama-2-7b", seq=2048, batch=64, gpus=8, fixed=fixed), top=1).candidates[0]
+    cal = Calibration(peak_ratio={"cuda": {"all": 1.05}}, reserved_ratio=1.1, context_bytes=5 * 2**30)
+    got = plan(_request(model="llama-2-7b", seq=2048, batch=64, gpus=8, fixed=fixed, calibration=cal), top=1)
+    c = got.candidates[0]
+    assert c.peak_bytes == base.peak_bytes
+    assert c.device_bytes == pytest.approx(base.peak_bytes * 1.05 * 1.1 + 5 * 2**30, rel=1e-9)

@@ -30,7 +30,7 @@ import numpy as np
 from formulas import compute, hardware
 from formulas import plan as fp
 from formulas.activations import LOSS_LOGIT_BYTES, embedding_bytes, layer_bytes, output_bytes
-from formulas.calibration import Calibration
+from formulas.calibration import ALL_PHASES, Calibration
 from formulas.interconnect import interconnect
 from formulas.params import largest_module_params, parameter_count, pipeline_stage_params
 from formulas.precision import (
@@ -254,6 +254,9 @@ def score(req: PlanRequest) -> tuple[dict, dict, Plan]:
     memory = req.memory_bytes if req.memory_bytes is not None else gpu.memory_bytes
     cal = req.calibration
     reserve = cal.reserved_ratio if cal is not None else 1.0
+    # A calibration's measured / predicted peak on CUDA (its phase-independent ratio: the planner's peak is one
+    # of two moments, not the walk's phases) scales the peak before the reserve.
+    reserve *= (cal.ratio("cuda", ALL_PHASES) or 1.0) if cal is not None else 1.0
     fixed = sum(overheads.values()) if cal is None or cal.context_bytes is None else cal.context_bytes
     device = peak * reserve + fixed
     fits = device <= memory
