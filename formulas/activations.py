@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal, get_args
 
 from formulas.architecture import Architecture
+from formulas.units import ceil_div
 
 Recompute = Literal["none", "selective", "full"]
 Attention = Literal["eager", "flash"]
@@ -47,10 +48,6 @@ LSE_BYTES = 4
 """Flash attention's saved log-sum-exp is fp32 (FlashAttention-2, `softmax_lse`)."""
 
 
-def _ceil_div(x: int, y: int) -> int:
-    return -(-x // y)
-
-
 @dataclass(frozen=True)
 class LayerActivations:
     """One transformer layer's stored activations for one micro-batch, split by how TP shards them."""
@@ -63,8 +60,8 @@ class LayerActivations:
     """Bytes of the a·s² attention-score tensors (eager) or the log-sum-exp (flash); split over t."""
 
     def bytes(self, tp: int = 1, sequence_parallel: bool = False) -> int:
-        rep = _ceil_div(self.replicated, tp) if sequence_parallel else self.replicated
-        return rep + _ceil_div(self.sharded, tp) + _ceil_div(self.scores, tp)
+        rep = ceil_div(self.replicated, tp) if sequence_parallel else self.replicated
+        return rep + ceil_div(self.sharded, tp) + ceil_div(self.scores, tp)
 
 
 def layer_terms(
@@ -148,7 +145,7 @@ def embedding_bytes(
     total = (mask_bytes if arch.dropout > 0 else 0) * sbh
     if arch.family == "encoder":
         total += elem_bytes * sbh
-    return _ceil_div(total, tp)
+    return ceil_div(total, tp)
 
 
 def output_bytes(arch: Architecture, seq: int, batch: int, *, elem_bytes: int = 2, tp: int = 1) -> int:
@@ -172,7 +169,7 @@ def output_bytes(arch: Architecture, seq: int, batch: int, *, elem_bytes: int = 
             total += e * b * h
         if arch.nsp_head:
             total += LOSS_LOGIT_BYTES * b * 2
-    return _ceil_div(total, tp)
+    return ceil_div(total, tp)
 
 
 @dataclass(frozen=True)
@@ -241,7 +238,7 @@ def activation_breakdown(
     emb_tp = tp if split_all else 1
     emb = embedding_bytes(arch, seq, batch, elem_bytes=elem_bytes, mask_bytes=mask_bytes, tp=emb_tp)
     out = output_bytes(arch, seq, batch, elem_bytes=elem_bytes, tp=tp)
-    layers = _ceil_div(arch.n_layers, pp)
+    layers = ceil_div(arch.n_layers, pp)
     if pp == 1:
         return ActivationBreakdown(per_layer, layers, 1, emb, out, "only")
     held = pp if in_flight is None else in_flight

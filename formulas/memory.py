@@ -25,16 +25,13 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from formulas.precision import gradient_bytes_per_param, optimizer_bytes_per_param, weight_bytes_per_param
+from formulas.units import ceil_div
 
 ZeroStage = Literal[0, 1, 2, 3]
 ZERO_STAGES: tuple[int, ...] = get_args(ZeroStage)
 
 FP32_GRADIENT_BYTES = 4
 """ZeRO-Offload's host gradient partition is fp32, whatever the training precision."""
-
-
-def _ceil_div(x: int, y: int) -> int:
-    return -(-x // y)
 
 
 @dataclass(frozen=True)
@@ -66,7 +63,7 @@ class ModelStates:
 
 def params_per_model_shard(params: int, tp: int = 1, pp: int = 1) -> int:
     """Parameters held by one (tp, pp) rank: P / (PP × TP) (Transformer Math 101, 3D parallelism)."""
-    return _ceil_div(params, tp * pp)
+    return ceil_div(params, tp * pp)
 
 
 def model_state_bytes(
@@ -107,19 +104,19 @@ def model_state_bytes(
     o = optimizer_bytes_per_param(optimizer, precision) * shard
     live = 0
     if zero >= 1:
-        o = _ceil_div(o, dp)
+        o = ceil_div(o, dp)
     if zero >= 2:
-        g = _ceil_div(g, dp)
+        g = ceil_div(g, dp)
     if zero >= 3:
-        w = _ceil_div(w, dp)
+        w = ceil_div(w, dp)
         if dp > 1:
-            live = weight_bytes_per_param(precision) * _ceil_div(largest_module_params, tp)
+            live = weight_bytes_per_param(precision) * ceil_div(largest_module_params, tp)
     host_w = host_g = host_o = 0
     if offload_optimizer:
         if zero < 1:
             raise ValueError("optimizer offload needs ZeRO stage 1, 2 or 3")
         host_o, o = o, 0
-        host_g = _ceil_div(FP32_GRADIENT_BYTES * shard, dp)
+        host_g = ceil_div(FP32_GRADIENT_BYTES * shard, dp)
         if zero < 3:
             g = 0
     if offload_params:

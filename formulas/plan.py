@@ -50,6 +50,8 @@ contention. The efficiency is one constant fitted on published runs (`results/pl
 
 from __future__ import annotations
 
+from formulas.units import ceil_div
+
 SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved-1f1b")
 """Pipeline schedules the planner searches, coded 0, 1, 2 in its arrays."""
 
@@ -75,21 +77,17 @@ def _min(a, b):
     return (a + b - abs(a - b)) / 2
 
 
-def _ceil(x, y):
-    return -(-x // y)
-
-
 def model_states(P, dp, zero, fsdp, offload, *, w, g, o, largest, tp):
     """Weights, gradients, optimizer state and ZeRO-3's gathered module per rank, bytes (the array form of
     `formulas.memory.model_state_bytes`; FSDP shards as ZeRO-3). `P` the rank's parameters before data
     parallel, `w`/`g`/`o` bytes per parameter, `largest` the largest module's parameters."""
     s1, s2, s3 = 1 * (zero >= 1) + 1 * fsdp, 1 * (zero >= 2) + 1 * fsdp, 1 * (zero >= 3) + 1 * fsdp
     off = 1 * offload
-    weights = s3 * _ceil(w * P, dp) + (1 - s3) * w * P
-    gradients = s2 * _ceil(g * P, dp) + (1 - s2) * g * P
-    optimizer = (s1 * _ceil(o * P, dp) + (1 - s1) * o * P) * (1 - off)
+    weights = s3 * ceil_div(w * P, dp) + (1 - s3) * w * P
+    gradients = s2 * ceil_div(g * P, dp) + (1 - s2) * g * P
+    optimizer = (s1 * ceil_div(o * P, dp) + (1 - s1) * o * P) * (1 - off)
     gradients = gradients * (1 - off * (1 - s3))  # offloaded at stages 1-2: none left on the GPU
-    live = s3 * (dp > 1) * w * _ceil(largest, tp)
+    live = s3 * (dp > 1) * w * ceil_div(largest, tp)
     return weights, gradients, optimizer, live
 
 

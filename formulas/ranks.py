@@ -32,6 +32,7 @@ from formulas.parallel import (
 )
 from formulas.peak import StepBytes, plain_step_peak
 from formulas.precision import MASTER_COPY_BYTES, activation_bytes_per_element, compute_dtype, is_mixed
+from formulas.units import ceil_div
 from formulas.variants import activation_variant, layer_account, outside_account
 
 FSDP_UNSHARDED_SAVED = (
@@ -326,10 +327,10 @@ def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
         account = layer_account(arch, s, b, variant)
         per_layer = act.layer_terms(arch, s, b, elem_bytes=e, recompute=t.recompute, attention=t.attention).bytes(tp)
         for name, nbytes in account.departures.items():
-            departures[name] = act._ceil_div(nbytes, tp) if name in SHARDED_DEPARTURES else nbytes
+            departures[name] = ceil_div(nbytes, tp) if name in SHARDED_DEPARTURES else nbytes
         shared = sum(account.shared.values())
     if sp and t.recompute != "full":
-        departures["sp_gathered_input"] = 2 * e * sbh - 2 * act._ceil_div(e * sbh, tp)
+        departures["sp_gathered_input"] = 2 * e * sbh - 2 * ceil_div(e * sbh, tp)
     # FSDP2 without resharding after forward: the gathered weights that autograd saves (the linears' weights,
     # the norms' weights and biases) stay the gathered ones until backward, and are saved in the compute dtype.
     saved_unsharded = fsdp and not p.reshard_after_forward
@@ -374,11 +375,11 @@ def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
         out = 0
         emb = 0
         if embedding:
-            emb = act._ceil_div(variant.mask_bytes * sbh, tp if sp else 1) if arch.dropout > 0 else 0
+            emb = ceil_div(variant.mask_bytes * sbh, tp if sp else 1) if arch.dropout > 0 else 0
             emb += INDEX_BYTES * s * b  # the token ids the embedding's backward reads
         if head:
             norm = e * sbh + (2 if arch.norm == "layernorm" else 1) * s * b * variant.stats_bytes
-            out = act._ceil_div(norm, tp if sp else 1) + e * sbh + act.LOSS_LOGIT_BYTES * s * b * v_rows
+            out = ceil_div(norm, tp if sp else 1) + e * sbh + act.LOSS_LOGIT_BYTES * s * b * v_rows
             out += INDEX_BYTES * s * b + 4  # labels, and nll_loss's fp32 total weight
             if saved_unsharded:
                 out += e * (arch.vocab * h + norm_elements)  # the head's weight and the final norm's, gathered

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from formulas.units import ceil_div
+
 STAGE3_LIVE_DEFAULT = 10**9
 """DeepSpeed's `stage3_max_live_parameters` and `stage3_max_reuse_distance` (elements). With them a model
 under 1e9 parameters may stay gathered for a whole forward: ZeRO-3's live parameters are then most of the
@@ -68,10 +70,6 @@ def allreduce_bucket_elements(tensors: list[int], per_bucket: int = ALLREDUCE_BU
         if current > per_bucket:
             largest, current = max(largest, current), 0
     return max(largest, current)
-
-
-def _ceil_div(x: int, y: int) -> int:
-    return -(-x // y)
 
 
 @dataclass(frozen=True)
@@ -127,7 +125,7 @@ class RankStates:
 
 def _stage12(tensors: list[int], dp: int, rank: int, e_w: int, e_g: int, state: int, bucket: int) -> RankStates:
     total = sum(tensors)
-    padded = _ceil_div(total, ALIGNMENT_FACTOR * dp) * ALIGNMENT_FACTOR * dp
+    padded = ceil_div(total, ALIGNMENT_FACTOR * dp) * ALIGNMENT_FACTOR * dp
     part = padded // dp
     start, end = part * rank, part * (rank + 1)
     overlapping, offset = 0, 0
@@ -147,12 +145,12 @@ def _stage12(tensors: list[int], dp: int, rank: int, e_w: int, e_g: int, state: 
 
 def _stage3(tensors: list[int], dp: int, rank: int, e_w: int, e_g: int, state: int, bucket: int,
             persistence: int) -> RankStates:  # fmt: skip
-    parts = [_ceil_div(n, dp) for n in tensors]
+    parts = [ceil_div(n, dp) for n in tensors]
     persistent = [n for n in tensors if n < persistence]
     others = [n for n in tensors if n >= persistence]
     part = sum(parts)
     # A persistent parameter lives whole in an all-gather buffer of N·ceil(n/N) elements.
-    whole = sum(dp * _ceil_div(n, dp) for n in persistent)
+    whole = sum(dp * ceil_div(n, dp) for n in persistent)
     return RankStates(
         rank=rank,
         weights=e_w * (part + whole),
@@ -160,7 +158,7 @@ def _stage3(tensors: list[int], dp: int, rank: int, e_w: int, e_g: int, state: i
         optimizer=(MASTER_BYTES + state) * part + STEP_COUNTER_BYTES,
         partition_elements=part,
         bucket=e_g * bucket,
-        gathered=e_w * sum(dp * _ceil_div(n, dp) for n in others),
+        gathered=e_w * sum(dp * ceil_div(n, dp) for n in others),
         persistent_elements=sum(persistent),
     )
 
