@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 
 import deepspeed
@@ -20,7 +19,7 @@ import torch.distributed as dist
 from formulas.precision import is_mixed
 from formulas.spec import RunSpec
 from harness.errors import UsageError
-from harness.processes import free_port
+from harness.processes import single_process_rendezvous
 from harness.records import Measurement
 from harness.trainers.plain import PlainTrainer, make_torch_optimizer
 from harness.zero.account import TERMS, Buckets, Explained, Snapshot, ZeroAccount
@@ -40,9 +39,7 @@ def init_distributed(device_type: str) -> None:
     """
     if dist.is_initialized():
         return
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    single_process_rendezvous()
     deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo")
 
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from formulas.spec import RunSpec
-from harness.processes import free_port
+from harness.processes import single_process_rendezvous
 
 DIMS: tuple[str, ...] = ("dp", "pp", "tp")
 
@@ -46,9 +46,7 @@ def init_process_group(device_type: str) -> None:
     """The default process group (once per process)."""
     if dist.is_initialized():
         return
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    single_process_rendezvous()
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
