@@ -16,7 +16,7 @@ from formulas.parallel import in_flight_chunks
 from harness.cli import main
 from harness.plan.published import fit_efficiency, load_rows
 from harness.plan.search import PlanRequest, plan
-from harness.plan.verify import _walk, candidate_spec
+from harness.plan.refine import candidate_spec, walk_spec
 from models.presets import PRESETS
 
 
@@ -62,9 +62,21 @@ def test_step_terms_follow_their_formulas():
 def test_one_gpu_peak_is_the_step_walk(model, fixed):
     req = _request(model=model, seq=1024, batch=8, gpus=1, fixed={**fixed, "micro_batch": 2}, memory_bytes=10**15)
     c = plan(req, top=1).candidates[0]
-    walk, _, _ = _walk(candidate_spec(req, c, device="cuda"))
-    # The planner leaves out the buffers and token ids the walk holds (a few hundred KiB).
-    assert c.peak_bytes == pytest.approx(walk, rel=1e-3) and c.peak_bytes <= walk
+    walk, _, _ = walk_spec(candidate_spec(req, c.layout, c.micro_batch, c.grad_accum, device="cuda"))
+    # The shortlist takes the walk's peak; the screen leaves out the buffers and token ids the walk holds.
+    assert c.peak_bytes == walk and c.peak_model.startswith("formulas.peak")
+    assert c.planner_peak_bytes == pytest.approx(walk, rel=1e-3) and c.planner_peak_bytes <= walk
+
+
+def test_a_tensor_parallel_layout_takes_the_walk_of_one_replica():
+    fixed = {"tp": 4, "pp": 2, "zero": 0, "fsdp": False, "schedule": "1f1b", "micro_batch": 1, "recompute": "none"}
+    req = _request(model="llama-2-7b", seq=4096, batch=64, gpus=32, fixed=fixed)
+    c = plan(req, top=1).candidates[0]
+    spec = candidate_spec(req, c.layout, c.micro_batch, c.grad_accum).replace(gpus=8)
+    walk, basis, _ = walk_spec(spec)
+    assert c.peak_bytes == walk and c.peak_model == basis and c.planner_peak_bytes != walk
+    fsdp = plan(_request(model="llama-2-7b", seq=4096, batch=64, gpus=32, fixed={"tp": 2, "fsdp": True, "zero": 0}))
+    assert all(x.peak_model.startswith("formulas.plan") for x in fsdp.candidates)
 
 
 def test_search_bookkeeping_and_largest_micro_batch():
@@ -119,11 +131,11 @@ def test_largest_micro_batch_against_fake_tensors():
     c = result.candidates[0]
     assert c.max_micro_batch == 2
     for b, fits in ((2, True), (4, False)):
-        spec = candidate_spec(req, peaks[b], device="meta").replace(device="meta")
+        spec = candidate_spec(req, peaks[b].layout, b, peaks[b].grad_accum, device="meta")
         measured = _fake_peak(spec)
         # The measurement runs for-loop AdamW on fake tensors where the plan is for fused AdamW on CUDA: the
         # walk for the measured device accounts for the difference, and is what the measurement meets.
-        walk, _, _ = _walk(spec)
+        walk, _, _ = walk_spec(spec)
         assert measured == pytest.approx(walk, rel=0.01)
         assert (measured + fixed_overheads <= budget) == fits or abs(measured - peaks[b].peak_bytes) / measured < 0.05
 

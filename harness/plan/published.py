@@ -72,7 +72,7 @@ def row_request(row: dict, efficiency: float) -> PlanRequest:
     gpus = _int(row["gpus"])
     return PlanRequest(arch=row_arch(row), model=row["model"], seq=_int(row["seq"]), global_batch=_int(row["global_batch"]),
                        gpu=row["gpu"], gpus=gpus, gpus_per_node=min(8, gpus), fixed=fixed, efficiency=efficiency,
-                       efficiency_source="fit", memory_bytes=10**18, max_micro_batch=10**9)  # fmt: skip
+                       efficiency_source="fit", memory_bytes=10**18, max_micro_batch=10**9, walk=False)  # fmt: skip
 
 
 def predicted(row: dict, efficiency: float) -> dict | None:

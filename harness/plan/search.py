@@ -23,7 +23,8 @@ the largest that fits is reported beside it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -32,6 +33,7 @@ from formulas import plan as fp
 from formulas.activations import LOSS_LOGIT_BYTES, embedding_bytes, layer_bytes, output_bytes
 from formulas.calibration import ALL_PHASES, Calibration
 from formulas.interconnect import interconnect
+from formulas.layouts import parameter_tensors
 from formulas.params import largest_module_params, parameter_count, pipeline_stage_params
 from formulas.precision import (
     activation_bytes_per_element,
@@ -75,6 +77,11 @@ class PlanRequest:
     """The GPU's memory if not the datasheet's (`--gpu-memory`)."""
     tokens: int | None = None
     max_micro_batch: int = 1024
+    walk: bool = True
+    """Refine the shortlist with the engine walks (`harness.plan.refine`); off for scoring fixed layouts."""
+    device: str = "cuda"
+    """What the peak is for: `cuda` (a GPU: fused AdamW, DeepSpeed's foreach AdamW, the fixed overheads) or
+    `cpu`/`meta` (a CPU or fake-tensor dry run: torch's for-loop AdamW, no CUDA context), as `formulas.peak`."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,10 @@ class Candidate:
     train_days: float | None
     terms: dict
     memory: dict
+    planner_peak_bytes: int = 0
+    """The array screen's peak (`formulas.plan`), whatever `peak_bytes` is."""
+    peak_model: str = "formulas.plan"
+    """What `peak_bytes` and `max_micro_batch` come from: an engine walk, or the screen where none applies."""
 
 
 @dataclass(frozen=True)
@@ -175,7 +186,10 @@ def _tables(req: PlanRequest, tps: list[int], pps: list[int]) -> dict:
     hw = np.array(
         [model_token + compute.recompute_flops_per_token(params, rc, arch, s) for rc in RECOMPUTE], dtype=np.float64
     )
-    return {"layer": layer, "emb": emb, "out": out, "first": np.array([st[0] for st in stages], dtype=np.float64),
+    tensors = parameter_tensors(arch, "reference")
+    state = 4 if is_mixed(req.precision) or req.precision == "fp32" else weight_bytes_per_param(req.precision)
+    loop = state * max(2 * n + p for n, p in zip(tensors, [0, *tensors[:-1]], strict=True))
+    return {"loop": loop, "layer": layer, "emb": emb, "out": out, "first": np.array([st[0] for st in stages], dtype=np.float64),
             "last": np.array([st[-1] for st in stages], dtype=np.float64), "hw": hw, "model_token": model_token,
             "params": params, "e": e}  # fmt: skip
 
@@ -219,9 +233,14 @@ def score(req: PlanRequest) -> tuple[dict, dict, Plan]:
     accumulating = 1 * ((M > 1) | pipeline)
     # The step's fp32 gradient copies (mixed precision), and DeepSpeed's foreach AdamW temporaries (ZeRO ≥ 1;
     # the plain trainer and FSDP2 on CUDA step with fused AdamW).
-    step_extra_per_param = (fp.FP32_GRADIENT_BYTES if is_mixed(req.precision) else 0) + fp.FOREACH_TEMPORARY_BYTES * (
-        (zero >= 1) & ~fsdp
-    )
+    # On the CPU and fake tensors torch's for-loop AdamW keeps two fp32 temporaries: per stepped element under
+    # DeepSpeed, the largest tensor's (and the previous quotient) in the plain trainer (`formulas.peak`).
+    cuda = req.device == "cuda"
+    deepspeed = (zero >= 1) & ~fsdp
+    temporaries = fp.FOREACH_TEMPORARY_BYTES if cuda else 2 * fp.FOREACH_TEMPORARY_BYTES
+    step_extra_per_param = (fp.FP32_GRADIENT_BYTES if is_mixed(req.precision) else 0) + temporaries * deepspeed
+    plain = (zero == 0) & ~fsdp & (tp == 1) & (pp == 1)
+    loop_temporaries = 0 if cuda else plain * tb["loop"]
     e = tb["e"]
     f_inner = arch.ffn_hidden
     # The top layer's MLP backward (`formulas.peak.StepBytes.layer_transient`): the incoming gradient and its
@@ -243,14 +262,14 @@ def score(req: PlanRequest) -> tuple[dict, dict, Plan]:
             layers=layers, held=held, embedding=first * tb["emb"][tpi, g["sp"].astype(np.int64)] * b,
             output=last * tb["out"][tpi] * b,
             loss_grad=last * fp.LOSS_GRADIENT_COPIES * logits + (1 - last) * transient,
-            step_extra=step_extra_per_param * opt_part,
+            step_extra=step_extra_per_param * opt_part + loop_temporaries,
         )  # fmt: skip
         peaks.append(peak)
         parts.append({"weights": weights, "gradients": grads, "optimizer": optim, "zero3_live": live,
                       "activations": acts, "held_microbatches": held})  # fmt: skip
     peak = np.maximum(peaks[0], peaks[1])
     busiest = np.where(peaks[0] >= peaks[1], 0, 1)
-    overheads = hardware.fixed_overheads(gpu)
+    overheads = hardware.fixed_overheads(gpu) if cuda else {}
     memory = req.memory_bytes if req.memory_bytes is not None else gpu.memory_bytes
     cal = req.calibration
     reserve = cal.reserved_ratio if cal is not None else 1.0
@@ -282,7 +301,8 @@ def score(req: PlanRequest) -> tuple[dict, dict, Plan]:
     arrays = {**g, "M": M, "peak": peak, "device": device, "fits": fits, "busiest": busiest, "seconds": seconds,
               "divisible": divisible, "split_ok": split_ok, "supported": supported, "terms": terms,
               "parts": parts, "mfu": fp.mfu(tokens, tb["model_token"], seconds, req.gpus, peak_tflops)}  # fmt: skip
-    constants = {"tokens": tokens, "peak_tflops": peak_tflops, "memory": memory, "overheads": overheads}
+    constants = {"tokens": tokens, "peak_tflops": peak_tflops, "memory": memory, "overheads": overheads,
+                 "reserve": reserve, "fixed": fixed}  # fmt: skip
     shell = Plan(req, [], {}, 0, 0, efficiency, eff_source, memory, overheads,
                  {"intra_node_gbps": intra, "node_network_gbps": network, "pcie_gbps": ic.pcie_gbps,
                   "network_assumed": ic.assumed and req.inter_node_gbps is None}, UNMODELLED)  # fmt: skip
@@ -318,19 +338,58 @@ def plan(req: PlanRequest, top: int = 5) -> Plan:
     # can measure), then the smaller micro-batch.
     order = np.lexsort((a["b"], ~a["fsdp"], a["peak"], np.round(a["seconds"], 9)))
     order = order[ok[order]]
+    usable = valid & a["supported"] & a["divisible"]
     seen: set[int] = set()
-    picked: list[int] = []
+    candidates: list[Candidate] = []
+    walks, started = 0, time.perf_counter()
     for i in order:
         lid = int(layout_id[i])
         if lid in seen:
             continue
+        screened = _candidate(a, c, req, int(i), int(max_b[lid]))
+        if req.walk and walks < MAX_WALKS and time.perf_counter() - started < WALK_SECONDS:
+            walks += 1
+            refined = _walked(req, c, screened, a["b"][lid * nb : (lid + 1) * nb][usable[lid * nb : (lid + 1) * nb]])
+            if refined is None:  # over memory by the engine walk: a smaller micro-batch of it may come later
+                rejected["over memory"] += 1
+                continue
+            screened = refined
         seen.add(lid)
-        picked.append(int(i))
-        if len(picked) >= top:
+        candidates.append(screened)
+        if len(candidates) >= top:
             break
-    candidates = [_candidate(a, c, req, i, int(max_b[layout_id[i]])) for i in picked]
     return Plan(req, candidates, rejected, int(n), int(n // nb), shell.efficiency, shell.efficiency_source,
                 shell.memory_limit, shell.overheads, shell.bandwidths, shell.unmodelled)  # fmt: skip
+
+
+MAX_WALKS = 200
+"""Engine walks a search spends on its shortlist at most (each a few milliseconds)."""
+WALK_SECONDS = 3.0
+"""And the time they may take: past it the remaining candidates keep the screen's peak (`peak_model` says so)."""
+
+
+def _walked(req: PlanRequest, c: dict, cand: Candidate, micro_batches: np.ndarray) -> Candidate | None:
+    """The candidate with the engine walk's peak and largest micro-batch where a walk models its layout
+    (`harness.plan.refine`); None when the walk puts it over memory; as it is where no walk applies."""
+    from harness.plan.refine import engine_walk
+
+    def need(peak: int) -> int:
+        return int(peak * c["reserve"] + c["fixed"])
+
+    per_replica = req.global_batch // cand.layout["dp"]
+    peak, basis = engine_walk(req, cand.layout, cand.micro_batch, cand.grad_accum)
+    if peak is None:
+        return replace(cand, peak_model=basis)
+    if need(peak) > c["memory"]:
+        return None
+    largest = cand.micro_batch
+    for b in sorted(int(x) for x in micro_batches if x > cand.micro_batch):
+        bigger, _ = engine_walk(req, cand.layout, b, per_replica // b)
+        if bigger is None or need(bigger) > c["memory"]:
+            break
+        largest = b
+    return replace(cand, peak_bytes=peak, device_bytes=need(peak), headroom_bytes=c["memory"] - need(peak),
+                   max_micro_batch=largest, peak_model=basis)  # fmt: skip
 
 
 def _candidate(a: dict, c: dict, req: PlanRequest, i: int, max_b: int) -> Candidate:
@@ -354,5 +413,5 @@ def _candidate(a: dict, c: dict, req: PlanRequest, i: int, max_b: int) -> Candid
         busiest_stage=("first" if stage == 0 else "last") if pp > 1 else "only",
         step_seconds=seconds, tokens_per_second_per_gpu=tokens_per_s / req.gpus, mfu=float(a["mfu"][i]),
         train_days=days, terms={k: float(v[i]) if np.ndim(v) else float(v) for k, v in a["terms"].items()},
-        memory=memory,
+        memory=memory, planner_peak_bytes=int(a["peak"][i]),
     )  # fmt: skip

@@ -16,9 +16,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from formulas.predict import predict
-from formulas.ranks import parallel_prediction
 from formulas.spec import RunSpec
+from harness.plan.refine import candidate_spec, walk_spec
 
 VERIFY_TIMEOUT_S = 900
 
@@ -46,26 +45,6 @@ class Check:
         return (self.planned_peak - self.measured_peak) / self.measured_peak
 
 
-def candidate_spec(request, candidate, device: str = "meta") -> RunSpec:
-    """The RunSpec `tmath measure` would run for a candidate."""
-    lay = candidate.layout
-    pp = lay["pp"]
-    settings = dict(
-        arch=request.arch, model=request.model, seq=request.seq, batch=candidate.micro_batch,
-        precision=request.precision, optimizer=request.optimizer, attention=request.attention,
-        recompute=lay["recompute"], zero=lay["zero"], gpus=request.gpus, tp=lay["tp"], pp=pp,
-        sequence_parallel=lay["sequence_parallel"], dp_shard="fsdp2" if lay["fsdp"] else "none",
-        offload_optimizer=lay["offload"], gpu=request.gpu, device=device, steps=0, warmup=0,
-        nodes=max(1, request.gpus // request.gpus_per_node) if request.gpus % request.gpus_per_node == 0 else 1,
-    )  # fmt: skip
-    if pp > 1:
-        settings.update(pp_schedule=lay["schedule"], microbatches=candidate.grad_accum,
-                        virtual_stages=lay["virtual_stages"])  # fmt: skip
-    else:
-        settings["grad_accum"] = candidate.grad_accum
-    return RunSpec.build(**settings)
-
-
 def _why_not(spec: RunSpec) -> str | None:
     p = spec.parallel
     if p.zero or (p.dp > 1 and p.dp_shard != "fsdp2"):
@@ -75,20 +54,6 @@ def _why_not(spec: RunSpec) -> str | None:
     return None
 
 
-def _walk(spec: RunSpec) -> tuple[int | None, str, int]:
-    p = spec.parallel
-    if p.zero and (p.tp > 1 or p.pp > 1):
-        return None, "no engine walk (DeepSpeed over a tensor/pipeline mesh)", 0
-    ranks = parallel_prediction(spec, "meta")
-    if ranks is not None:
-        busiest = ranks.busiest
-        return busiest.peak, f"formulas.ranks: {busiest.peak_basis}", busiest.rank
-    peak = predict(spec).peak
-    if peak.phase == "none":
-        return None, f"no engine walk ({peak.moment})", 0
-    return peak.bytes, f"formulas.peak: {peak.moment}", 0
-
-
 def verify(result, n: int, timeout: float = VERIFY_TIMEOUT_S) -> list[Check]:
     checks = []
     for candidate in result.candidates[:n]:
@@ -96,12 +61,14 @@ def verify(result, n: int, timeout: float = VERIFY_TIMEOUT_S) -> list[Check]:
         base = dict(layout=candidate.layout, micro_batch=candidate.micro_batch, grad_accum=candidate.grad_accum,
                     planned_peak=candidate.peak_bytes)  # fmt: skip
         try:
-            spec = candidate_spec(result.request, candidate)
+            spec = candidate_spec(
+                result.request, candidate.layout, candidate.micro_batch, candidate.grad_accum, device="meta"
+            )
         except ValueError as exc:
             checks.append(Check(**base, rank=0, walk_peak=None, walk_basis="", measured_peak=None,
                                 status="not verifiable", note=str(exc).splitlines()[0], seconds=0.0))  # fmt: skip
             continue
-        walk, basis, rank = _walk(spec)
+        walk, basis, rank = walk_spec(spec, fsdp=True)
         reason = _why_not(spec)
         if reason:
             checks.append(Check(**base, rank=rank, walk_peak=walk, walk_basis=basis, measured_peak=None,
