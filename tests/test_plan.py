@@ -15,8 +15,8 @@ from formulas.memory import model_state_bytes
 from formulas.parallel import in_flight_chunks
 from harness.cli import main
 from harness.plan.published import fit_efficiency, load_rows
-from harness.plan.search import PlanRequest, plan
 from harness.plan.refine import candidate_spec, walk_spec
+from harness.plan.search import PlanRequest, plan
 from models.presets import PRESETS
 
 
