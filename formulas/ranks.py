@@ -128,7 +128,7 @@ def _tensor_parallel_walk(spec, local, weights, gradients, optimizer, activation
     head = e * v_rows * h
     positions = arch.max_positions * h if arch.position == "learned" else 0
     hf = spec.measurement.impl == "hf"
-    buffers, inputs = buffer_bytes(arch, spec.measurement.impl, t.attention, e), input_bytes(arch, b, s)
+    buffers, inputs = buffer_bytes(arch, spec.measurement.impl, t.attention, e), input_bytes(arch, b, s) * t.grad_accum
     logits = arch.vocab if hf else v_rows  # transformers' plan gathers the logits whole (HF_GATHERED_LOGITS)
     walk = plain_step_peak(StepBytes(
         weights=weights, buffers=buffers, inputs=inputs, optimizer=optimizer, gradients=gradients,
@@ -137,7 +137,7 @@ def _tensor_parallel_walk(spec, local, weights, gradients, optimizer, activation
         step_copies=4 * sum(sizes) if is_mixed(t.precision) else 0,
         embedding_gradients=e * (v_rows * h * (3 if arch.tied_embeddings else 1) + positions),
         largest_gradient=e * max(sizes), output_activations=output,
-        layer_transient=e * (2 * tokens * h + s * b * (f // tp) + (f // tp) * h),
+        layer_transient=e * (2 * tokens * h + s * b * (f // tp) + (f // tp) * h), grad_accum=t.grad_accum,
         loss_frees_saved_logits=not hf,  # loss_parallel (LOSS_PARALLEL_FREES); transformers' is a plain loss
         # DTensor's vocab-parallel embedding backward: a whole-vocabulary gradient (EMBEDDING_FULL_GRADIENT)
         embedding_transient=e * arch.vocab * h - head if tp > 1 else 0,

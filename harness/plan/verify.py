@@ -47,11 +47,22 @@ class Check:
 
 def _why_not(spec: RunSpec) -> str | None:
     p = spec.parallel
-    if p.zero or (p.dp > 1 and p.dp_shard != "fsdp2"):
+    if p.zero or (p.dp > 1 and p.dp_shard != "fsdp2" and p.tp == 1):
         return "DeepSpeed ZeRO / data-parallel replicas run real collectives: not on fake tensors"
     if p.pp > 1:
         return "torch.distributed.pipelining's p2p warm-up reads a value fake tensors do not have"
     return None
+
+
+def _one_replica(spec: RunSpec) -> tuple[RunSpec, str]:
+    """Tensor parallel over unsharded data-parallel replicas: one replica's ranks hold what every replica's do,
+    and are what runs on fake tensors (the data-parallel gradient all-reduce's buckets are not in it)."""
+    p = spec.parallel
+    if p.dp > 1 and p.dp_shard != "fsdp2" and not p.zero:
+        return spec.replace(
+            gpus=p.tp * p.pp, nodes=1
+        ), "; one data-parallel replica (its all-reduce buckets not included)"
+    return spec, ""
 
 
 def verify(result, n: int, timeout: float = VERIFY_TIMEOUT_S) -> list[Check]:
@@ -74,6 +85,7 @@ def verify(result, n: int, timeout: float = VERIFY_TIMEOUT_S) -> list[Check]:
             checks.append(Check(**base, rank=rank, walk_peak=walk, walk_basis=basis, measured_peak=None,
                                 status="not verifiable", note=reason, seconds=0.0))  # fmt: skip
             continue
+        spec, replica = _one_replica(spec)
         request = json.dumps({"spec": spec.to_dict(), "rank": rank})
         try:
             done = subprocess.run([sys.executable, "-m", "harness.plan.fakerank"], input=request, text=True,
@@ -88,6 +100,7 @@ def verify(result, n: int, timeout: float = VERIFY_TIMEOUT_S) -> list[Check]:
         measured = (out.get("memory_bytes") or {}).get("peak_allocated")
         status = "measured" if measured else "failed"
         checks.append(Check(**base, rank=rank, walk_peak=walk, walk_basis=basis, measured_peak=measured,
-                            status=status, note=out.get("error", "fake tensors, live-bytes tracker (device meta)"),
+                            status=status,
+                            note=out.get("error", "fake tensors, live-bytes tracker (device meta)" + replica),
                             seconds=time.perf_counter() - t0))  # fmt: skip
     return checks
