@@ -140,14 +140,18 @@ def test_largest_micro_batch_against_fake_tensors():
         assert (measured + fixed_overheads <= budget) == fits or abs(measured - peaks[b].peak_bytes) / measured < 0.05
 
 
-def test_fake_rank_is_the_real_rank():
-    """One rank of tp 2 × FSDP2 dp 2 on fake tensors under the fake process group against the same rank measured
-    for real over gloo (4 processes, `tmath measure ... --device cpu`, committed)."""
+@pytest.mark.parametrize("record,settings", [
+    ("real-tp2-fsdp2-gpt2-2l.json", dict(layers=2, seq=128, batch=2, tp=2, dp_shard="fsdp2", gpus=4)),
+    ("real-pp2-tp2-gpt2-4l.json", dict(layers=4, seq=256, batch=1, pp=2, tp=2, microbatches=4, gpus=4)),
+])  # fmt: skip
+def test_fake_rank_is_the_real_rank(record, settings):
+    """Rank 0 of tp 2 × FSDP2 dp 2, and of pp 2 × tp 2 (1F1B, 4 micro-batches), on fake tensors under the fake
+    process group against the same layout measured for real over 4 gloo processes (`tmath measure ... --device
+    cpu`, committed; its peak is the ranks' largest, rank 0's here)."""
     from harness.specbuild import build_spec
 
-    real = json.loads(Path("results/plan/real-tp2-fsdp2-gpt2-2l.json").read_text())
-    spec = build_spec(dict(model="gpt2", layers=2, seq=128, batch=2, tp=2, dp_shard="fsdp2", gpus=4, device="meta",
-                           steps=0, warmup=0))  # fmt: skip
+    real = json.loads(Path(f"results/plan/{record}").read_text())
+    spec = build_spec(dict(model="gpt2", device="meta", steps=0, warmup=0, **settings))
     assert _fake_peak(spec) == pytest.approx(real["measured"]["memory_bytes"]["peak_allocated"], rel=1e-4)
 
 

@@ -29,6 +29,25 @@ def _meshes_outside_fake_mode() -> None:
     DeviceMesh._concatenate = staticmethod(real)
 
 
+def _pipeline_without_warmup_vote() -> None:
+    """torch.distributed.pipelining's P2P warm-up votes on an inference mode and reads the vote (`.item()`),
+    which a fake tensor does not have: the stages are given the static mode (their shapes are known from the
+    example micro-batch, `harness.trainers.pipeline`) without the vote."""
+    try:
+        from torch.distributed.pipelining import schedules
+        from torch.distributed.pipelining._utils import InferenceMode
+    except ImportError:  # an older torch without the vote
+        return
+    if not hasattr(schedules._PipelineSchedule, "_warmup_p2p"):
+        return
+
+    def static(self, stages, has_backward, p2p_done):
+        for stage in stages:
+            stage._inference_mode = InferenceMode.STATIC
+
+    schedules._PipelineSchedule._warmup_p2p = static
+
+
 def main() -> int:
     request = json.loads(sys.stdin.read())
     from formulas.spec import RunSpec
@@ -44,6 +63,7 @@ def main() -> int:
             init_fake_process_group(int(request["rank"]), spec.parallel.gpus)
             build_mesh(spec, "cpu")
             _meshes_outside_fake_mode()
+            _pipeline_without_warmup_vote()
         measure(spec, measured)
     except UsageError as exc:
         print(json.dumps({"error": str(exc).splitlines()[0]}))

@@ -3,9 +3,8 @@ and the engine walk's (`formulas.predict`, `formulas.ranks`).
 
 Each rank runs in a subprocess of its own (`harness.plan.fakerank`: the fake process group is process-wide)
 on `--device meta`: shapes without data, every tensor the step makes counted by the live-bytes tracker. What
-cannot run so is said with its reason: DeepSpeed's ZeRO (real collectives), torch's pipeline schedules
-(`harness.trainers.FAKE_RANK_LAYOUTS`), data parallel replicas without
-sharding (no torch engine here).
+cannot run so is said with its reason: DeepSpeed's ZeRO (real collectives), data-parallel replicas
+without sharding beside a pipeline. Tensor parallel over unsharded replicas is measured as one replica.
 """
 
 from __future__ import annotations
@@ -49,8 +48,8 @@ def _why_not(spec: RunSpec) -> str | None:
     p = spec.parallel
     if p.zero or (p.dp > 1 and p.dp_shard != "fsdp2" and p.tp == 1):
         return "DeepSpeed ZeRO / data-parallel replicas run real collectives: not on fake tensors"
-    if p.pp > 1:
-        return "torch.distributed.pipelining's p2p warm-up reads a value fake tensors do not have"
+    if p.pp > 1 and (p.dp > 1 or p.zero):
+        return "a pipeline with data parallel replicas runs DeepSpeed or replicas tmath does not run"
     return None
 
 

@@ -107,20 +107,12 @@ def _torch_parallel_checks(spec: RunSpec, device: str) -> None:
         raise UsageError("--deepspeed-config configures a DeepSpeed run; this layout runs torch's engines")
 
 
-FAKE_RANK_LAYOUTS = "tensor parallel, FSDP2, and FSDP2 over tensor parallel"
-"""What one rank of a layout is measured as on fake tensors under the fake process group (`tmath plan --verify`):
-torch.distributed.pipelining's p2p warm-up reads a value (`.item()`) that fake tensors do not have."""
-
-
 def _fake_rank_checks(spec: RunSpec, layout: str) -> None:
     from harness.trainers.mesh import fake_process_group
 
     if not fake_process_group():
         raise UsageError(f"--device meta measures one process with fake tensors; {layout} runs one process per rank "
                          "(`tmath plan --verify` dry-runs one rank of it)")  # fmt: skip
-    p = spec.parallel
-    if p.pp > 1:
-        raise UsageError(f"{layout} is not measured on fake tensors: only {FAKE_RANK_LAYOUTS}")
 
 
 def _deepspeed_checks(spec: RunSpec, device: str) -> None:
