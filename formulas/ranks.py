@@ -116,7 +116,7 @@ LOSS_PARALLEL_FREES = (
 )
 
 
-def _tensor_parallel_walk(spec, local, weights, gradients, optimizer, activations, output, v_rows, e):
+def _tensor_parallel_walk(spec, local, weights, gradients, optimizer, activations, output, v_rows, e, whole_vocab=0):
     """`formulas.peak.plain_step_peak` over one tensor-parallel rank's bytes: the plain trainer's step on its
     local shards, the loss on its V/t logits."""
     arch, t, p = spec.model.arch, spec.training, spec.parallel
@@ -134,7 +134,7 @@ def _tensor_parallel_walk(spec, local, weights, gradients, optimizer, activation
         weights=weights, buffers=buffers, inputs=inputs, optimizer=optimizer, gradients=gradients,
         activations=activations, logits_model=e * s * b * logits, logits_fp32=4 * s * b * logits,
         head_gradient=head, tied=arch.tied_embeddings, step_temporaries=temporaries,
-        step_copies=4 * sum(sizes) if is_mixed(t.precision) else 0,
+        step_copies=4 * (sum(sizes) + whole_vocab) if is_mixed(t.precision) else 0,
         embedding_gradients=e * (v_rows * h * (3 if arch.tied_embeddings else 1) + positions),
         largest_gradient=e * max(sizes), output_activations=output,
         layer_transient=e * (2 * tokens * h + s * b * (f // tp) + (f // tp) * h), grad_accum=t.grad_accum,
@@ -201,7 +201,8 @@ def _fsdp_walk(spec, tensors, local, held, gradients, activations, e, v_rows) ->
     return moment, moments[moment]
 
 
-def _pipeline_walk(spec, stages, local, weights, gradients, optimizer, per_stage, count, output, v_rows, e):
+def _pipeline_walk(spec, stages, local, weights, gradients, optimizer, per_stage, count, output, v_rows, e,
+                   whole_vocab=0):  # fmt: skip
     """`formulas.peak.plain_step_peak` over one pipeline rank at the two backwards that can decide its peak:
     the first, with `count` stage forwards in flight and no gradients yet, and the second, beside the gradients
     the first made (accumulated in place from then on; all of the rank's, as an upper bound with several
@@ -240,12 +241,12 @@ def _pipeline_walk(spec, stages, local, weights, gradients, optimizer, per_stage
         return total
 
     walks = [_pipeline_backward(spec, weights, receive, ids, optimizer, gradients, alive(count), 1, head, Le, L32, e,
-                                v_rows, temporaries, sizes, embedding, positions, output, hidden)]  # fmt: skip
+                                v_rows, temporaries, sizes, embedding, positions, output, hidden, whole_vocab)]  # fmt: skip
     forwards = M * len(stages)  # stage forwards on this rank in a step
     if forwards > 1:
         walks.append(_pipeline_backward(spec, weights, receive, ids, optimizer, gradients, alive(min(count, forwards - 1)),
                                         2, head, Le, L32, e, v_rows, temporaries, sizes, embedding, positions, output,
-                                        hidden))  # fmt: skip
+                                        hidden, whole_vocab))  # fmt: skip
     return max(walks, key=lambda w: w.bytes)
 
 
@@ -269,6 +270,7 @@ def _pipeline_backward(
     positions,
     output,
     hidden,
+    whole_vocab=0,
 ):
     """One backward of `_pipeline_walk` (`accumulated` 2: the gradients of an earlier one are live)."""
     arch, t, p = spec.model.arch, spec.training, spec.parallel
@@ -277,7 +279,8 @@ def _pipeline_backward(
         weights=weights, buffers=buffer_bytes(arch, "reference", t.attention, e) + receive,
         inputs=input_bytes(arch, b, s) * M + ids, optimizer=optimizer, gradients=gradients, activations=activations,
         logits_model=Le if head else hidden, logits_fp32=L32 if head else 0, head_gradient=e * v_rows * h if head else 0,
-        tied=False, step_temporaries=temporaries, step_copies=4 * sum(sizes) if is_mixed(t.precision) else 0,
+        tied=False, step_temporaries=temporaries,
+        step_copies=4 * (sum(sizes) + whole_vocab) if is_mixed(t.precision) else 0,
         grad_accum=accumulated, embedding_gradients=e * (v_rows * h + positions) if embedding else 0,
         largest_gradient=e * max(sizes), output_activations=output if head else 0,
         layer_transient=e * (2 * (s // tp if sp else s) * b * h + s * b * (arch.ffn_hidden // tp)
@@ -369,6 +372,11 @@ def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
             # (EMBEDDING_GRADIENT_VIEW); a tied head's gradient is added to it out of place, a local tensor.
             wte_rows = shard_sizes(arch.vocab, tp)[c["tp"]]
             gradients += w_bytes * (arch.vocab - wte_rows) * h
+            # ... and the mixed step's fp32 copy of that gradient is of the whole vocabulary too (measured:
+            # results/plan/real-pp2-tp2-gpt2-4l.json, +4·(V − V/t)·h at the optimizer step).
+            whole_vocab = (arch.vocab - wte_rows) * h
+        else:
+            whole_vocab = 0
         steps = 4 * len(local) if t.optimizer == "adamw" else 0  # AdamW's fp32 `step` per tensor
         optimizer = (state + master) * elements + steps
         v_rows = shard_sizes(arch.vocab, tp)[c["tp"]]
@@ -394,10 +402,12 @@ def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
         held = weights + optimizer + buffer_bytes(arch, "reference", t.attention, e) + input_bytes(arch, b, s) * M
         peak, basis = held + gradients + in_flight, SUM_BASIS
         if p.pp == 1 and not fsdp:
-            walk = _tensor_parallel_walk(spec, local, weights, gradients, optimizer, activations, out, v_rows, e)
+            walk = _tensor_parallel_walk(spec, local, weights, gradients, optimizer, activations, out, v_rows, e,
+                                         whole_vocab)  # fmt: skip
             peak, basis = walk.bytes, f"phase walk: {walk.moment} ({walk.phase})"
         elif p.pp > 1:
-            walk = _pipeline_walk(spec, stages, local, weights, gradients, optimizer, per_stage, count, out, v_rows, e)
+            walk = _pipeline_walk(spec, stages, local, weights, gradients, optimizer, per_stage, count, out, v_rows, e,
+                                  whole_vocab)  # fmt: skip
             peak, basis = walk.bytes, f"pipeline walk: {walk.moment} ({walk.phase})"
         elif fsdp:
             saved_gathered = departures.get("fsdp_unsharded_saved", 0) * n_blocks + (
