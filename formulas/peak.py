@@ -322,6 +322,14 @@ def _activations(spec: RunSpec, device: str, paper: int) -> _Saved:
                   variant.loss_logit_bytes, scores)  # fmt: skip
 
 
+def for_loop_adamw_temporaries(tensors: list[int], state_bytes: int) -> int:
+    """The for-loop AdamW's (`_single_tensor_adamw`) largest live temporaries over tensors of these sizes, in
+    the order it steps them: sqrt(v), then its quotient `denom`, while the previous tensor's `denom` is still
+    bound to the loop's local variable."""
+    previous = [0, *tensors[:-1]]
+    return state_bytes * max(2 * n + p for n, p in zip(tensors, previous, strict=True))
+
+
 def step_bytes(spec: RunSpec, states: ModelStates, paper_activations: int) -> StepBytes:
     """The bytes one steady step of the plain trainer handles, for the implementation and device of `spec`."""
     arch, t = spec.model.arch, spec.training
@@ -348,10 +356,7 @@ def step_bytes(spec: RunSpec, states: ModelStates, paper_activations: int) -> St
         temporaries = 0  # fused AdamW (harness.trainers.plain on CUDA): no per-tensor temporaries
         unmodelled.append("optimizer step: fused AdamW's workspace on CUDA (not yet measured on a GPU)")
     elif adamw:
-        # for-loop AdamW (`_single_tensor_adamw`): sqrt(v), then its quotient `denom`, while the previous
-        # tensor's `denom` is still bound to the loop's local variable.
-        previous = [0, *tensors[:-1]]
-        temporaries = state_bytes * max(2 * n + p for n, p in zip(tensors, previous, strict=True))
+        temporaries = for_loop_adamw_temporaries(tensors, state_bytes)
     else:
         temporaries = 0  # SGD with momentum updates in place
     if t.optimizer == "adam8bit":

@@ -30,7 +30,7 @@ from formulas.parallel import (
     stage_layers,
     tp_local_shape,
 )
-from formulas.peak import StepBytes, plain_step_peak
+from formulas.peak import StepBytes, for_loop_adamw_temporaries, plain_step_peak
 from formulas.precision import MASTER_COPY_BYTES, activation_bytes_per_element, compute_dtype, is_mixed
 from formulas.units import ceil_div
 from formulas.variants import activation_variant, layer_account, outside_account
@@ -152,9 +152,7 @@ def step_temporaries(spec, sizes: list[int]) -> int:
     t = spec.training
     if t.optimizer != "adamw" or spec.measurement.device == "cuda":
         return 0
-    state_bytes = 4 if is_mixed(t.precision) or t.precision == "fp32" else 2
-    previous = [0, *sizes[:-1]]
-    return state_bytes * max(2 * n + q for n, q in zip(sizes, previous, strict=True))
+    return for_loop_adamw_temporaries(sizes, 4 if is_mixed(t.precision) or t.precision == "fp32" else 2)
 
 
 def _fsdp_walk(spec, tensors, local, held, gradients, activations, e, v_rows) -> tuple[str, int]:

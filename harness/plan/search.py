@@ -35,6 +35,7 @@ from formulas.calibration import ALL_PHASES, Calibration
 from formulas.interconnect import interconnect
 from formulas.layouts import parameter_tensors
 from formulas.params import largest_module_params, parameter_count, pipeline_stage_params
+from formulas.peak import for_loop_adamw_temporaries
 from formulas.precision import (
     activation_bytes_per_element,
     compute_dtype,
@@ -186,9 +187,9 @@ def _tables(req: PlanRequest, tps: list[int], pps: list[int]) -> dict:
     hw = np.array(
         [model_token + compute.recompute_flops_per_token(params, rc, arch, s) for rc in RECOMPUTE], dtype=np.float64
     )
-    tensors = parameter_tensors(arch, "reference")
     state = 4 if is_mixed(req.precision) or req.precision == "fp32" else weight_bytes_per_param(req.precision)
-    loop = state * max(2 * n + p for n, p in zip(tensors, [0, *tensors[:-1]], strict=True))
+    # The plain trainer's for-loop AdamW off CUDA (`formulas.peak`); SGD updates in place.
+    loop = for_loop_adamw_temporaries(parameter_tensors(arch, "reference"), state) if req.optimizer == "adamw" else 0
     return {"loop": loop, "layer": layer, "emb": emb, "out": out, "first": np.array([st[0] for st in stages], dtype=np.float64),
             "last": np.array([st[-1] for st in stages], dtype=np.float64), "hw": hw, "model_token": model_token,
             "params": params, "e": e}  # fmt: skip
