@@ -44,6 +44,7 @@ from formulas.precision import (
     optimizer_bytes_per_param,
     weight_bytes_per_param,
 )
+from formulas.units import ceil_div
 
 RECOMPUTE = ("none", "selective", "full")
 SHARDING = ((0, False), (1, False), (2, False), (3, False), (0, True))
@@ -196,7 +197,8 @@ def _tables(req: PlanRequest, tps: list[int], pps: list[int]) -> dict:
 
 
 def score(req: PlanRequest) -> tuple[dict, dict, Plan]:
-    """Every candidate's peak, fit and step time, as arrays; and the plan's constants."""
+    """Every candidate's peak, fit and step time, as arrays; the constants they share; and the plan without its
+    candidates."""
     arch = req.arch
     gpu = hardware.get_gpu(req.gpu)
     ic = interconnect(req.gpu)
@@ -227,10 +229,10 @@ def score(req: PlanRequest) -> tuple[dict, dict, Plan]:
     # Without DeepSpeed a layout runs on torch's engines (FSDP2, DTensor): DTensor's sequence-parallel linears
     # save their gathered input (`formulas.ranks.SP_GATHERED_INPUT`, measured): + 2·e·s·h·(1 − 1/t) per layer
     # and sequence. Under DeepSpeed's ZeRO the tensor parallelism is Megatron's, which re-gathers instead.
-    e_act = activation_bytes_per_element(req.precision)
+    e = tb["e"]
     torch_engine = fsdp | (zero == 0)
-    layer = layer + (torch_engine & g["sp"] & (g["rc"] != 2)) * 2 * e_act * req.seq * arch.hidden * (1 - 1 / tp)
-    layers = -(-arch.n_layers // pp)
+    layer = layer + (torch_engine & g["sp"] & (g["rc"] != 2)) * 2 * e * req.seq * arch.hidden * (1 - 1 / tp)
+    layers = ceil_div(arch.n_layers, pp)
     accumulating = 1 * ((M > 1) | pipeline)
     # The step's fp32 gradient copies (mixed precision), and DeepSpeed's foreach AdamW temporaries (ZeRO ≥ 1;
     # the plain trainer and FSDP2 on CUDA step with fused AdamW).
@@ -242,14 +244,13 @@ def score(req: PlanRequest) -> tuple[dict, dict, Plan]:
     step_extra_per_param = (fp.FP32_GRADIENT_BYTES if is_mixed(req.precision) else 0) + temporaries * deepspeed
     plain = (zero == 0) & ~fsdp & (tp == 1) & (pp == 1)
     loop_temporaries = 0 if cuda else plain * tb["loop"]
-    e = tb["e"]
     f_inner = arch.ffn_hidden
     # The top layer's MLP backward (`formulas.peak.StepBytes.layer_transient`): the incoming gradient and its
     # residual copy, the projection's input gradient (split by t) and its weight gradient.
     transient = e * (b * req.seq * (2 * arch.hidden + f_inner / tp) + f_inner * arch.hidden / tp)
-    peaks, parts = [], []
-    for stage, key in (("first", "first"), ("last", "last")):
-        P = -(-tb[key][ppi] // tp)
+    peaks, parts, params = [], [], {}
+    for stage in ("first", "last"):
+        P = params[stage] = ceil_div(tb[stage][ppi], tp)
         weights, grads, optim, live = fp.model_states(P, dp, zero, fsdp, g["offload"], w=w, g=gb, o=o,
                                                       largest=largest, tp=tp)  # fmt: skip
         rank = np.zeros_like(pp) if stage == "first" else pp - 1
@@ -257,7 +258,7 @@ def score(req: PlanRequest) -> tuple[dict, dict, Plan]:
         first = 1 * ((stage == "first") | ~pipeline)
         last = 1 * ((stage == "last") | ~pipeline)
         logits = LOSS_LOGIT_BYTES * req.seq * b * arch.vocab / tp
-        opt_part = np.where((zero >= 1) | fsdp, -(-P // dp), P) * (1 - g["offload"])
+        opt_part = np.where((zero >= 1) | fsdp, ceil_div(P, dp), P) * (1 - g["offload"])
         peak, acts = fp.stage_peak(
             states=weights + optim + live, gradients=grads, accumulating=accumulating, layer_bytes=layer * b,
             layers=layers, held=held, embedding=first * tb["emb"][tpi, g["sp"].astype(np.int64)] * b,
@@ -290,20 +291,18 @@ def score(req: PlanRequest) -> tuple[dict, dict, Plan]:
     multi_node = req.gpus > req.gpus_per_node
     pp_gbps = np.where(tp * pp > req.gpus_per_node, per_gpu_network, intra)
     dp_gbps = per_gpu_network if multi_node else intra
-    P_first = -(-tb["first"][ppi] // tp)
     tp_coll = fp.TP_ALL_REDUCES + fp.TP_RECOMPUTE_ALL_REDUCES * (g["rc"] == 2)
     terms = fp.step_terms(
         tokens=tokens, gpus=req.gpus, hw_flops_per_token=tb["hw"][g["rc"]], tflops=efficiency * peak_tflops, pp=pp,
-        v=v, M=M, tp=tp, layers=layers, tp_collectives=tp_coll, act_bytes=tb["e"] * b * req.seq * arch.hidden,
-        dp=dp, zero=zero, fsdp=1 * fsdp, grad_bytes=gb * P_first, weight_bytes=w * P_first, tp_gbps=intra,
+        v=v, M=M, tp=tp, layers=layers, tp_collectives=tp_coll, act_bytes=e * b * req.seq * arch.hidden,
+        dp=dp, zero=zero, fsdp=1 * fsdp, grad_bytes=gb * params["first"], weight_bytes=w * params["first"], tp_gbps=intra,
         pp_gbps=pp_gbps, dp_gbps=dp_gbps, offload=g["offload"], pcie_gbps=ic.pcie_gbps,
     )  # fmt: skip
     seconds = fp.step_seconds(terms)
     arrays = {**g, "M": M, "peak": peak, "device": device, "fits": fits, "busiest": busiest, "seconds": seconds,
               "divisible": divisible, "split_ok": split_ok, "supported": supported, "terms": terms,
               "parts": parts, "mfu": fp.mfu(tokens, tb["model_token"], seconds, req.gpus, peak_tflops)}  # fmt: skip
-    constants = {"tokens": tokens, "peak_tflops": peak_tflops, "memory": memory, "overheads": overheads,
-                 "reserve": reserve, "fixed": fixed}  # fmt: skip
+    constants = {"tokens": tokens, "memory": memory, "reserve": reserve, "fixed": fixed}
     shell = Plan(req, [], {}, 0, 0, efficiency, eff_source, memory, overheads,
                  {"intra_node_gbps": intra, "node_network_gbps": network, "pcie_gbps": ic.pcie_gbps,
                   "network_assumed": ic.assumed and req.inter_node_gbps is None}, UNMODELLED)  # fmt: skip
@@ -359,8 +358,7 @@ def plan(req: PlanRequest, top: int = 5) -> Plan:
         candidates.append(screened)
         if len(candidates) >= top:
             break
-    return Plan(req, candidates, rejected, int(n), int(n // nb), shell.efficiency, shell.efficiency_source,
-                shell.memory_limit, shell.overheads, shell.bandwidths, shell.unmodelled)  # fmt: skip
+    return replace(shell, candidates=candidates, rejected=rejected, searched=int(n), layouts=int(n // nb))
 
 
 MAX_WALKS = 200
