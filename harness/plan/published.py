@@ -90,16 +90,26 @@ def predicted(row: dict, efficiency: float) -> dict | None:
     return {"mfu": c.mfu, "hardware_tflops": hw_tflops, "step_seconds": c.step_seconds}
 
 
+def _published(row: dict) -> tuple[str, float] | None:
+    """The row's metric (the prediction's key) and its published value; None when it publishes neither."""
+    if row["source"] in HARDWARE_TFLOPS_SOURCES and _float(row["published_tflops_per_gpu"]):
+        return "hardware_tflops", _float(row["published_tflops_per_gpu"])
+    if _float(row["published_mfu"]):
+        return "mfu", _float(row["published_mfu"])
+    return None
+
+
+def _error(row: dict, p: dict | None) -> float | None:
+    published = _published(row)
+    if p is None or published is None:
+        return None
+    key, value = published
+    return p[key] / value - 1
+
+
 def row_error(row: dict, efficiency: float) -> float | None:
     """predicted / published − 1 in the row's metric (None when it cannot be scored)."""
-    p = predicted(row, efficiency)
-    if p is None:
-        return None
-    if row["source"] in HARDWARE_TFLOPS_SOURCES and _float(row["published_tflops_per_gpu"]):
-        return p["hardware_tflops"] / _float(row["published_tflops_per_gpu"]) - 1
-    if _float(row["published_mfu"]):
-        return p["mfu"] / _float(row["published_mfu"]) - 1
-    return None
+    return _error(row, predicted(row, efficiency))
 
 
 def split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -126,15 +136,12 @@ def fit_efficiency(rows: list[dict]) -> dict:
     best = min(fine, key=lambda e: median_abs(e, scored))
     per_row = []
     for r in rows:
-        err = row_error(r, best)
         p = predicted(r, best)
+        key, value = _published(r) or ("mfu", None)
         per_row.append({"row_id": r["row_id"], "source": r["source"], "model": r["model"], "gpu": r["gpu"],
                         "gpus": _int(r["gpus"]), "half": "fit" if r in fit_rows else "held out",
-                        "metric": "hardware TFLOP/s" if r["source"] in HARDWARE_TFLOPS_SOURCES else "MFU",
-                        "published": _float(r["published_tflops_per_gpu"]) if r["source"] in HARDWARE_TFLOPS_SOURCES
-                        else _float(r["published_mfu"]), "predicted": None if p is None else (
-                            p["hardware_tflops"] if r["source"] in HARDWARE_TFLOPS_SOURCES else p["mfu"]),
-                        "error": err})  # fmt: skip
+                        "metric": "hardware TFLOP/s" if key == "hardware_tflops" else "MFU", "published": value,
+                        "predicted": None if p is None else p[key], "error": _error(r, p)})  # fmt: skip
     held = [x["error"] for x in per_row if x["half"] == "held out" and x["error"] is not None]
     fitted = [x["error"] for x in per_row if x["half"] == "fit" and x["error"] is not None]
     return {
