@@ -57,13 +57,19 @@ def walk_spec(spec: RunSpec, *, fsdp: bool = False) -> tuple[int | None, str, in
     return peak.bytes, f"formulas.peak: {peak.moment}", 0
 
 
+def one_replica(spec: RunSpec) -> RunSpec:
+    """Tensor/pipeline parallel over unsharded data-parallel replicas as one replica (gpus = t·pp): every
+    replica's ranks hold what its own do, less the data-parallel all-reduce's buckets. Other specs as they are."""
+    p = spec.parallel
+    if p.dp > 1 and not p.zero and p.dp_shard != "fsdp2" and (p.tp > 1 or p.pp > 1):
+        return spec.replace(gpus=p.tp * p.pp, nodes=1)
+    return spec
+
+
 def engine_walk(request, layout: dict, micro_batch: int, grad_accum: int) -> tuple[int | None, str]:
-    """The walk's peak of a layout's busiest rank. Tensor/pipeline layouts without sharding are walked over one
-    data-parallel replica (gpus = t·pp): every replica's ranks hold the same."""
+    """The walk's peak of a layout's busiest rank (`one_replica` of it)."""
     try:
-        spec = candidate_spec(request, layout, micro_batch, grad_accum)
-        if not layout["zero"] and not layout["fsdp"] and (layout["tp"] > 1 or layout["pp"] > 1):
-            spec = spec.replace(gpus=layout["tp"] * layout["pp"], nodes=1)
+        spec = one_replica(candidate_spec(request, layout, micro_batch, grad_accum))
     except ValueError as exc:
         return None, f"no engine walk: {str(exc).splitlines()[0]}"
     peak, basis, _ = walk_spec(spec)

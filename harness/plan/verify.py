@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from formulas.spec import RunSpec
-from harness.plan.refine import candidate_spec, walk_spec
+from harness.plan.refine import candidate_spec, one_replica, walk_spec
 
 VERIFY_TIMEOUT_S = 900
 
@@ -53,17 +53,6 @@ def _why_not(spec: RunSpec) -> str | None:
     return None
 
 
-def _one_replica(spec: RunSpec) -> tuple[RunSpec, str]:
-    """Tensor parallel over unsharded data-parallel replicas: one replica's ranks hold what every replica's do,
-    and are what runs on fake tensors (the data-parallel gradient all-reduce's buckets are not in it)."""
-    p = spec.parallel
-    if p.dp > 1 and p.dp_shard != "fsdp2" and not p.zero:
-        return spec.replace(
-            gpus=p.tp * p.pp, nodes=1
-        ), "; one data-parallel replica (its all-reduce buckets not included)"
-    return spec, ""
-
-
 def verify(result, n: int, timeout: float = VERIFY_TIMEOUT_S) -> list[Check]:
     checks = []
     for candidate in result.candidates[:n]:
@@ -84,7 +73,9 @@ def verify(result, n: int, timeout: float = VERIFY_TIMEOUT_S) -> list[Check]:
             checks.append(Check(**base, rank=rank, walk_peak=walk, walk_basis=basis, measured_peak=None,
                                 status="not verifiable", note=reason, seconds=0.0))  # fmt: skip
             continue
-        spec, replica = _one_replica(spec)
+        replica = one_replica(spec)
+        note = "; one data-parallel replica (its all-reduce buckets not included)" if replica is not spec else ""
+        spec = replica
         request = json.dumps({"spec": spec.to_dict(), "rank": rank})
         try:
             done = subprocess.run([sys.executable, "-m", "harness.plan.fakerank"], input=request, text=True,
@@ -100,6 +91,6 @@ def verify(result, n: int, timeout: float = VERIFY_TIMEOUT_S) -> list[Check]:
         status = "measured" if measured else "failed"
         checks.append(Check(**base, rank=rank, walk_peak=walk, walk_basis=basis, measured_peak=measured,
                             status=status,
-                            note=out.get("error", "fake tensors, live-bytes tracker (device meta)" + replica),
+                            note=out.get("error", "fake tensors, live-bytes tracker (device meta)" + note),
                             seconds=time.perf_counter() - t0))  # fmt: skip
     return checks
