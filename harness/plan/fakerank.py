@@ -3,8 +3,9 @@
     python -m harness.plan.fakerank < request.json    # {"spec": RunSpec.to_dict(), "rank": R}
 
 prints one JSON line: the rank's measured bytes (`harness.records.MemoryBytes`) and FLOPs, or {"error": ...}.
-The mesh is built before fake-tensor mode is entered (`harness.trainers.mesh.build_mesh` keeps it), then
-`harness.measure.measure` runs the single-process protocol on `--device meta` (`tmath plan --verify`).
+`harness.measure.measure` runs the single-process protocol on `--device meta` (`tmath plan --verify`); the
+trainers' mesh is built with fake-tensor mode set aside (`harness.trainers.mesh.build_mesh`), and so are the
+two things torch does inside: FSDP2's mesh concatenation and the pipeline schedules' warm-up vote (below).
 """
 
 from __future__ import annotations
@@ -54,14 +55,13 @@ def main() -> int:
     from harness.errors import UsageError
     from harness.measure import measure
     from harness.records import Measurement
-    from harness.trainers.mesh import build_mesh, init_fake_process_group
+    from harness.trainers.mesh import init_fake_process_group
 
     spec = RunSpec.from_dict(request["spec"])
     measured = Measurement()
     try:
         if spec.parallel.gpus > 1:
             init_fake_process_group(int(request["rank"]), spec.parallel.gpus)
-            build_mesh(spec, "cpu")
             _meshes_outside_fake_mode()
             _pipeline_without_warmup_vote()
         measure(spec, measured)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from formulas.spec import RunSpec
@@ -26,8 +27,6 @@ FAKE_BACKEND = "fake"
 """torch's single-process stand-in for a job (`torch.testing._internal.distributed.fake_pg`): one process is
 rank R of N, collectives return tensors of the right shapes without moving data. `tmath plan --verify`
 measures one rank of a layout so, on fake tensors."""
-
-_LAYOUTS: dict[tuple, Layout] = {}
 
 
 def init_fake_process_group(rank: int, world_size: int) -> None:
@@ -65,22 +64,16 @@ class Layout:
 
 
 def build_mesh(spec: RunSpec, device_type: str) -> Layout:
-    """The dp × pp × tp mesh of `spec` over every rank of the job, built once per process (a dry run builds
-    it before entering fake-tensor mode, whose tensors a mesh cannot be made of, and finds it here)."""
+    """The dp × pp × tp mesh of `spec` over every rank of the job. Its rank tensors are real even when the
+    trainer is built in fake-tensor mode (a dry run, `tmath plan --verify`): a mesh cannot be made of fake
+    tensors, so the mode is set aside while it is built."""
     init_process_group(device_type)
     p = spec.parallel
     sizes = {"dp": p.dp, "pp": p.pp, "tp": p.tp}
-    key = (device_type, p.dp, p.pp, p.tp)
-    if key not in _LAYOUTS:
-        _LAYOUTS[key] = _build(sizes, p.gpus, device_type)
-    return _LAYOUTS[key]
-
-
-def _build(sizes: dict[str, int], gpus: int, device_type: str) -> Layout:
-    p_dp, p_pp, p_tp = sizes["dp"], sizes["pp"], sizes["tp"]
     world = dist.get_world_size()
-    if world != gpus:
-        raise RuntimeError(f"{world} ranks started for a layout of {gpus} (dp {p_dp} × pp {p_pp} × tp {p_tp})")
-    mesh = init_device_mesh(device_type, tuple(sizes[d] for d in DIMS), mesh_dim_names=DIMS)
-    coords = {d: mesh.get_local_rank(d) for d in DIMS}
+    if world != p.gpus:
+        raise RuntimeError(f"{world} ranks started for a layout of {p.gpus} (dp {p.dp} × pp {p.pp} × tp {p.tp})")
+    with unset_fake_temporarily():
+        mesh = init_device_mesh(device_type, tuple(sizes[d] for d in DIMS), mesh_dim_names=DIMS)
+        coords = {d: mesh.get_local_rank(d) for d in DIMS}
     return Layout(mesh=mesh, rank=dist.get_rank(), world_size=world, coords=coords, sizes=sizes)
