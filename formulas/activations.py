@@ -17,8 +17,9 @@ and m free, one layer stores
     replicated over t:   attention input e + attention dropout mask m + MLP input e
                          + MLP dropout mask m + two norm inputs 2e              = (4e + 2m)·sbh
     split over t:        Q e·sbh + K, V e·sb·kv_width each + projection input e·sbh
-                         + MLP inner (GeLU: input and output e·sbf each; SwiGLU: gate, up,
-                           silu(gate), product e·sbf each)
+                         (Q and the projection input a·d wide where the head size d is set apart)
+                         + MLP inner (GeLU: input and output e·sbf each; ReLU: its output;
+                           SwiGLU/GeGLU: gate, up, act(gate), product e·sbf each)
     scores (eager):      softmax output e + dropout mask m + dropout output e   = (2e + m)·a·s²·b
 
 which is the paper's 34 + 5as/h for e = 2, m = 1, and 66 + 9as/h for fp32 with 4-byte masks.
@@ -32,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal, get_args
 
-from formulas.architecture import Architecture
+from formulas.architecture import Architecture, unmodelled_features
 from formulas.units import ceil_div
 
 Recompute = Literal["none", "selective", "full"]
@@ -43,6 +44,10 @@ ATTENTIONS: tuple[str, ...] = get_args(Attention)
 
 LOSS_LOGIT_BYTES = 4
 """The cross-entropy works on fp32 logits whatever the model dtype (Korthikanti et al.: 4·s·b·v)."""
+
+INNER_TENSORS = {"gelu": 2, "relu": 1, "swiglu": 4, "geglu": 4}
+"""f-wide tensors an MLP keeps: GeLU its input and output; ReLU its output (the projection's input too);
+SwiGLU/GeGLU the gate, the up projection, act(gate) and the product."""
 
 LSE_BYTES = 4
 """Flash attention's saved log-sum-exp is fp32 (FlashAttention-2, `softmax_lse`)."""
@@ -85,6 +90,9 @@ def layer_terms(
         raise ValueError(f"recompute must be one of {', '.join(RECOMPUTES)}, got {recompute!r}")
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+    missing = unmodelled_features(arch)
+    if missing:
+        raise ValueError(f"activations of {', '.join(missing)} are not modelled yet (parameters and model states are)")
     e = elem_bytes
     s, b, h, a = seq, batch, arch.hidden, arch.n_heads
     sbh = s * b * h
@@ -93,10 +101,11 @@ def layer_terms(
         return LayerActivations(replicated=e * sbh, sharded=0, scores=0)
     dropout = arch.dropout > 0
     m = mask_bytes if dropout else 0
-    stats_per_norm = 2 if arch.norm == "layernorm" else 1
+    stats_per_norm = 1 if arch.norm == "rmsnorm" else 2  # LayerNorm: mean and 1/std
     replicated = (4 * e + 2 * m) * sbh + 2 * stats_per_norm * s * b * stats_bytes
-    inner = (2 if arch.mlp == "gelu" else 4) * e * s * b * arch.ffn_hidden
-    sharded = 2 * e * sbh + 2 * e * s * b * arch.kv_width + inner
+    inner = INNER_TENSORS[arch.mlp] * e * s * b * arch.ffn_hidden
+    # Q and the projection's input are a·d wide (= h unless the head size is set apart), K and V kv_width.
+    sharded = 2 * e * s * b * arch.q_width + 2 * e * s * b * arch.kv_width + inner
     if recompute == "selective":
         scores = 0  # the attention core is recomputed in the backward pass
     elif attention == "flash":

@@ -13,13 +13,19 @@ from formulas.settings import bounded, check_fields
 
 Family = Literal["decoder", "encoder"]
 Position = Literal["learned", "rotary", "none"]
-Norm = Literal["layernorm", "rmsnorm"]
-MLP = Literal["gelu", "swiglu"]
+Norm = Literal["layernorm", "rmsnorm", "layernorm-noparam"]
+MLP = Literal["gelu", "swiglu", "geglu", "relu"]
+QKNorm = Literal["none", "head", "full"]
+NormPlacement = Literal["pre", "post", "branch-post", "sandwich"]
 
 FAMILIES: tuple[str, ...] = get_args(Family)
 POSITIONS: tuple[str, ...] = get_args(Position)
 NORMS: tuple[str, ...] = get_args(Norm)
 MLPS: tuple[str, ...] = get_args(MLP)
+QK_NORMS: tuple[str, ...] = get_args(QKNorm)
+NORM_PLACEMENTS: tuple[str, ...] = get_args(NormPlacement)
+GATED_MLPS: tuple[str, ...] = ("swiglu", "geglu")
+"""MLPs with three matrices (gate, up, down): Shazeer 2020, "GLU Variants Improve Transformer"."""
 
 SHAPE_KEYS: tuple[str, ...] = (
     "layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab", "max_positions",
@@ -54,13 +60,14 @@ class Architecture:
     position: Position = "learned"
     """`learned` (GPT-2, BERT: a table of max_positions × h), `rotary` (no parameters) or `none`."""
     norm: Norm = "layernorm"
-    """`layernorm` (weight and bias) or `rmsnorm` (weight only)."""
+    """`layernorm` (weight and bias), `rmsnorm` (weight only) or `layernorm-noparam` (no parameters, OLMo)."""
     bias: bool = True
-    """Whether the attention and MLP linear layers carry biases (GPT-2, Pythia, BERT yes; Llama no)."""
+    """Whether the attention and MLP linear layers carry biases (GPT-2, Pythia, BERT yes; Llama no): the default
+    of `qkv_bias`, `out_bias` and `mlp_bias`, which a config sets apart."""
     tied_embeddings: bool = True
     """Whether the output projection reuses the token-embedding matrix (GPT-2, BERT)."""
     mlp: MLP = "gelu"
-    """`gelu`: two matrices h→f→h. `swiglu`: three matrices (gate, up, down), Llama."""
+    """`gelu` or `relu` (OPT): two matrices h→f→h. `swiglu` (Llama) or `geglu` (Gemma): three (gate, up, down)."""
     family: Family = "decoder"
     """`decoder` (GPT: causal, pre-LN, final norm, LM head) or `encoder` (BERT: bidirectional, post-LN)."""
     dropout: float = bounded(0.1, minimum=0.0)
@@ -73,6 +80,43 @@ class Architecture:
     """Encoder only: the masked-LM head (dense h×h, norm, decoder tied to the word embeddings, bias v)."""
     nsp_head: bool = False
     """Encoder only: the next-sentence classifier (h×2) on the pooled output."""
+    # ---- fields of the model families beyond GPT-2/NeoX/Llama/BERT (issue 12); omitted from `to_dict`
+    # when they hold what an older record meant, so that those records' spec keys do not change ----
+    head_dim: int | None = bounded(None, maximum=100_000)
+    """d: width of one attention head. None means h/a; Mistral-Nemo, Gemma and Qwen3 set their own."""
+    qkv_bias: bool | None = None
+    """Biases on the query, key and value projections (Qwen2: yes, with none on the output). None: `bias`."""
+    out_bias: bool | None = None
+    """A bias on the attention output projection. None: `bias`."""
+    mlp_bias: bool | None = None
+    """Biases on the MLP's matrices (GPT-J and GPT-NeoX keep them when the attention has none). None: `bias`."""
+    head_bias: bool = False
+    """A bias on the (untied) output layer, v (GPT-J, Phi-2)."""
+    qk_norm: QKNorm = "none"
+    """Norms on queries and keys: `head` one of d per head (Qwen3, Phi-2's qk_layernorm), `full` one over all
+    heads, a·d and kv_heads·d (OLMo-2)."""
+    parallel_attention: bool = False
+    """Attention and MLP both read the block input and are added to it together (GPT-J, Falcon, Phi-2; GPT-NeoX's
+    `use_parallel_residual` where a config says so)."""
+    shared_norm: bool = False
+    """With `parallel_attention`: one norm feeds both branches (GPT-J, Phi-2, Falcon-7B), not one each."""
+    norm_placement: NormPlacement | None = None
+    """`pre` (GPT-2, Llama: before each branch), `post` (BERT, OPT-350m: after each residual add), `branch-post`
+    (OLMo-2: on each branch's output) or `sandwich` (Gemma-2: before and after each branch, 4 norms). None:
+    `pre` for a decoder, `post` for an encoder."""
+    final_norm: bool = True
+    """Decoder: a norm after the last block (OPT-350m's post-LN stack has none)."""
+    position_offset: int = bounded(0, minimum=0, maximum=1_000)
+    """Extra rows of a learned position table (OPT: 2, its padding offset)."""
+    embed_dim: int | None = bounded(None, maximum=10**7)
+    """Width of the token embedding when it differs from h, projected in and out without biases (OPT-350m's
+    `word_embed_proj_dim`). None: h."""
+    rotary_fraction: float = bounded(1.0, minimum=0.0)
+    """The share of each head that rotary positions rotate (Phi-2 0.4, GPT-J 64/256); no parameters."""
+    sliding_window: int | None = bounded(None, minimum=0)
+    """Mistral/Gemma-2 sliding-window attention: noted only; a training step without a KV cache stores the same."""
+    model_type: str | None = None
+    """The transformers `model_type` the shape came from (config.json); `--impl hf` builds that class."""
 
     def __post_init__(self) -> None:
         if isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool) and not 0 <= self.dropout < 1:
@@ -82,11 +126,17 @@ class Architecture:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         if self.ffn_hidden is None:
             object.__setattr__(self, "ffn_hidden", 4 * self.hidden)
-        if self.hidden % self.n_heads:
+        if self.head_dim is None and self.hidden % self.n_heads:
             raise ValueError(
                 f"heads ({self.n_heads}) must divide hidden ({self.hidden}): "
-                f"{self.hidden}/{self.n_heads} is not an integer head dimension"
+                f"{self.hidden}/{self.n_heads} is not an integer head dimension (or set head_dim)"
             )
+        if not 0 < self.rotary_fraction <= 1:
+            raise ValueError(f"rotary_fraction must be in (0, 1], got {self.rotary_fraction!r}")
+        if self.shared_norm and not self.parallel_attention:
+            raise ValueError("shared_norm needs parallel_attention: one norm feeds both branches of a parallel block")
+        if self.parallel_attention and self.placement != "pre":
+            raise ValueError(f"parallel_attention is a pre-norm block; norm_placement {self.placement!r} is not")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"kv-heads ({self.n_kv_heads}) must divide heads ({self.n_heads}) for grouped-query attention"
@@ -97,21 +147,63 @@ class Architecture:
             raise ValueError("nsp_head needs pooler: the next-sentence classifier reads the pooled output")
 
     @property
-    def head_dim(self) -> int:
-        """h/a: width of one attention head."""
-        return self.hidden // self.n_heads
+    def head_size(self) -> int:
+        """d: width of one attention head, `head_dim` where a config sets it, else h/a."""
+        return self.head_dim if self.head_dim is not None else self.hidden // self.n_heads
+
+    @property
+    def q_width(self) -> int:
+        """Width of the query projection and of the attention output: heads · d (= h unless d is set apart)."""
+        return self.n_heads * self.head_size
 
     @property
     def kv_width(self) -> int:
-        """Width of the key (and of the value) projection: kv_heads · head_dim (= h without GQA)."""
-        return self.n_kv_heads * self.head_dim
+        """Width of the key (and of the value) projection: kv_heads · d (= h without GQA)."""
+        return self.n_kv_heads * self.head_size
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.bias if self.qkv_bias is None else self.qkv_bias
+
+    @property
+    def has_out_bias(self) -> bool:
+        return self.bias if self.out_bias is None else self.out_bias
+
+    @property
+    def has_mlp_bias(self) -> bool:
+        return self.bias if self.mlp_bias is None else self.mlp_bias
+
+    @property
+    def placement(self) -> str:
+        """`norm_placement`, or its default: `pre` for a decoder, `post` for an encoder."""
+        if self.norm_placement is not None:
+            return self.norm_placement
+        return "post" if self.family == "encoder" else "pre"
+
+    @property
+    def norms_per_layer(self) -> int:
+        """Norm modules in one block: 2 (one per branch), 1 (a parallel block's shared norm), 4 (sandwich)."""
+        if self.placement == "sandwich":
+            return 4
+        return 1 if self.shared_norm else 2
+
+    @property
+    def token_width(self) -> int:
+        """Width of the token embedding (and of a tied output layer): `embed_dim`, h unless projected."""
+        return self.embed_dim if self.embed_dim is not None else self.hidden
 
     @property
     def causal(self) -> bool:
         return self.family == "decoder"
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Every field, less the families' fields left at their defaults (`ADDED_FIELDS`): a record of an older
+        shape serialises, and so keys, as it did before they existed."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, default in ADDED_FIELDS.items():
+            if out[name] == default:
+                del out[name]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> Architecture:
@@ -120,3 +212,36 @@ class Architecture:
         if unknown:
             raise ValueError(f"unknown architecture field(s): {', '.join(unknown)}")
         return cls(**data)
+
+
+ADDED_FIELDS: dict[str, object] = {
+    f.name: f.default for f in fields(Architecture)
+    if f.name in ("head_dim", "qkv_bias", "out_bias", "mlp_bias", "head_bias", "qk_norm", "parallel_attention",
+                  "shared_norm", "norm_placement", "final_norm", "position_offset", "embed_dim", "rotary_fraction",
+                  "sliding_window", "model_type")
+}  # fmt: skip
+"""The fields added for the model families (issue 12) and their defaults (what a record without them means)."""
+
+
+def unmodelled_features(arch: Architecture) -> tuple[str, ...]:
+    """The fields of `arch` that the reference models do not build, and so neither does the activation count
+    (`formulas.activations` counts what they store, tensor by tensor): parameters and model states of such
+    an architecture are exact, its activations are not predicted yet."""
+    out = []
+    if arch.parallel_attention:
+        out.append("parallel attention+MLP" + (" with one shared norm" if arch.shared_norm else ""))
+    if arch.qk_norm != "none":
+        out.append(f"QK-norm ({arch.qk_norm})")
+    if arch.placement != ("post" if arch.family == "encoder" else "pre"):
+        out.append(f"norm placement {arch.placement}")
+    if arch.token_width != arch.hidden:
+        out.append(f"embedding width {arch.token_width} projected to {arch.hidden}")
+    if not arch.final_norm:
+        out.append("no final norm")
+    if arch.position_offset:
+        out.append(f"position offset {arch.position_offset}")
+    if arch.head_bias:
+        out.append("output-layer bias")
+    if arch.rotary_fraction != 1.0 and arch.position == "rotary":
+        out.append(f"partial rotary ({arch.rotary_fraction:g})")
+    return tuple(out)

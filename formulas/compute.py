@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from formulas.architecture import Architecture
-from formulas.params import matmul_params, sequence_matmul_params
+from formulas.params import block_matmul_params, matmul_params, sequence_matmul_params
 
 SECONDS_PER_DAY = 86_400
 PFLOP = 10**15
@@ -26,8 +26,9 @@ CHINCHILLA_TOKENS_PER_PARAM = 20
 
 
 def attention_flops_per_token(arch: Architecture, seq: int) -> int:
-    """Forward FLOPs per token of Q·Kᵀ and scores·V over all layers: 4·L·s·h (full s×s matrix)."""
-    return 4 * arch.n_layers * seq * arch.hidden
+    """Forward FLOPs per token of Q·Kᵀ and scores·V over all layers: 4·L·s·h (full s×s matrix), with h the
+    attention's width a·d (= h unless the head size is set apart)."""
+    return 4 * arch.n_layers * seq * arch.q_width
 
 
 def forward_flops_per_token(params: int, arch: Architecture | None = None, seq: int = 0) -> int:
@@ -68,14 +69,13 @@ def matmul_flops_per_step(arch: Architecture, batch: int, seq: int, recompute: s
     full recompute replays each block but, in a pre-LN block without dropout, its last matmul.
     """
     tokens = batch * seq
-    h, f, kv = arch.hidden, arch.ffn_hidden, arch.kv_width
     attention = attention_flops_per_token(arch, seq) * tokens
     forward = 2 * matmul_params(arch) * tokens + 2 * sequence_matmul_params(arch) * batch + attention
     if recompute == "full":
-        block_matmul = 2 * h * h + 2 * h * kv + (2 if arch.mlp == "gelu" else 3) * h * f
+        block_matmul = block_matmul_params(arch)
         if arch.dropout == 0 and arch.family == "decoder":
             # Pre-LN: the MLP's output projection feeds only the residual add, which saves nothing.
-            block_matmul -= f * h
+            block_matmul -= arch.ffn_hidden * arch.hidden
         extra = 2 * arch.n_layers * block_matmul * tokens + attention
     elif recompute == "selective":
         extra = attention // 2  # Q·Kᵀ only

@@ -1,13 +1,26 @@
 """Which transformers model type has exactly an architecture's parameters (the rule `models.hf` builds by).
 
-Pure Python, so that `formulas.variants` and `models.hf` share one rule: four families cover the presets,
-GPT-2 (learned positions, LayerNorm, GeLU), GPT-NeoX/Pythia (rotary, LayerNorm, GeLU, parallel residual),
-Llama (rotary, RMSNorm, SwiGLU, GQA) and BERT; anything else is a `ValueError` naming the features.
+Pure Python, so that `formulas.variants` and `models.hf` share one rule. An architecture read from a
+config.json carries its `model_type` (`models.configs`), which is built as it is. A shape without one (a
+preset, flags) is one of four families: GPT-2 (learned positions, LayerNorm, GeLU), GPT-NeoX/Pythia (rotary,
+LayerNorm, GeLU, parallel residual), Llama (rotary, RMSNorm, SwiGLU, GQA) and BERT; anything else is a
+`ValueError` naming the features.
+
+`code_family` says whose saved tensors and parameter order the harness has measured for a transformers model:
+Mistral's and Qwen2's modeling code is Llama's (transformers' modular files inherit LlamaAttention, LlamaMLP
+and LlamaRMSNorm; Qwen2 adds q, k and v biases, which change no saved tensor), measured to the byte in
+`tests/test_variants.py`. The other families' transformers code is not measured yet: a ValueError.
 """
 
 from __future__ import annotations
 
 from formulas.architecture import Architecture
+
+PLAIN_FIELDS: tuple[str, ...] = (
+    "n_layers", "hidden", "n_heads", "vocab", "n_kv_heads", "ffn_hidden", "max_positions", "position", "norm",
+    "bias", "tied_embeddings", "mlp", "family", "dropout", "type_vocab", "pooler", "mlm_head", "nsp_head",
+)  # fmt: skip
+"""The fields a preset's shape has; the families' fields beyond them need a model_type to be built."""
 
 SUPPORTED = (
     "GPT-2 (decoder, learned positions, layernorm, gelu, biases, kv-heads = heads), "
@@ -48,8 +61,41 @@ def _bert_heads(arch: Architecture) -> bool:
     return all_three or mlm_only or not (arch.mlm_head or arch.nsp_head)
 
 
+HF_TYPES: tuple[str, ...] = (
+    "gpt2", "gpt_neox", "gptj", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "falcon",
+    "opt", "olmo", "olmo2", "bert", "roberta",
+)  # fmt: skip
+"""transformers model types `models.hf` builds from an architecture."""
+
+LLAMA_CODE: tuple[str, ...] = ("llama", "mistral", "qwen2")
+"""Model types whose transformers modeling code stores what Llama's stores (module doc)."""
+
+
+def code_family(arch: Architecture) -> str:
+    """`gpt2`, `gpt_neox`, `llama` or `bert`: the measured transformers code behind `arch` (module doc)."""
+    family = hf_family(arch)
+    if family in LLAMA_CODE:
+        return "llama"
+    if family == "gpt_neox" and arch.model_type is not None:
+        raise ValueError("transformers GPT-NeoX with a sequential block, a rotary share other than a quarter or "
+                         "attention without biases is not measured yet (the Pythia presets are)")  # fmt: skip
+    if family not in ("gpt2", "gpt_neox", "bert"):
+        raise ValueError(f"transformers {family}: its saved tensors are not measured yet (measured: gpt2, gpt_neox, "
+                         f"bert and Llama's code: {', '.join(LLAMA_CODE)}); parameters and model states are exact")  # fmt: skip
+    return family
+
+
 def hf_family(arch: Architecture) -> str:
-    """`gpt2`, `gpt_neox`, `llama` or `bert`: the transformers model type that has exactly these parameters."""
+    """The transformers model type that has exactly these parameters: the config's own, or one of the four
+    families for a shape without one."""
+    if arch.model_type is not None:
+        if arch.model_type not in HF_TYPES:
+            raise ValueError(f"model_type {arch.model_type!r} is not built ({', '.join(HF_TYPES)})")
+        return arch.model_type
+    added = sorted(set(arch.to_dict()) - set(PLAIN_FIELDS))
+    if added:
+        raise ValueError(f"no transformers class for {features(arch)} with {', '.join(added)} and no model_type; "
+                         f"set model_type ({', '.join(HF_TYPES)}) or use --impl reference")  # fmt: skip
     mha = arch.n_kv_heads == arch.n_heads
     if arch.family == "decoder":
         if arch.position == "learned" and arch.norm == "layernorm" and arch.mlp == "gelu" and arch.bias and mha:

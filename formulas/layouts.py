@@ -16,8 +16,8 @@ on the meta device (`tests/test_peak.py`).
 
 from __future__ import annotations
 
-from formulas.architecture import Architecture
-from formulas.families import hf_family
+from formulas.architecture import GATED_MLPS, Architecture
+from formulas.families import code_family
 
 INDEX_BYTES = 8
 """Token ids, labels, position and token-type ids: int64."""
@@ -30,22 +30,23 @@ def _linear(out_features: int, in_features: int, bias: bool) -> list[int]:
 
 
 def _norm(arch: Architecture) -> list[int]:
-    return [arch.hidden, arch.hidden] if arch.norm == "layernorm" else [arch.hidden]
+    return {"layernorm": [arch.hidden, arch.hidden], "rmsnorm": [arch.hidden], "layernorm-noparam": []}[arch.norm]
 
 
 def parameter_tensors(arch: Architecture, impl: str) -> list[int]:
     """The numel of every distinct parameter tensor of `impl`'s model (tied tensors once), in the order of
     `model.parameters()`: the order DeepSpeed flattens them in, so that partition boundaries fall where they do."""
-    h, f, kv, b = arch.hidden, arch.ffn_hidden, arch.kv_width, arch.bias
-    family = hf_family(arch) if impl == "hf" else None
+    h, f, q, kv = arch.hidden, arch.ffn_hidden, arch.q_width, arch.kv_width
+    qb, ob, mb = arch.has_qkv_bias, arch.has_out_bias, arch.has_mlp_bias
+    family = code_family(arch) if impl == "hf" else None
     norm = _norm(arch)
     if family in ("llama", "bert"):
-        qkv = _linear(h, h, b) + _linear(kv, h, b) + _linear(kv, h, b)
+        qkv = _linear(q, h, qb) + _linear(kv, h, qb) + _linear(kv, h, qb)
     else:
-        qkv = _linear(h + 2 * kv, h, b)
-    attention = qkv + _linear(h, h, b)
-    up = _linear(f, h, b) * (2 if arch.mlp == "swiglu" else 1)  # (gate,) up
-    mlp = up + _linear(h, f, b)
+        qkv = _linear(q + 2 * kv, h, qb)
+    attention = qkv + _linear(h, q, ob)
+    up = _linear(f, h, mb) * (2 if arch.mlp in GATED_MLPS else 1)  # (gate,) up
+    mlp = up + _linear(h, f, mb)
     if arch.family == "decoder":
         if family == "llama":
             layer = attention + mlp + norm + norm  # q, k, v, o, gate, up, down, input and post-attention norms
@@ -73,19 +74,19 @@ def buffer_bytes(arch: Architecture, impl: str, attention: str, elem_bytes: int)
     """Bytes of the model's buffers (not parameters, not saved activations)."""
     P = arch.max_positions
     if impl == "hf":
-        family = hf_family(arch)
+        family = code_family(arch)
         if family == "bert":
             return 2 * INDEX_BYTES * P  # position_ids, token_type_ids
         if family == "gpt2":
             return 0
-        rot = round(arch.head_dim * NEOX_ROTARY_FRACTION) if family == "gpt_neox" else arch.head_dim
+        rot = round(arch.head_size * NEOX_ROTARY_FRACTION) if family == "gpt_neox" else arch.head_size
         return 2 * 4 * (rot // 2)  # inv_freq and original_inv_freq, fp32
     out = INDEX_BYTES * P if arch.position == "learned" else 0
     if arch.family == "decoder":
         if attention == "eager":
             out += P * P  # the (P, P) bool causal mask
         if arch.position == "rotary":
-            out += 2 * P * arch.head_dim * elem_bytes  # cos and sin
+            out += 2 * P * arch.head_size * elem_bytes  # cos and sin
     return out
 
 

@@ -30,7 +30,7 @@ def naive_params(arch: Architecture, mlp4c: bool = False) -> int:
 def naive_activation_elements(arch: Architecture, seq: int, batch: int, mlp4c: bool = False) -> int:
     """B·N·L·T·(T + 2D) (the answer); B·N·L·T·(T + 5D) with the MLP of width 4C."""
     width = 5 if mlp4c else 2
-    return batch * arch.n_heads * arch.n_layers * seq * (seq + width * arch.head_dim)
+    return batch * arch.n_heads * arch.n_layers * seq * (seq + width * arch.head_size)
 
 
 def naive_memory(arch: Architecture, seq: int, batch: int, bytes_per_element: int, mlp4c: bool = False):

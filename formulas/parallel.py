@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from formulas.architecture import Architecture
+from formulas.architecture import GATED_MLPS, Architecture
 
 
 def shard_sizes(n: int, parts: int) -> list[int]:
@@ -115,7 +115,7 @@ class Tensor:
 
 def _norm_tensors(arch: Architecture, name: str) -> list[Tensor]:
     h = arch.hidden
-    out = [Tensor(f"{name}.weight", (h,), REPLICATED)]
+    out = [] if arch.norm == "layernorm-noparam" else [Tensor(f"{name}.weight", (h,), REPLICATED)]
     return out + ([Tensor(f"{name}.bias", (h,), REPLICATED)] if arch.norm == "layernorm" else [])
 
 
@@ -127,11 +127,12 @@ def _linear(name: str, out_f: int, in_f: int, bias: bool, split: str) -> list[Te
 
 def block_tensors(arch: Architecture) -> list[Tensor]:
     """One reference block's parameters in `parameters()` order, with their tensor-parallel split."""
-    h, f, kv, b = arch.hidden, arch.ffn_hidden, arch.kv_width, arch.bias
+    h, f, q, kv = arch.hidden, arch.ffn_hidden, arch.q_width, arch.kv_width
+    qb, ob, b = arch.has_qkv_bias, arch.has_out_bias, arch.has_mlp_bias
     out = _norm_tensors(arch, "ln_1")
-    out += _linear("attn.qkv", h + 2 * kv, h, b, COLUMN) + _linear("attn.proj", h, h, b, ROW)
+    out += _linear("attn.qkv", q + 2 * kv, h, qb, COLUMN) + _linear("attn.proj", h, q, ob, ROW)
     out += _norm_tensors(arch, "ln_2")
-    if arch.mlp == "swiglu":
+    if arch.mlp in GATED_MLPS:
         out += _linear("mlp.gate", f, h, b, COLUMN) + _linear("mlp.up", f, h, b, COLUMN)
         out += _linear("mlp.down", h, f, b, ROW)
     else:
@@ -142,9 +143,10 @@ def block_tensors(arch: Architecture) -> list[Tensor]:
 def hf_llama_block_tensors(arch: Architecture) -> list[Tensor]:
     """One transformers Llama block's parameters in `parameters()` order, split by its `base_model_tp_plan`
     (q, k, v, gate, up colwise; o, down rowwise; the RMSNorms replicated)."""
-    h, f, kv, b = arch.hidden, arch.ffn_hidden, arch.kv_width, arch.bias
-    out = _linear("q_proj", h, h, b, COLUMN) + _linear("k_proj", kv, h, b, COLUMN) + _linear("v_proj", kv, h, b, COLUMN)
-    out += _linear("o_proj", h, h, b, ROW)
+    h, f, q, kv = arch.hidden, arch.ffn_hidden, arch.q_width, arch.kv_width
+    qb, ob, b = arch.has_qkv_bias, arch.has_out_bias, arch.has_mlp_bias
+    out = _linear("q_proj", q, h, qb, COLUMN) + _linear("k_proj", kv, h, qb, COLUMN)
+    out += _linear("v_proj", kv, h, qb, COLUMN) + _linear("o_proj", h, q, ob, ROW)
     out += (
         _linear("gate_proj", f, h, b, COLUMN) + _linear("up_proj", f, h, b, COLUMN) + _linear("down_proj", h, f, b, ROW)
     )

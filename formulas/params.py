@@ -10,41 +10,55 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from formulas.architecture import Architecture
+from formulas.architecture import GATED_MLPS, Architecture
 
 
-def norm_params(arch: Architecture) -> int:
-    """One LayerNorm has a weight and a bias (2h); one RMSNorm only a weight (h)."""
-    return 2 * arch.hidden if arch.norm == "layernorm" else arch.hidden
+def norm_params(arch: Architecture, width: int | None = None) -> int:
+    """One norm over `width` (h by default): LayerNorm a weight and a bias (2·width), RMSNorm a weight (width),
+    OLMo's non-parametric LayerNorm nothing."""
+    width = arch.hidden if width is None else width
+    return {"layernorm": 2 * width, "rmsnorm": width, "layernorm-noparam": 0}[arch.norm]
+
+
+def qk_norm_params(arch: Architecture) -> int:
+    """QK-norm: one norm of d for the queries and one for the keys (`head`: Qwen3, Phi-2's qk_layernorm), or one
+    over all query heads and one over all key heads (`full`: OLMo-2)."""
+    if arch.qk_norm == "head":
+        return 2 * norm_params(arch, arch.head_size)
+    if arch.qk_norm == "full":
+        return norm_params(arch, arch.q_width) + norm_params(arch, arch.kv_width)
+    return 0
 
 
 def attention_params(arch: Architecture) -> int:
-    """Q (h×h), K and V (h×kv_width each, = h×h without GQA), output projection (h×h), biases."""
-    h, kv = arch.hidden, arch.kv_width
-    weights = h * h + 2 * h * kv + h * h
-    biases = (h + 2 * kv + h) if arch.bias else 0
-    return weights + biases
+    """Q (h×a·d), K and V (h×kv_width each; = h×h without GQA and with d = h/a), output projection (a·d×h),
+    their biases (`qkv_bias`, `out_bias`) and QK-norm."""
+    h, q, kv = arch.hidden, arch.q_width, arch.kv_width
+    weights = h * q + 2 * h * kv + q * h
+    biases = (q + 2 * kv if arch.has_qkv_bias else 0) + (h if arch.has_out_bias else 0)
+    return weights + biases + qk_norm_params(arch)
 
 
 def mlp_params(arch: Architecture) -> int:
-    """GeLU MLP: h×f and f×h (+ f + h biases). SwiGLU: gate and up h×f, down f×h (+ 2f + h biases)."""
+    """GeLU/ReLU MLP: h×f and f×h (+ f + h biases). SwiGLU/GeGLU: gate and up h×f, down f×h (+ 2f + h biases)."""
     h, f = arch.hidden, arch.ffn_hidden
-    if arch.mlp == "gelu":
-        return 2 * h * f + ((f + h) if arch.bias else 0)
-    return 3 * h * f + ((2 * f + h) if arch.bias else 0)
+    if arch.mlp in GATED_MLPS:
+        return 3 * h * f + ((2 * f + h) if arch.has_mlp_bias else 0)
+    return 2 * h * f + ((f + h) if arch.has_mlp_bias else 0)
 
 
 def layer_params(arch: Architecture) -> int:
-    """One transformer block: attention + MLP + its two norms (pre-LN or post-LN alike)."""
-    return attention_params(arch) + mlp_params(arch) + 2 * norm_params(arch)
+    """One transformer block: attention + MLP + its norms (two; one shared by a parallel block; four sandwiched)."""
+    return attention_params(arch) + mlp_params(arch) + arch.norms_per_layer * norm_params(arch)
 
 
 def embedding_params(arch: Architecture) -> int:
-    """Token table v×h, a learned position table max_positions×h, token types, and BERT's embedding norm."""
-    h = arch.hidden
-    total = arch.vocab * h + arch.type_vocab * h
+    """Token table v×E (E = `embed_dim`, h unless projected) with OPT's projection to h (E×h, no bias), a learned
+    position table (max_positions + offset)×h, token types, and BERT's embedding norm."""
+    h, E = arch.hidden, arch.token_width
+    total = arch.vocab * E + arch.type_vocab * h + (E * h if h != E else 0)
     if arch.position == "learned":
-        total += arch.max_positions * h
+        total += (arch.max_positions + arch.position_offset) * h
     if arch.family == "encoder":
         total += norm_params(arch)
     return total
@@ -53,13 +67,15 @@ def embedding_params(arch: Architecture) -> int:
 def head_params(arch: Architecture) -> int:
     """Everything after the last block.
 
-    Decoder: final norm, plus a v×h output matrix unless it is tied to the token embedding.
+    Decoder: final norm (unless `final_norm` is off), OPT's projection back to E (h×E), a v×E output matrix
+    unless it is tied to the token embedding, and its bias (GPT-J, Phi-2).
     Encoder: pooler (h×h + h), MLM head (dense h×h + h, norm, output bias v; its matrix is tied),
     next-sentence classifier (2h + 2).
     """
-    h = arch.hidden
+    h, E = arch.hidden, arch.token_width
     if arch.family == "decoder":
-        return norm_params(arch) + (0 if arch.tied_embeddings else arch.vocab * h)
+        total = (norm_params(arch) if arch.final_norm else 0) + (h * E if h != E else 0)
+        return total + (0 if arch.tied_embeddings else arch.vocab * E) + (arch.vocab if arch.head_bias else 0)
     total = 0
     if arch.pooler:
         total += h * h + h
@@ -101,19 +117,24 @@ def parameter_count(arch: Architecture) -> ParameterCount:
     )
 
 
+def block_matmul_params(arch: Architecture) -> int:
+    """One block's matmul parameters: Q, K, V, output projection and the MLP's two or three matrices."""
+    h, q, kv, f = arch.hidden, arch.q_width, arch.kv_width, arch.ffn_hidden
+    return 2 * h * q + 2 * h * kv + (3 if arch.mlp in GATED_MLPS else 2) * h * f
+
+
 def matmul_params(arch: Architecture) -> int:
     """Parameters that multiply every token: 2 FLOPs each per token in the forward pass.
 
     Embedding lookups (position and token-type tables, an untied input table), biases and norm
-    vectors do no multiply-accumulate; the token table does when it is tied to the output layer.
+    vectors do no multiply-accumulate; the token table does when it is tied to the output layer, and OPT's
+    projections in and out of the embedding width do.
     BERT's pooler and next-sentence head see one token per sequence: `sequence_matmul_params`.
     """
-    h, f, kv = arch.hidden, arch.ffn_hidden, arch.kv_width
-    attn = 2 * h * h + 2 * h * kv
-    mlp = (2 if arch.mlp == "gelu" else 3) * h * f
-    total = arch.n_layers * (attn + mlp)
+    h, E = arch.hidden, arch.token_width
+    total = arch.n_layers * block_matmul_params(arch) + (2 * E * h if h != E else 0)
     if arch.family == "decoder":
-        return total + arch.vocab * h
+        return total + arch.vocab * E
     if arch.mlm_head:
         total += h * h + arch.vocab * h
     return total
@@ -130,16 +151,20 @@ def largest_module_params(arch: Architecture) -> int:
     ZeRO-3 gathers one module's full parameters at a time; DeepSpeed's estimator
     (`estimate_zero3_model_states_mem_needs_all_live`) sizes its buffer by this module.
     """
-    h, f, kv = arch.hidden, arch.ffn_hidden, arch.kv_width
-    b = arch.bias
+    h, f, q, kv = arch.hidden, arch.ffn_hidden, arch.q_width, arch.kv_width
+    mb = arch.has_mlp_bias
     candidates = [
-        arch.vocab * h,
-        h * (h + 2 * kv) + ((h + 2 * kv) if b else 0),  # a fused QKV projection, the largest attention piece
-        h * f + (f if b else 0),
-        f * h + (h if b else 0),
+        arch.vocab * arch.token_width + (arch.vocab if arch.head_bias else 0),
+        h * (q + 2 * kv)
+        + ((q + 2 * kv) if arch.has_qkv_bias else 0),  # a fused QKV projection, the largest attention piece
+        q * h + (h if arch.has_out_bias else 0),
+        h * f + (f if mb else 0),
+        f * h + (h if mb else 0),
     ]
+    if arch.model_type == "phi3":
+        candidates.append(2 * h * f)  # Phi-3's fused gate_up_proj (no bias)
     if arch.position == "learned":
-        candidates.append(arch.max_positions * h)
+        candidates.append((arch.max_positions + arch.position_offset) * h)
     return max(candidates)
 
 
@@ -156,6 +181,6 @@ def pipeline_stage_params(arch: Architecture, pp: int) -> list[int]:
     stages[0] += embedding_params(arch)
     head = head_params(arch)
     if arch.tied_embeddings and pp > 1:
-        head += arch.vocab * arch.hidden
+        head += arch.vocab * arch.token_width
     stages[-1] += head
     return stages

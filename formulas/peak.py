@@ -400,8 +400,9 @@ def _softmax_backward(arch, seq: int, batch: int, e: int, saved: _Saved) -> dict
     if not saved.scores_bytes:
         return {}
     sbh, scores = seq * batch * arch.hidden, arch.n_heads * seq * seq * batch
-    kept = e * scores + e * (3 * sbh + seq * batch * arch.kv_width)
-    weights = mlp_params(arch) + arch.hidden * arch.hidden
+    sbq = seq * batch * arch.q_width  # Q and the projection's input are a·d wide
+    kept = e * scores + e * (2 * sbq + sbh + seq * batch * arch.kv_width)
+    weights = mlp_params(arch) + arch.q_width * arch.hidden
     return {
         "softmax_saved": saved.total - saved.output - saved.per_layer + kept,
         "softmax_transient": 2 * saved.scores_bytes * scores + e * weights + 2 * e * sbh,

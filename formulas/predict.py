@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from formulas import activations as act
 from formulas import compute, hardware
+from formulas.architecture import unmodelled_features
 from formulas.calibration import Calibration
 from formulas.inference import INFERENCE_OVERHEAD, InferenceMemory, inference_memory
 from formulas.memory import ModelStates, model_state_bytes, params_per_model_shard
@@ -244,6 +245,8 @@ def _unmodelled_peak(spec: RunSpec) -> str:
     p = spec.parallel
     if spec.model.arch is None:
         return "no architecture (--params): no activations to walk"
+    if unmodelled_features(spec.model.arch):
+        return f"activations of {', '.join(unmodelled_features(spec.model.arch))} are not modelled yet"
     if p.tp > 1 or p.pp > 1 or p.dp_shard == "fsdp2":
         return (
             "tensor, pipeline and FSDP2 layouts: the per-rank prediction (`formulas.parallel`, the `parallel` "
@@ -258,7 +261,7 @@ def _activation_expression(spec: RunSpec) -> str:
     """The per-layer expression in the paper's notation, with the run's element sizes filled in."""
     e, m = activation_bytes_per_element(spec.training.precision), MASK_BYTES if spec.model.arch.dropout > 0 else 0
     a = spec.model.arch
-    standard = a.mlp == "gelu" and a.ffn_hidden == 4 * a.hidden and a.n_kv_heads == a.n_heads
+    standard = a.mlp == "gelu" and a.ffn_hidden == 4 * a.hidden and a.n_kv_heads == a.n_heads and a.q_width == a.hidden
     t = f", t={spec.parallel.tp}" if spec.parallel.tp > 1 else ""
     if spec.training.recompute == "full":
         return f"{e}·sbh{t}"
@@ -305,7 +308,10 @@ def _sources(spec: RunSpec, method: str) -> dict:
     sources = {"weights": weights, "gradients": grads, "optimizer": optim}
     if spec.parallel.zero >= 3:
         sources["zero3_live_params"] = f"{TM101}: ZeRO-3 live params (largest module, DeepSpeed estimator)"
-    if spec.model.arch is not None:
+    if spec.model.arch is not None and unmodelled_features(spec.model.arch):
+        sources["activations"] = (f"not modelled yet for {', '.join(unmodelled_features(spec.model.arch))} "
+                                  "(parameters, model states and FLOPs are exact)")  # fmt: skip
+    elif spec.model.arch is not None:
         sources["activations"] = (
             f"{KORTHIKANTI} Table 2: {_activation_expression(spec)} per layer × L; + embedding, output, loss"
         )
@@ -333,12 +339,12 @@ def predict(spec: RunSpec, method: str = "korthikanti", calibration: Calibration
             offload_optimizer=p.offload_optimizer != "none", offload_params=p.offload_params != "none",
             grad_dtype=t.grad_dtype, shard_params=_heaviest_stage(spec),
         )  # fmt: skip
-        if arch is not None:
+        if arch is not None and not unmodelled_features(arch):
             terms = _korthikanti_activations(spec)
         activation = terms.total if terms is not None else None
         counted = params
         on_host = target_device(spec.measurement.device) == "cpu"
-        peak = step_peak(spec, states, activation) or sum_of_terms(
+        peak = (step_peak(spec, states, activation) if terms is not None or arch is None else None) or sum_of_terms(
             states, activation, _unmodelled_peak(spec), host=on_host
         )
     else:

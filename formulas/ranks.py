@@ -30,6 +30,7 @@ from formulas.parallel import (
     stage_layers,
     tp_local_shape,
 )
+from formulas.params import norm_params
 from formulas.peak import StepBytes, for_loop_adamw_temporaries, plain_step_peak
 from formulas.precision import MASTER_COPY_BYTES, activation_bytes_per_element, compute_dtype, is_mixed
 from formulas.units import ceil_div
@@ -335,7 +336,7 @@ def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
     # FSDP2 without resharding after forward: the gathered weights that autograd saves (the linears' weights,
     # the norms' weights and biases) stay the gathered ones until backward, and are saved in the compute dtype.
     saved_unsharded = fsdp and not p.reshard_after_forward
-    norm_elements = 2 * h if arch.norm == "layernorm" else h
+    norm_elements = norm_params(arch)
     if saved_unsharded:
         linear = sum(numel(x.shape) for x in block_tensors(arch) if x.name.endswith("weight") and len(x.shape) == 2)
         departures["fsdp_unsharded_saved"] = e * (linear + 2 * norm_elements) // tp
@@ -384,7 +385,7 @@ def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
             emb = ceil_div(variant.mask_bytes * sbh, tp if sp else 1) if arch.dropout > 0 else 0
             emb += INDEX_BYTES * s * b  # the token ids the embedding's backward reads
         if head:
-            norm = e * sbh + (2 if arch.norm == "layernorm" else 1) * s * b * variant.stats_bytes
+            norm = e * sbh + (1 if arch.norm == "rmsnorm" else 2) * s * b * variant.stats_bytes
             out = ceil_div(norm, tp if sp else 1) + e * sbh + act.LOSS_LOGIT_BYTES * s * b * v_rows
             out += INDEX_BYTES * s * b + 4  # labels, and nll_loss's fp32 total weight
             if saved_unsharded:

@@ -187,7 +187,7 @@ def activation_variant(
     unmeasured: list[str] = []
     if device == "cuda":
         unmeasured.append("no GPU run checks this variant yet: its device-independent terms were measured on CPU")
-    if device == "cuda" and arch.norm == "layernorm":
+    if device == "cuda" and arch.norm != "rmsnorm":
         unmeasured.append("LayerNorm statistics in fp32 (CUDA layer_norm kernel, accumulate type)")
     # The score-dropout path decides the SDPA kernel: CPU has no fused kernel with dropout.
     kernel = "none"
@@ -219,7 +219,7 @@ def activation_variant(
     # tensor counts as tracing, so `find_packed_sequence_indices` assumes packing and a mask is built.
     sdpa_mask = kernel == "flash" and fake and causal
     gqa = arch.n_kv_heads != arch.n_heads
-    sdpa_repeats_kv = kernel == "flash" and gqa and (sdpa_mask or arch.head_dim > SDPA_GQA_MAX_HEAD_DIM)
+    sdpa_repeats_kv = kernel == "flash" and gqa and (sdpa_mask or arch.head_size > SDPA_GQA_MAX_HEAD_DIM)
     if device == "cuda" and family == "gpt_neox" and kernel == "flash":
         unmeasured.append("SDPA on CUDA returns a head-major output for head-major Q, as the CPU kernel does")
     kw: dict = {
@@ -245,7 +245,7 @@ def activation_variant(
             softmax_fp32=attention == "eager",
             sdpa_value_keeps_qkv=kernel == "flash",
             sdpa_output_copy=kernel == "flash",
-            rotary_dims=int(arch.head_dim * NEOX_ROTARY_FRACTION),
+            rotary_dims=int(arch.head_size * NEOX_ROTARY_FRACTION),
         )
     elif family == "llama":
         kw.update(
@@ -254,7 +254,7 @@ def activation_variant(
             norm_saves_output=True,
             kv_materialised=gqa and (attention == "eager" or sdpa_repeats_kv),
             softmax_fp32=attention == "eager",
-            rotary_dims=arch.head_dim,
+            rotary_dims=arch.head_size,
         )
     elif not is_mixed(precision):
         # bert: BertForPreTraining's CrossEntropyLoss runs on logits in the model dtype; autocast (CPU, measured)
@@ -311,7 +311,7 @@ def layer_account(arch: Architecture, seq: int, batch: int, variant: ActivationV
         return LayerAccount(paper, dep, shared)
 
     dropout = arch.dropout > 0
-    per_norm = 2 if arch.norm == "layernorm" else 1
+    per_norm = 1 if arch.norm == "rmsnorm" else 2
     add("norm_stats", 2 * per_norm * s * b * v.stats_bytes)
     if dropout:
         add("no_residual_dropout", -(2 - v.residual_dropouts) * sbh)
@@ -383,7 +383,7 @@ def outside_account(arch: Architecture, seq: int, batch: int, variant: Activatio
     e, v = variant.elem_bytes, variant
     s, b, h = seq, batch, arch.hidden
     sbh, sb = s * b * h, s * b
-    per_norm_stats = (2 if arch.norm == "layernorm" else 1) * sb * v.stats_bytes
+    per_norm_stats = (1 if arch.norm == "rmsnorm" else 2) * sb * v.stats_bytes
     paper_embedding = act.embedding_bytes(arch, s, b, elem_bytes=e, mask_bytes=1)
     paper_output = act.output_bytes(arch, s, b, elem_bytes=e)
     dropout = arch.dropout > 0

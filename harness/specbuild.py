@@ -37,6 +37,12 @@ def resolve_architecture(given: dict) -> tuple[str, Architecture | None]:
             shape["ffn_hidden"] = None
         if "n_heads" in shape and "n_kv_heads" not in shape and base.n_kv_heads == base.n_heads:
             shape["n_kv_heads"] = None
+        if (
+            ("hidden" in shape or "n_heads" in shape)
+            and base.head_dim is not None
+            and base.head_dim * base.n_heads == base.hidden
+        ):
+            shape["head_dim"] = None
         return str(model), replace(base, **shape)
     missing = [f"--{k}" for k in ("layers", "hidden", "heads") if given.get(k) is None]
     if missing:

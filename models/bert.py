@@ -17,7 +17,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from formulas.architecture import Architecture
-from models.gpt import MLP, Dropout, SelfAttention, check_options, init_weights, make_norm, rotary_tables
+from models.gpt import (
+    MLP,
+    Dropout,
+    SelfAttention,
+    check_buildable,
+    check_options,
+    init_weights,
+    make_norm,
+    rotary_tables,
+)
 
 
 class EncoderBlock(nn.Module):
@@ -74,6 +83,7 @@ class Bert(nn.Module):
         if arch.family != "encoder":
             raise ValueError(f"Bert builds encoder architectures, got family {arch.family!r} (use models.gpt.GPT)")
         check_options(attention, recompute)
+        check_buildable(arch)
         self.arch = arch
         factory = {"device": device, "dtype": dtype}
         h, P = arch.hidden, arch.max_positions
@@ -84,7 +94,7 @@ class Bert(nn.Module):
         self.token_type_embeddings = nn.Embedding(arch.type_vocab, h, **factory) if arch.type_vocab else None
         self.ln_emb = make_norm(arch, **factory)
         self.drop = Dropout(arch.dropout)
-        rope = rotary_tables(arch.head_dim, P, **factory) if arch.position == "rotary" else None
+        rope = rotary_tables(arch.head_size, P, **factory) if arch.position == "rotary" else None
         self.blocks = nn.ModuleList(
             EncoderBlock(arch, attention=attention, recompute=recompute, rope=rope, **factory)
             for _ in range(arch.n_layers)

@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from formulas.activations import ATTENTIONS, RECOMPUTES
-from formulas.architecture import Architecture
+from formulas.architecture import GATED_MLPS, Architecture, unmodelled_features
 
 INIT_STD = 0.02
 """Weight init N(0, 0.02), as GPT-2 and nanoGPT (biases zero, norm weights one)."""
@@ -123,7 +123,16 @@ def make_norm(arch: Architecture, *, device=None, dtype=None) -> nn.Module:
     """LayerNorm (weight and bias, 2h) or RMSNorm (weight, h), as `formulas.params.norm_params` counts."""
     if arch.norm == "rmsnorm":
         return RMSNorm(arch.hidden, device=device, dtype=dtype)
-    return nn.LayerNorm(arch.hidden, eps=NORM_EPS, device=device, dtype=dtype)
+    affine = arch.norm == "layernorm"  # OLMo's is non-parametric: the same saved input and statistics
+    return nn.LayerNorm(arch.hidden, eps=NORM_EPS, elementwise_affine=affine, device=device, dtype=dtype)
+
+
+def check_buildable(arch: Architecture) -> None:
+    """The reference models build pre-LN GPT and post-LN BERT blocks; a family's other features are measured
+    through transformers (`--impl hf`) or predicted only (`formulas.architecture.unmodelled_features`)."""
+    missing = unmodelled_features(arch)
+    if missing:
+        raise ValueError(f"the reference models do not build {', '.join(missing)}: use --impl hf")
 
 
 def causal_mask(positions: int, *, device=None) -> torch.Tensor:
@@ -177,11 +186,11 @@ class SelfAttention(nn.Module):
     ) -> None:
         super().__init__()
         check_options(attention, recompute)
-        h, kv = arch.hidden, arch.kv_width
-        self.n_heads, self.n_kv_heads, self.head_dim = arch.n_heads, arch.n_kv_heads, arch.head_dim
+        h, q, kv = arch.hidden, arch.q_width, arch.kv_width
+        self.n_heads, self.n_kv_heads, self.head_dim = arch.n_heads, arch.n_kv_heads, arch.head_size
         self.causal, self.attention, self.recompute = causal, attention, recompute
-        self.qkv = nn.Linear(h, h + 2 * kv, bias=arch.bias, device=device, dtype=dtype)
-        self.proj = nn.Linear(h, h, bias=arch.bias, device=device, dtype=dtype)
+        self.qkv = nn.Linear(h, q + 2 * kv, bias=arch.has_qkv_bias, device=device, dtype=dtype)
+        self.proj = nn.Linear(q, h, bias=arch.has_out_bias, device=device, dtype=dtype)
         self.dropout_p = arch.dropout
         self.attn_dropout = Dropout(arch.dropout)
         self.resid_dropout = Dropout(arch.dropout)
@@ -210,7 +219,7 @@ class SelfAttention(nn.Module):
             y = checkpoint(self.core, q, k, v, use_reentrant=False)
         else:
             y = self.core(q, k, v)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, nh * hs)  # re-assemble the heads: (B, T, h)
+        y = y.transpose(1, 2).reshape(B, T, nh * hs)  # re-assemble the heads: (B, T, a·d)
         return self.resid_dropout(self.proj(y))
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -241,25 +250,30 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GeLU: W2·gelu(W1·x) (h→f→h). SwiGLU: W_down·(silu(W_gate·x) ⊙ W_up·x) (Shazeer 2020, eq. 6)."""
+    """GeLU: W2·gelu(W1·x) (h→f→h); ReLU the same with relu (OPT). SwiGLU: W_down·(silu(W_gate·x) ⊙ W_up·x),
+    GeGLU with gelu for silu (Shazeer 2020, eqs. 5-6)."""
 
     def __init__(self, arch: Architecture, *, approximate: str = "tanh", device=None, dtype=None) -> None:
         super().__init__()
-        h, f = arch.hidden, arch.ffn_hidden
-        self.swiglu = arch.mlp == "swiglu"
+        h, f, b = arch.hidden, arch.ffn_hidden, arch.has_mlp_bias
+        self.kind = arch.mlp
         self.approximate = approximate
-        if self.swiglu:
-            self.gate = nn.Linear(h, f, bias=arch.bias, device=device, dtype=dtype)
-            self.up = nn.Linear(h, f, bias=arch.bias, device=device, dtype=dtype)
-            self.down = nn.Linear(f, h, bias=arch.bias, device=device, dtype=dtype)
+        if self.kind in GATED_MLPS:
+            self.gate = nn.Linear(h, f, bias=b, device=device, dtype=dtype)
+            self.up = nn.Linear(h, f, bias=b, device=device, dtype=dtype)
+            self.down = nn.Linear(f, h, bias=b, device=device, dtype=dtype)
         else:
-            self.fc = nn.Linear(h, f, bias=arch.bias, device=device, dtype=dtype)
-            self.proj = nn.Linear(f, h, bias=arch.bias, device=device, dtype=dtype)
+            self.fc = nn.Linear(h, f, bias=b, device=device, dtype=dtype)
+            self.proj = nn.Linear(f, h, bias=b, device=device, dtype=dtype)
         self.dropout = Dropout(arch.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.swiglu:
+        if self.kind == "swiglu":
             x = self.down(F.silu(self.gate(x)) * self.up(x))  # saves gate, silu(gate), up, product: 4·e·sbf
+        elif self.kind == "geglu":
+            x = self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))  # the same four: 4·e·sbf
+        elif self.kind == "relu":
+            x = self.proj(F.relu(self.fc(x)))  # relu saves its output, the projection's input: 1·e·sbf
         else:
             x = self.proj(F.gelu(self.fc(x), approximate=self.approximate))  # saves gelu input, output: 2·e·sbf
         return self.dropout(x)
@@ -343,6 +357,7 @@ class GPT(nn.Module):
         if arch.family != "decoder":
             raise ValueError(f"GPT builds decoder architectures, got family {arch.family!r} (use models.bert.Bert)")
         check_options(attention, recompute)
+        check_buildable(arch)
         self.arch = arch
         factory = {"device": device, "dtype": dtype}
         h, P = arch.hidden, arch.max_positions
@@ -353,7 +368,7 @@ class GPT(nn.Module):
         self.drop = Dropout(arch.dropout)
         # One causal mask and one pair of rotary tables, shared by every block.
         future = causal_mask(P, device=device) if attention == "eager" else None
-        rope = rotary_tables(arch.head_dim, P, **factory) if arch.position == "rotary" else None
+        rope = rotary_tables(arch.head_size, P, **factory) if arch.position == "rotary" else None
         self.blocks = nn.ModuleList(
             Block(arch, attention=attention, recompute=recompute, future=future, rope=rope, **factory)
             for _ in range(arch.n_layers)

@@ -2,7 +2,8 @@
 
 Four families cover the presets: GPT-2 (learned positions, LayerNorm, GeLU), GPT-NeoX/Pythia (rotary,
 LayerNorm, GeLU, parallel residual), Llama (rotary, RMSNorm, SwiGLU, GQA) and BERT. The class follows
-from the architecture's features; anything else raises `ValueError` and is left to `--impl reference`.
+from the architecture's features, or from its `model_type` when it was read from a config.json (the other
+families' configs are built in `models.hf_families`); anything else raises `ValueError`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 from formulas.architecture import Architecture
 from formulas.families import hf_family
 from models.gpt import check_options
+from models.hf_families import MODEL_CLASSES, transformers_config
 
 NEOX_ROTARY_PCT = 0.25
 """Pythia and GPT-NeoX-20B rotate a quarter of each head (`rotary_pct` in their Hub configs)."""
@@ -53,6 +55,8 @@ def hf_config(arch: Architecture, attention: str = "eager", *, device=None, dtyp
         "pad_token_id": None,
         "use_cache": False,  # training: no KV cache
     }
+    if family in MODEL_CLASSES or arch.model_type == "llama":
+        return transformers_config(arch, common)
     if family == "gpt2":
         return transformers.GPT2Config(
             n_layer=arch.n_layers,
@@ -73,9 +77,10 @@ def hf_config(arch: Architecture, attention: str = "eager", *, device=None, dtyp
             intermediate_size=arch.ffn_hidden,
             max_position_embeddings=arch.max_positions,
             hidden_act="gelu",
-            rotary_pct=NEOX_ROTARY_PCT,
-            use_parallel_residual=True,
-            attention_bias=True,
+            # A preset's NeoX is Pythia's (parallel, a quarter rotated); a config's says so (`models.configs`).
+            rotary_pct=NEOX_ROTARY_PCT if arch.model_type is None else arch.rotary_fraction,
+            use_parallel_residual=arch.model_type is None or arch.parallel_attention,
+            attention_bias=arch.has_qkv_bias,
             attention_dropout=arch.dropout,
             hidden_dropout=arch.dropout,
             **common,
@@ -89,8 +94,8 @@ def hf_config(arch: Architecture, attention: str = "eager", *, device=None, dtyp
             intermediate_size=arch.ffn_hidden,
             max_position_embeddings=arch.max_positions,
             hidden_act="silu",
-            attention_bias=arch.bias,
-            mlp_bias=arch.bias,
+            attention_bias=arch.has_qkv_bias,
+            mlp_bias=arch.has_mlp_bias,
             attention_dropout=arch.dropout,  # Llama has no residual dropout: only the attention scores drop
             **common,
         )
@@ -113,6 +118,8 @@ def hf_model_class(arch: Architecture) -> tuple[type, dict[str, Any]]:
     import transformers
 
     family = hf_family(arch)
+    if family in MODEL_CLASSES:
+        return getattr(transformers, MODEL_CLASSES[family]), {}
     if family == "gpt2":
         return transformers.GPT2LMHeadModel, {}
     if family == "gpt_neox":

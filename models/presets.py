@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from formulas.architecture import Architecture
+from models.configs import from_hf_config
 
 
 def _gpt2(layers: int, hidden: int, heads: int, vocab: int = 50257, positions: int = 1024) -> Architecture:
@@ -103,90 +104,6 @@ PRESETS: dict[str, Architecture] = {
 }
 
 
-def _refuse_unmodelled(cfg: dict, kind: str, path: str) -> None:
-    """Fields that change the parameter count in ways `Architecture` cannot express yet: an error naming the
-    field, never a silent miscount (a Llama config with head_dim 64 at hidden 4096 / 32 heads would be
-    over-counted by 1.07B parameters, Mistral-Nemo's head_dim 128 at 5120 / 32 by 524M)."""
-    heads, hidden = cfg.get("num_attention_heads"), cfg.get("hidden_size")
-    head_dim = cfg.get("head_dim")
-    if kind in ("llama", "mistral") and head_dim is not None and heads and hidden and head_dim * heads != hidden:
-        raise ValueError(f"{path}: head_dim {head_dim} is not hidden_size / num_attention_heads "
-                         f"({hidden} / {heads}): a head size of its own is not modelled yet")  # fmt: skip
-    if kind in ("llama", "mistral") and bool(cfg.get("attention_bias", False)) != bool(cfg.get("mlp_bias", False)):
-        raise ValueError(f"{path}: attention_bias {cfg.get('attention_bias', False)} and mlp_bias "
-                         f"{cfg.get('mlp_bias', False)} differ: biases on one of them only are not modelled yet")  # fmt: skip
-    if kind == "gpt_neox" and not cfg.get("attention_bias", True):
-        raise ValueError(f"{path}: attention_bias false: GPT-NeoX's MLP keeps its biases, and biases on the MLP "
-                         "only are not modelled yet")  # fmt: skip
-
-
-def _from_hf_config(cfg: dict, path: str) -> Architecture:
-    """Map a transformers `config.json` to an Architecture (GPT-2, GPT-NeoX, Llama/Mistral, BERT)."""
-    kind = cfg.get("model_type")
-    _refuse_unmodelled(cfg, kind, path)
-    try:
-        if kind == "gpt2":
-            return Architecture(
-                n_layers=cfg["n_layer"],
-                hidden=cfg["n_embd"],
-                n_heads=cfg["n_head"],
-                vocab=cfg["vocab_size"],
-                ffn_hidden=cfg.get("n_inner") or None,
-                max_positions=cfg["n_positions"],
-                tied_embeddings=cfg.get("tie_word_embeddings", True),
-                dropout=cfg.get("resid_pdrop", 0.1),
-            )
-        if kind == "gpt_neox":
-            return Architecture(
-                n_layers=cfg["num_hidden_layers"],
-                hidden=cfg["hidden_size"],
-                n_heads=cfg["num_attention_heads"],
-                vocab=cfg["vocab_size"],
-                ffn_hidden=cfg.get("intermediate_size"),
-                max_positions=cfg.get("max_position_embeddings", 2048),
-                position="rotary",
-                bias=cfg.get("attention_bias", True),
-                tied_embeddings=cfg.get("tie_word_embeddings", False),
-                dropout=max(cfg.get("hidden_dropout", 0.0), cfg.get("attention_dropout", 0.0)),
-            )
-        if kind in ("llama", "mistral"):
-            return Architecture(
-                n_layers=cfg["num_hidden_layers"],
-                hidden=cfg["hidden_size"],
-                n_heads=cfg["num_attention_heads"],
-                n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-                vocab=cfg["vocab_size"],
-                ffn_hidden=cfg["intermediate_size"],
-                max_positions=cfg.get("max_position_embeddings", 4096),
-                position="rotary",
-                norm="rmsnorm",
-                bias=cfg.get("attention_bias", False),  # equal to mlp_bias (`_refuse_unmodelled`)
-                tied_embeddings=cfg.get("tie_word_embeddings", False),
-                mlp="swiglu",
-                dropout=cfg.get("attention_dropout", 0.0),
-            )
-        if kind == "bert":
-            return Architecture(
-                n_layers=cfg["num_hidden_layers"],
-                hidden=cfg["hidden_size"],
-                n_heads=cfg["num_attention_heads"],
-                vocab=cfg["vocab_size"],
-                ffn_hidden=cfg.get("intermediate_size"),
-                max_positions=cfg.get("max_position_embeddings", 512),
-                family="encoder",
-                type_vocab=cfg.get("type_vocab_size", 2),
-                dropout=cfg.get("hidden_dropout_prob", 0.1),
-                pooler=True,
-                mlm_head=True,
-                nsp_head=True,
-            )
-    except KeyError as missing:
-        raise ValueError(f"{path}: {kind} config is missing {missing}") from None
-    except TypeError as exc:
-        raise ValueError(f"{path}: malformed {kind} config ({exc})") from None
-    raise ValueError(f"{path}: model_type {kind!r} is not supported (gpt2, gpt_neox, llama, mistral, bert)")
-
-
 def load_config(path: str | Path) -> Architecture:
     """Read a transformers `config.json` from disk."""
     p = Path(path)
@@ -200,7 +117,7 @@ def load_config(path: str | Path) -> Architecture:
         raise ValueError(f"{path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} must hold a JSON object")
-    return _from_hf_config(cfg, str(path))
+    return from_hf_config(cfg, str(path))
 
 
 def resolve(model: str) -> Architecture:

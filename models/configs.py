@@ -1,0 +1,259 @@
+"""transformers `config.json` → `Architecture`, for every decoder family people train and BERT/RoBERTa.
+
+Imports no torch (`tmath predict` reads configs on any machine). Each reader takes the fields of its
+transformers config class that change a parameter count or an activation, with that class's defaults
+(transformers 5.x `configuration_<type>.py`); a field the reader cannot express is an error naming it
+(`_refuse`), never a silent default. `tests/test_families.py` checks every reader against
+`sum(p.numel())` of the transformers model built on the meta device from the same config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from formulas.architecture import Architecture
+
+GELU_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python", "quick_gelu")
+"""Activation names transformers maps to a GeLU (tanh or erf: the same parameters and saved tensors)."""
+
+MoE_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
+"""Fields of a mixture-of-experts config: routed experts are not modelled yet (issue 12, item 2)."""
+
+
+def _get(cfg: dict, key: str, default: Any = None) -> Any:
+    """`cfg[key]`, the class default when absent or null (transformers reads null as its default)."""
+    value = cfg.get(key)
+    return default if value is None else value
+
+
+def _need(cfg: dict, *keys: str) -> list:
+    missing = [k for k in keys if cfg.get(k) is None]
+    if missing:
+        raise KeyError(missing[0])
+    return [cfg[k] for k in keys]
+
+
+def _refuse(path: str, kind: str, field: str, value: Any, why: str) -> None:
+    raise ValueError(f"{path}: {kind} config field {field}={value!r}: {why}")
+
+
+def _mlp_of(path: str, kind: str, field: str, act: str, gated: bool) -> str:
+    if act in ("silu", "swish"):
+        return "swiglu" if gated else _refuse(path, kind, field, act, "an ungated SiLU MLP is not modelled")
+    if act in GELU_ACTS:
+        return "geglu" if gated else "gelu"
+    if act == "relu" and not gated:
+        return "relu"
+    _refuse(path, kind, field, act, "this activation is not modelled (silu, gelu variants, relu)")
+    return ""
+
+
+def _llama_like(cfg: dict, path: str, kind: str, **fixed: Any) -> dict:
+    """Llama's layout and its descendants (Mistral, Qwen2/3, Gemma, OLMo, Phi-3): GQA, rotary, gated MLP."""
+    layers, hidden, heads, ffn, vocab = _need(cfg, "num_hidden_layers", "hidden_size", "num_attention_heads",
+                                              "intermediate_size", "vocab_size")  # fmt: skip
+    act_key = "hidden_activation" if cfg.get("hidden_activation") is not None else "hidden_act"
+    out = dict(
+        n_layers=layers, hidden=hidden, n_heads=heads, n_kv_heads=_get(cfg, "num_key_value_heads", heads),
+        ffn_hidden=ffn, vocab=vocab, max_positions=_get(cfg, "max_position_embeddings", 4096), position="rotary",
+        norm="rmsnorm", bias=False, tied_embeddings=_get(cfg, "tie_word_embeddings", False),
+        mlp=_mlp_of(path, kind, act_key, _get(cfg, act_key, "silu"), gated=True),
+        dropout=_get(cfg, "attention_dropout", 0.0), head_dim=cfg.get("head_dim"), model_type=kind,
+        sliding_window=cfg.get("sliding_window") if _get(cfg, "use_sliding_window", True) else None,
+        rotary_fraction=_get(cfg, "partial_rotary_factor", 1.0),
+    )  # fmt: skip
+    if _get(cfg, "attention_bias", False):
+        out.update(qkv_bias=True, out_bias=True)
+    out.update(fixed)
+    return out
+
+
+def _llama(cfg: dict, path: str) -> dict:
+    out = _llama_like(cfg, path, cfg["model_type"])
+    out["mlp_bias"] = bool(_get(cfg, "mlp_bias", False))
+    return out
+
+
+def _qwen2(cfg: dict, path: str) -> dict:
+    # Qwen2Attention: q, k, v with biases, o without (no config field); the MLP has none.
+    return _llama_like(cfg, path, "qwen2", qkv_bias=True, out_bias=False)
+
+
+def _qwen3(cfg: dict, path: str) -> dict:
+    return _llama_like(cfg, path, "qwen3", qk_norm="head")
+
+
+def _gemma(cfg: dict, path: str) -> dict:
+    return _llama_like(cfg, path, "gemma", tied_embeddings=_get(cfg, "tie_word_embeddings", True))
+
+
+def _gemma2(cfg: dict, path: str) -> dict:
+    return _llama_like(cfg, path, "gemma2", tied_embeddings=_get(cfg, "tie_word_embeddings", True),
+                       norm_placement="sandwich")  # fmt: skip
+
+
+def _olmo(cfg: dict, path: str) -> dict:
+    return _llama_like(cfg, path, "olmo", norm="layernorm-noparam")
+
+
+def _olmo2(cfg: dict, path: str) -> dict:
+    return _llama_like(cfg, path, "olmo2", norm_placement="branch-post", qk_norm="full")
+
+
+def _phi3(cfg: dict, path: str) -> dict:
+    out = _llama_like(cfg, path, "phi3")
+    out["dropout"] = max(_get(cfg, "resid_pdrop", 0.0), _get(cfg, "attention_dropout", 0.0))
+    return out
+
+
+def _phi(cfg: dict, path: str) -> dict:
+    layers, hidden, heads, ffn, vocab = _need(cfg, "num_hidden_layers", "hidden_size", "num_attention_heads",
+                                              "intermediate_size", "vocab_size")  # fmt: skip
+    return dict(
+        n_layers=layers, hidden=hidden, n_heads=heads, n_kv_heads=_get(cfg, "num_key_value_heads", heads),
+        ffn_hidden=ffn, vocab=vocab, max_positions=_get(cfg, "max_position_embeddings", 2048), position="rotary",
+        rotary_fraction=_get(cfg, "partial_rotary_factor", 0.5),
+        mlp=_mlp_of(path, "phi", "hidden_act", _get(cfg, "hidden_act", "gelu_new"), gated=False),
+        tied_embeddings=_get(cfg, "tie_word_embeddings", False), head_bias=True, parallel_attention=True,
+        shared_norm=True, qk_norm="head" if _get(cfg, "qk_layernorm", False) else "none",
+        dropout=max(_get(cfg, "resid_pdrop", 0.0), _get(cfg, "attention_dropout", 0.0)), model_type="phi",
+    )  # fmt: skip
+
+
+def _gptj(cfg: dict, path: str) -> dict:
+    layers, hidden, heads, vocab = _need(cfg, "n_layer", "n_embd", "n_head", "vocab_size")
+    rotary = _get(cfg, "rotary_dim", None)
+    return dict(
+        n_layers=layers, hidden=hidden, n_heads=heads, vocab=vocab, ffn_hidden=cfg.get("n_inner") or None,
+        max_positions=_get(cfg, "n_positions", 2048), position="rotary",
+        rotary_fraction=(rotary / (hidden // heads)) if rotary else 1.0,
+        mlp=_mlp_of(path, "gptj", "activation_function", _get(cfg, "activation_function", "gelu_new"), gated=False),
+        qkv_bias=False, out_bias=False, mlp_bias=True, head_bias=True, parallel_attention=True, shared_norm=True,
+        tied_embeddings=_get(cfg, "tie_word_embeddings", False), dropout=_get(cfg, "resid_pdrop", 0.0),
+        model_type="gptj",
+    )  # fmt: skip
+
+
+def _falcon(cfg: dict, path: str) -> dict:
+    layers, hidden, heads, vocab = _need(cfg, "num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
+    new = _get(cfg, "new_decoder_architecture", False)
+    # Falcon-40B/180B name their K/V heads; Falcon-7B is multi-query, or multi-head without multi_query.
+    kv = _get(cfg, "num_kv_heads", heads) if new else (1 if _get(cfg, "multi_query", True) else heads)
+    parallel = new or _get(cfg, "parallel_attn", True)
+    shared = parallel and not (new and _get(cfg, "num_ln_in_parallel_attn", 2) == 2)
+    act = _get(cfg, "activation", "gelu")
+    return dict(
+        n_layers=layers, hidden=hidden, n_heads=heads, n_kv_heads=kv, vocab=vocab,
+        ffn_hidden=_get(cfg, "ffn_hidden_size", 4 * hidden),
+        max_positions=_get(cfg, "max_position_embeddings", 2048),
+        position="none" if _get(cfg, "alibi", False) else "rotary", bias=_get(cfg, "bias", False),
+        mlp=_mlp_of(path, "falcon", "activation", act, gated=False), parallel_attention=parallel,
+        shared_norm=shared, tied_embeddings=_get(cfg, "tie_word_embeddings", True),
+        dropout=max(_get(cfg, "hidden_dropout", 0.0), _get(cfg, "attention_dropout", 0.0)), model_type="falcon",
+    )  # fmt: skip
+
+
+def _opt(cfg: dict, path: str) -> dict:
+    layers, hidden, heads, vocab = _need(cfg, "num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
+    if not _get(cfg, "layer_norm_elementwise_affine", True):
+        _refuse(path, "opt", "layer_norm_elementwise_affine", False, "OPT's norms without weights are not modelled")
+    pre = _get(cfg, "do_layer_norm_before", True)
+    embed = _get(cfg, "word_embed_proj_dim", hidden)
+    return dict(
+        n_layers=layers, hidden=hidden, n_heads=heads, vocab=vocab, ffn_hidden=_get(cfg, "ffn_dim", 4 * hidden),
+        max_positions=_get(cfg, "max_position_embeddings", 2048), position_offset=2,
+        mlp=_mlp_of(path, "opt", "activation_function", _get(cfg, "activation_function", "relu"), gated=False),
+        bias=_get(cfg, "enable_bias", True), norm_placement="pre" if pre else "post",
+        final_norm=pre and not _get(cfg, "_remove_final_layer_norm", False), embed_dim=embed,
+        tied_embeddings=_get(cfg, "tie_word_embeddings", True), dropout=_get(cfg, "dropout", 0.1), model_type="opt",
+    )  # fmt: skip
+
+
+def _gpt2(cfg: dict, path: str) -> dict:
+    layers, hidden, heads, vocab = _need(cfg, "n_layer", "n_embd", "n_head", "vocab_size")
+    return dict(
+        n_layers=layers, hidden=hidden, n_heads=heads, vocab=vocab, ffn_hidden=cfg.get("n_inner") or None,
+        max_positions=_get(cfg, "n_positions", 1024), tied_embeddings=_get(cfg, "tie_word_embeddings", True),
+        dropout=_get(cfg, "resid_pdrop", 0.1),
+    )  # fmt: skip
+
+
+def _gpt_neox(cfg: dict, path: str) -> dict:
+    layers, hidden, heads, vocab = _need(cfg, "num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
+    attention_bias = _get(cfg, "attention_bias", True)
+    out = dict(
+        n_layers=layers, hidden=hidden, n_heads=heads, vocab=vocab, ffn_hidden=_get(cfg, "intermediate_size", None),
+        max_positions=_get(cfg, "max_position_embeddings", 2048), position="rotary",
+        tied_embeddings=_get(cfg, "tie_word_embeddings", False),
+        dropout=max(_get(cfg, "hidden_dropout", 0.0), _get(cfg, "attention_dropout", 0.0)),
+    )  # fmt: skip
+    if not attention_bias:  # GPT-NeoX's MLP keeps its biases
+        out.update(qkv_bias=False, out_bias=False, mlp_bias=True)
+    parallel = _get(cfg, "use_parallel_residual", True)
+    rotary = _get(cfg, "rotary_pct", 0.25)
+    if not parallel or rotary != 0.25 or not attention_bias:
+        # What the presets (Pythia: parallel, a quarter rotated) leave implicit, a config states.
+        out.update(model_type="gpt_neox", parallel_attention=parallel, rotary_fraction=rotary)
+    return out
+
+
+def _encoder(cfg: dict, path: str, kind: str) -> dict:
+    """BERT as pre-trained (BertForPreTraining: pooler, MLM and next-sentence heads); RoBERTa as pre-trained
+    (RobertaForMaskedLM: the MLM head only; its position table's padding offset is in max_position_embeddings)."""
+    layers, hidden, heads, vocab = _need(cfg, "num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
+    bert = kind == "bert"
+    out = dict(
+        n_layers=layers, hidden=hidden, n_heads=heads, vocab=vocab, ffn_hidden=_get(cfg, "intermediate_size", None),
+        max_positions=_get(cfg, "max_position_embeddings", 512), family="encoder",
+        mlp=_mlp_of(path, kind, "hidden_act", _get(cfg, "hidden_act", "gelu"), gated=False),
+        type_vocab=_get(cfg, "type_vocab_size", 2), dropout=_get(cfg, "hidden_dropout_prob", 0.1),
+        pooler=bert, mlm_head=True, nsp_head=bert,
+    )  # fmt: skip
+    if not bert:
+        out["model_type"] = kind
+    return out
+
+
+READERS: dict[str, Callable[[dict, str], dict]] = {
+    "gpt2": _gpt2,
+    "gpt_neox": _gpt_neox,
+    "gptj": _gptj,
+    "llama": _llama,
+    "mistral": _llama,
+    "qwen2": _qwen2,
+    "qwen3": _qwen3,
+    "gemma": _gemma,
+    "gemma2": _gemma2,
+    "phi": _phi,
+    "phi3": _phi3,
+    "falcon": _falcon,
+    "opt": _opt,
+    "olmo": _olmo,
+    "olmo2": _olmo2,
+    "bert": lambda cfg, path: _encoder(cfg, path, "bert"),
+    "roberta": lambda cfg, path: _encoder(cfg, path, "roberta"),
+}
+"""model_type → reader of its config.json fields."""
+
+
+def from_hf_config(cfg: dict, path: str) -> Architecture:
+    """Map a transformers `config.json` to an Architecture; one-line `ValueError`s name what does not fit."""
+    kind = cfg.get("model_type")
+    moe = [k for k in MoE_FIELDS if cfg.get(k)]
+    if moe:
+        raise ValueError(f"{path}: {kind} config has mixture-of-experts field {moe[0]}={cfg[moe[0]]!r}: routed "
+                         "experts are not modelled yet")  # fmt: skip
+    reader = READERS.get(kind)
+    if reader is None:
+        raise ValueError(f"{path}: model_type {kind!r} is not supported ({', '.join(READERS)})")
+    try:
+        return Architecture(**reader(cfg, path))
+    except KeyError as missing:
+        raise ValueError(f"{path}: {kind} config is missing {missing}") from None
+    except TypeError as exc:
+        raise ValueError(f"{path}: malformed {kind} config ({exc})") from None
+    except ValueError as exc:
+        if str(exc).startswith(path):
+            raise
+        raise ValueError(f"{path}: {exc}") from None

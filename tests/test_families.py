@@ -1,0 +1,114 @@
+"""Exact parameter counts for every model family a config.json can name (issue 12, item 4).
+
+Each case is a transformers config class with shapes away from its defaults (head size set apart, GQA, biases
+apart, untied heads, ...). The config's `to_dict()` is what a config.json holds; `models.configs` reads it;
+`formulas.params.parameter_count` must equal `sum(p.numel())` of the transformers model built from the same
+config on the meta device (tied tensors counted once, as `parameters()` does), to 0 parameters. The same
+architecture rebuilt by `models.hf` (the class `--impl hf` measures) must have the same count.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from formulas.families import HF_TYPES, hf_family
+from formulas.params import largest_module_params, parameter_count
+from models import hf
+from models.configs import READERS, from_hf_config
+
+SMALL = dict(num_hidden_layers=3, hidden_size=96, num_attention_heads=6, vocab_size=1003)
+"""Shapes no family defaults to: 3 layers, h 96, 6 heads (d 16), an odd vocabulary."""
+
+CASES: dict[str, tuple[str, str, dict]] = {
+    # name: (config class, model class, config fields)
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_layer=3, n_embd=96, n_head=6, vocab_size=1003, n_inner=200)),
+    "gpt2-untied": ("GPT2Config", "GPT2LMHeadModel", dict(n_layer=2, n_embd=64, n_head=4, tie_word_embeddings=False,
+                                                          n_positions=300)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(SMALL, intermediate_size=200)),
+    "gpt_neox-sequential": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(SMALL, use_parallel_residual=False,
+                                                                          attention_bias=False, rotary_pct=0.5)),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(n_layer=3, n_embd=96, n_head=6, vocab_size=1003, rotary_dim=8)),
+    "llama-head_dim": ("LlamaConfig", "LlamaForCausalLM", dict(SMALL, num_key_value_heads=2, head_dim=8,
+                                                                intermediate_size=200)),
+    "llama-biases-apart": ("LlamaConfig", "LlamaForCausalLM", dict(SMALL, intermediate_size=200, attention_bias=True,
+                                                                    mlp_bias=False)),
+    "llama-mlp-bias": ("LlamaConfig", "LlamaForCausalLM", dict(SMALL, intermediate_size=200, mlp_bias=True,
+                                                                tie_word_embeddings=True)),
+    "mistral-nemo-like": ("MistralConfig", "MistralForCausalLM", dict(SMALL, num_key_value_heads=2, head_dim=32,
+                                                                       intermediate_size=200, sliding_window=64)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(SMALL, num_key_value_heads=2, intermediate_size=200)),
+    "qwen2-tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(SMALL, num_key_value_heads=3, intermediate_size=200,
+                                                            tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(SMALL, num_key_value_heads=2, head_dim=24,
+                                                       intermediate_size=200)),
+    "qwen3-bias": ("Qwen3Config", "Qwen3ForCausalLM", dict(SMALL, head_dim=16, intermediate_size=200,
+                                                            num_key_value_heads=6, attention_bias=True, tie_word_embeddings=True)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(SMALL, num_key_value_heads=1, head_dim=32,
+                                                       intermediate_size=200)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(SMALL, num_key_value_heads=2, head_dim=32,
+                                                          intermediate_size=200, sliding_window=32)),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(SMALL, intermediate_size=200, partial_rotary_factor=0.5)),
+    "phi-qk_layernorm": ("PhiConfig", "PhiForCausalLM", dict(SMALL, intermediate_size=200, qk_layernorm=True,
+                                                              num_key_value_heads=2)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(SMALL, num_key_value_heads=2, intermediate_size=200)),
+    "falcon-7b-like": ("FalconConfig", "FalconForCausalLM", dict(SMALL)),
+    "falcon-40b-like": ("FalconConfig", "FalconForCausalLM", dict(SMALL, new_decoder_architecture=True,
+                                                                   num_kv_heads=2, ffn_hidden_size=200)),
+    "falcon-sequential-bias": ("FalconConfig", "FalconForCausalLM", dict(SMALL, parallel_attn=False, bias=True,
+                                                                          multi_query=False, alibi=True)),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(SMALL, ffn_dim=200, max_position_embeddings=300)),
+    "opt-350m-like": ("OPTConfig", "OPTForCausalLM", dict(SMALL, ffn_dim=200, word_embed_proj_dim=48,
+                                                           do_layer_norm_before=False)),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", dict(SMALL, num_key_value_heads=2, intermediate_size=200)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(SMALL, num_key_value_heads=2, intermediate_size=200)),
+    "bert": ("BertConfig", "BertForPreTraining", dict(SMALL, intermediate_size=200, type_vocab_size=3)),
+    "roberta": ("RobertaConfig", "RobertaForMaskedLM", dict(SMALL, intermediate_size=200, type_vocab_size=1,
+                                                             max_position_embeddings=130)),
+}  # fmt: skip
+
+
+def _numel(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _config(name: str):
+    config_cls, _, fields = CASES[name]
+    # The families' default token ids (Phi-3's pad 32000) can exceed the small vocabulary; training needs none.
+    return getattr(transformers, config_cls)(**fields, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+
+
+def _built(name: str) -> torch.nn.Module:
+    _, model_cls, _ = CASES[name]
+    with torch.device("meta"):
+        return getattr(transformers, model_cls)(_config(name))
+
+
+def test_every_family_has_a_case():
+    covered = {_config(name).model_type for name in CASES}
+    assert covered == set(READERS) == set(HF_TYPES)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_config_json_parameter_count_is_exact(name):
+    arch = from_hf_config(_config(name).to_dict(), f"{name}.json")
+    assert parameter_count(arch).total - _numel(_built(name)) == 0
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_built_model_has_the_counted_parameters(name):
+    """The class `--impl hf` builds from the architecture (not from the config) has the same parameters."""
+    arch = from_hf_config(_config(name).to_dict(), f"{name}.json")
+    model = hf.instantiate_hf(arch, device="meta")
+    assert type(model).__name__ == CASES[name][1]
+    assert _numel(model) == parameter_count(arch).total
+    assert hf_family(arch) == _config(name).model_type
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gemma2", "phi", "opt-350m-like", "falcon-40b-like"])
+def test_largest_module_is_a_real_module(name):
+    """ZeRO-3 gathers the largest module's own parameters: the formula names one that exists."""
+    arch = from_hf_config(_config(name).to_dict(), f"{name}.json")
+    sizes = {sum(p.numel() for p in m.parameters(recurse=False)) for m in _built(name).modules()}
+    assert largest_module_params(arch) in sizes
