@@ -28,7 +28,7 @@ GATED_MLPS: tuple[str, ...] = ("swiglu", "geglu")
 """MLPs with three matrices (gate, up, down): Shazeer 2020, "GLU Variants Improve Transformer"."""
 
 SHAPE_KEYS: tuple[str, ...] = (
-    "layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab", "max_positions",
+    "layers", "hidden", "heads", "kv_heads", "head_dim", "ffn_hidden", "vocab", "max_positions",
     "dropout", "position", "norm", "mlp", "family",
 )  # fmt: skip
 """The fields a user sets by name (flags `--layers` ..., sweep keys): they override a preset's."""

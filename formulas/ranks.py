@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from formulas import activations as act
-from formulas.families import hf_family
+from formulas.families import code_family
 from formulas.layouts import INDEX_BYTES, buffer_bytes, input_bytes
 from formulas.parallel import (
     block_tensors,
@@ -298,7 +298,7 @@ def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
         return None
     impl = spec.measurement.impl
     fsdp = p.dp_shard == "fsdp2"
-    if impl == "hf" and (hf_family(arch) != "llama" or p.pp > 1 or fsdp or p.sequence_parallel):
+    if impl == "hf" and (code_family(arch) != "llama" or p.pp > 1 or fsdp or p.sequence_parallel):
         return None  # transformers models are measured under their own tensor-parallel plan (Llama) only
     device = device if device in ("cpu", "cuda", "meta") else "cuda"
     notes: list[str] = []

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 
 from formulas import activations as act
 from formulas.architecture import Architecture
-from formulas.families import hf_family
+from formulas.families import code_family
 from formulas.layouts import INDEX_BYTES, NEOX_ROTARY_FRACTION
 from formulas.precision import activation_bytes_per_element, is_mixed
 from formulas.spec import IMPLS, MEASURED_DEVICES, RunSpec
@@ -209,7 +209,7 @@ def activation_variant(
 
     if recompute == "selective":
         raise ValueError("transformers has no selective recomputation (models.hf.build_hf)")
-    family = hf_family(arch)
+    family = code_family(arch)
     # F.dropout: ATen Dropout.cpp uses the fused native_dropout (1-byte bool mask) only on CUDA-like devices.
     mask = e if cpu else 1
     if device == "cuda" and dropout:
@@ -324,8 +324,9 @@ def layer_account(arch: Architecture, seq: int, batch: int, variant: ActivationV
     if v.norm_saves_output:
         add("rmsnorm_saves_output", 2 * e * sbh)
     add("gelu_new", v.extra_inner_tensors * e * s * b * f)
+    q = arch.q_width  # a·d: = h unless the head size is set apart
     if v.kv_materialised:
-        add("repeat_kv", 2 * e * s * b * (h - kv))
+        add("repeat_kv", 2 * e * s * b * (q - kv))
     if recompute == "none" and v.softmax_fp32 and e < FP32_BYTES:
         # The fp32 softmax output replaces the paper's e one; without dropout the e copy is kept by the
         # matmul with V too (with dropout the copy feeds the dropout, which keeps only its mask).
@@ -334,7 +335,7 @@ def layer_account(arch: Architecture, seq: int, batch: int, variant: ActivationV
         # Q·√scale, Kᵀ·√scale and V in fp32 (K, V repeated to a heads for GQA), then softmax, dropout mask
         # and dropout output as fp32 a·s² tensors; the paper's flash row counted e-byte Q, K, V and the LSE.
         acc = FP32_BYTES
-        add("sdpa_math_fallback", 3 * acc * sbh - (e * sbh + 2 * e * s * b * kv) + 3 * acc * scores
+        add("sdpa_math_fallback", 3 * acc * s * b * q - (e * s * b * q + 2 * e * s * b * kv) + 3 * acc * scores
             - act.LSE_BYTES * a * s * b)  # fmt: skip
     if v.sdpa_value_keeps_qkv:
         add("sdpa_value_keeps_qkv", 2 * e * sbh)

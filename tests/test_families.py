@@ -9,13 +9,16 @@ architecture rebuilt by `models.hf` (the class `--impl hf` measures) must have t
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
 
 from formulas.families import HF_TYPES, hf_family
 from formulas.params import largest_module_params, parameter_count
-from models import hf
+from models import hf, presets
 from models.configs import READERS, from_hf_config
 
 SMALL = dict(num_hidden_layers=3, hidden_size=96, num_attention_heads=6, vocab_size=1003)
@@ -112,3 +115,24 @@ def test_largest_module_is_a_real_module(name):
     arch = from_hf_config(_config(name).to_dict(), f"{name}.json")
     sizes = {sum(p.numel() for p in m.parameters(recurse=False)) for m in _built(name).modules()}
     assert largest_module_params(arch) in sizes
+
+
+HUB = sorted(Path(__file__).parents[1].joinpath("models", "hub").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", HUB, ids=lambda p: p.stem)
+def test_hub_config_counts_match_transformers(path):
+    """The published configs under models/hub/ at full size: our count is transformers' own, and the table
+    in models/hub/SOURCES.md says so."""
+    cfg = json.loads(path.read_text())
+    arch = presets.load_config(path)
+    config = transformers.AutoConfig.for_model(**cfg)
+    auto = transformers.AutoModelForMaskedLM if arch.family == "encoder" else transformers.AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    total = parameter_count(arch).total
+    assert total == _numel(model)
+    assert f"| {path.name} |" in SOURCES and f"{total:,}" in SOURCES
+
+
+SOURCES = Path(__file__).parents[1].joinpath("models", "hub", "SOURCES.md").read_text()

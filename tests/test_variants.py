@@ -15,6 +15,7 @@ import pytest
 
 from formulas import activations as act
 from formulas import variants as V
+from formulas.families import hf_family
 from harness.measure import default_dtype, measure
 from harness.memtrack import SavedTensorTracker
 from harness.records import Outcome, Record
@@ -28,6 +29,17 @@ MODELS = {
     "pythia": {"model": "pythia-160m", **SHAPE},
     "llama": {"model": "llama-2-7b", **SHAPE, "kv_heads": 2, "ffn_hidden": 96},  # grouped-query attention
     "bert": {"model": "bert-base-uncased", **SHAPE},
+    # Llama's transformers code under other names (`formulas.families.code_family`): Qwen2 with q, k, v biases
+    # and GQA; Mistral-Nemo with a head size set apart (4 heads of 32 on h = 64).
+    "qwen2": {"model": "models/hub/qwen2-7b.json", **SHAPE, "kv_heads": 2, "ffn_hidden": 96},
+    "mistral-nemo": {
+        "model": "models/hub/mistral-nemo-base-2407.json",
+        **SHAPE,
+        "kv_heads": 2,
+        "head_dim": 32,
+        "ffn_hidden": 96,
+        "max_positions": 64,
+    },  # fmt: skip
 }
 
 
@@ -146,6 +158,9 @@ CPU_POINTS = [
     {"model": "gpt2", "precision": "fp32", "attention": "flash", "recompute": "full"},
     {"model": "gpt2", "precision": "bf16", "attention": "flash"},
     {"model": "llama", "precision": "fp32", "attention": "eager"},
+    {"model": "qwen2", "precision": "bf16", "attention": "flash"},
+    {"model": "mistral-nemo", "precision": "fp32", "attention": "flash"},
+    {"model": "mistral-nemo", "precision": "bf16", "attention": "eager"},
 ]
 
 
@@ -219,13 +234,13 @@ def test_constants_match_the_model_builders():
     assert hf.NEOX_ROTARY_PCT == V.NEOX_ROTARY_FRACTION
     checked = set()
     for arch in presets.PRESETS.values():
-        family = V.hf_family(arch)
+        family = hf_family(arch)
         assert hf.hf_config(arch).model_type == family
         checked.add(family)
     assert checked == {"gpt2", "gpt_neox", "llama", "bert"}
     odd = replace(presets.PRESETS["gpt2"], norm="rmsnorm")  # learned positions with RMSNorm: no such class
     with pytest.raises(ValueError, match="no transformers class"):
-        V.hf_family(odd)
+        hf_family(odd)
     with pytest.raises(ValueError, match="no transformers class"):
         hf.hf_config(odd)
 
