@@ -39,7 +39,7 @@ MODELS = {
         "head_dim": 32,
         "ffn_hidden": 96,
         "max_positions": 64,
-    },  # fmt: skip
+    },
 }
 
 
