@@ -117,6 +117,34 @@ class Architecture:
     """Mistral/Gemma-2 sliding-window attention: noted only; a training step without a KV cache stores the same."""
     model_type: str | None = None
     """The transformers `model_type` the shape came from (config.json); `--impl hf` builds that class."""
+    # ---- mixture of experts (Shazeer et al. 2017; Fedus et al. 2021): each MoE layer's MLP is `experts` MLPs
+    # of `expert_ffn_hidden`, a router (h×E, no bias) picking `experts_per_token` of them per token, and
+    # optionally shared experts every token passes through (DeepSeekMoE, Dai et al. 2024; Qwen2-MoE) ----
+    experts: int = bounded(0, minimum=0, maximum=100_000)
+    """E: routed experts per MoE layer; 0 is a dense model."""
+    experts_per_token: int = bounded(0, minimum=0, maximum=100_000)
+    """k: routed experts each token is sent to (top-k)."""
+    expert_ffn_hidden: int | None = bounded(None, maximum=10**8)
+    """Inner width of one routed expert (`moe_intermediate_size`). None: `ffn_hidden` (Mixtral)."""
+    shared_expert_ffn_hidden: int = bounded(0, minimum=0, maximum=10**8)
+    """Inner width of the shared-expert MLP every token passes through (DeepSeek: n_shared × the expert width;
+    Qwen2-MoE: `shared_expert_intermediate_size`); 0: none."""
+    shared_expert_gate: bool = False
+    """Qwen2-MoE: a sigmoid gate (h×1) on the shared expert's output."""
+    dense_layers: tuple[int, ...] = ()
+    """Layers whose MLP is a dense one of `ffn_hidden` in a MoE model (DeepSeek's first_k_dense_replace,
+    Qwen-MoE's mlp_only_layers and decoder_sparse_step)."""
+    # ---- multi-head latent attention (DeepSeek-V2, arXiv:2405.04434, §2.1): K and V from a compressed latent ----
+    kv_lora_rank: int = bounded(0, minimum=0, maximum=10**6)
+    """d_c: width of the compressed K/V latent; 0 is ordinary attention."""
+    q_lora_rank: int = bounded(0, minimum=0, maximum=10**6)
+    """d_c': width of the compressed query latent; 0 projects queries directly."""
+    qk_rope_head_dim: int = bounded(0, minimum=0, maximum=100_000)
+    """d_h^R: the rotary part of each query/key head (the key's shared by all heads)."""
+    qk_nope_head_dim: int = bounded(0, minimum=0, maximum=100_000)
+    """d_h: the non-rotary part of each query/key head."""
+    v_head_dim: int = bounded(0, minimum=0, maximum=100_000)
+    """Width of each value head under MLA."""
 
     def __post_init__(self) -> None:
         if isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool) and not 0 <= self.dropout < 1:
@@ -133,6 +161,17 @@ class Architecture:
             )
         if not 0 < self.rotary_fraction <= 1:
             raise ValueError(f"rotary_fraction must be in (0, 1], got {self.rotary_fraction!r}")
+        if isinstance(self.dense_layers, list):
+            object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
+        if bool(self.experts) != bool(self.experts_per_token) or self.experts_per_token > self.experts:
+            raise ValueError(f"a mixture of experts needs 1 <= experts_per_token <= experts, got {self.experts_per_token} "
+                             f"of {self.experts}")  # fmt: skip
+        if any(not 0 <= i < self.n_layers for i in self.dense_layers) or (self.dense_layers and not self.experts):
+            raise ValueError(
+                f"dense_layers {list(self.dense_layers)} must be layers of a MoE model (0..{self.n_layers - 1})"
+            )
+        if self.kv_lora_rank and not (self.qk_rope_head_dim and self.qk_nope_head_dim and self.v_head_dim):
+            raise ValueError("multi-head latent attention needs qk_rope_head_dim, qk_nope_head_dim and v_head_dim")
         if self.shared_norm and not self.parallel_attention:
             raise ValueError("shared_norm needs parallel_attention: one norm feeds both branches of a parallel block")
         if self.parallel_attention and self.placement != "pre":
@@ -160,6 +199,28 @@ class Architecture:
     def kv_width(self) -> int:
         """Width of the key (and of the value) projection: kv_heads · d (= h without GQA)."""
         return self.n_kv_heads * self.head_size
+
+    @property
+    def moe(self) -> bool:
+        return self.experts > 0
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether layer `index` (0-based) has routed experts."""
+        return self.moe and index not in self.dense_layers
+
+    @property
+    def moe_layers(self) -> int:
+        """Layers with routed experts."""
+        return self.n_layers - len(self.dense_layers) if self.moe else 0
+
+    @property
+    def expert_width(self) -> int:
+        """Inner width of one routed expert."""
+        return self.expert_ffn_hidden if self.expert_ffn_hidden is not None else self.ffn_hidden
 
     @property
     def has_qkv_bias(self) -> bool:
@@ -218,7 +279,9 @@ ADDED_FIELDS: dict[str, object] = {
     f.name: f.default for f in fields(Architecture)
     if f.name in ("head_dim", "qkv_bias", "out_bias", "mlp_bias", "head_bias", "qk_norm", "parallel_attention",
                   "shared_norm", "norm_placement", "final_norm", "position_offset", "embed_dim", "rotary_fraction",
-                  "sliding_window", "model_type")
+                  "sliding_window", "model_type", "experts", "experts_per_token", "expert_ffn_hidden",
+                  "shared_expert_ffn_hidden", "shared_expert_gate", "dense_layers", "kv_lora_rank", "q_lora_rank",
+                  "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
 }  # fmt: skip
 """The fields added for the model families (issue 12) and their defaults (what a record without them means)."""
 
@@ -244,4 +307,8 @@ def unmodelled_features(arch: Architecture) -> tuple[str, ...]:
         out.append("output-layer bias")
     if arch.rotary_fraction != 1.0 and arch.position == "rotary":
         out.append(f"partial rotary ({arch.rotary_fraction:g})")
+    if arch.moe:
+        out.append(f"mixture of experts ({arch.experts_per_token} of {arch.experts})")
+    if arch.mla:
+        out.append("multi-head latent attention")
     return tuple(out)

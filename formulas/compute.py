@@ -27,7 +27,11 @@ CHINCHILLA_TOKENS_PER_PARAM = 20
 
 def attention_flops_per_token(arch: Architecture, seq: int) -> int:
     """Forward FLOPs per token of Q·Kᵀ and scores·V over all layers: 4·L·s·h (full s×s matrix), with h the
-    attention's width a·d (= h unless the head size is set apart)."""
+    attention's width a·d (= h unless the head size is set apart). Under multi-head latent attention Q·Kᵀ is
+    a·(d_h + d_h^R) wide and scores·V a·d_v (DeepSeek-V2, §2.1)."""
+    if arch.mla:
+        a = arch.n_heads
+        return 2 * arch.n_layers * seq * a * (arch.qk_nope_head_dim + arch.qk_rope_head_dim + arch.v_head_dim)
     return 4 * arch.n_layers * seq * arch.q_width
 
 
@@ -72,11 +76,12 @@ def matmul_flops_per_step(arch: Architecture, batch: int, seq: int, recompute: s
     attention = attention_flops_per_token(arch, seq) * tokens
     forward = 2 * matmul_params(arch) * tokens + 2 * sequence_matmul_params(arch) * batch + attention
     if recompute == "full":
-        block_matmul = block_matmul_params(arch)
+        block_matmul = sum(block_matmul_params(arch, i) for i in range(arch.n_layers))
         if arch.dropout == 0 and arch.family == "decoder":
-            # Pre-LN: the MLP's output projection feeds only the residual add, which saves nothing.
-            block_matmul -= arch.ffn_hidden * arch.hidden
-        extra = 2 * arch.n_layers * block_matmul * tokens + attention
+            # Pre-LN: the MLP's output projection feeds only the residual add, which saves nothing (in a MoE
+            # layer the experts' outputs are combined after it: replayed in full here, not measured).
+            block_matmul -= (arch.n_layers - arch.moe_layers) * arch.ffn_hidden * arch.hidden
+        extra = 2 * block_matmul * tokens + attention
     elif recompute == "selective":
         extra = attention // 2  # Q·Kᵀ only
     else:

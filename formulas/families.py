@@ -63,7 +63,7 @@ def _bert_heads(arch: Architecture) -> bool:
 
 HF_TYPES: tuple[str, ...] = (
     "gpt2", "gpt_neox", "gptj", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "falcon",
-    "opt", "olmo", "olmo2", "bert", "roberta",
+    "opt", "olmo", "olmo2", "bert", "roberta", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3",
 )  # fmt: skip
 """transformers model types `models.hf` builds from an architecture."""
 

@@ -21,7 +21,7 @@ gradients by PP × TP like the weights (Shoeybi et al. 2019, Megatron-LM, Sectio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal, get_args
 
 from formulas.precision import gradient_bytes_per_param, optimizer_bytes_per_param, weight_bytes_per_param
@@ -64,6 +64,11 @@ class ModelStates:
 def params_per_model_shard(params: int, tp: int = 1, pp: int = 1) -> int:
     """Parameters held by one (tp, pp) rank: P / (PP × TP) (Transformer Math 101, 3D parallelism)."""
     return ceil_div(params, tp * pp)
+
+
+def add_states(a: ModelStates, b: ModelStates) -> ModelStates:
+    """Field by field: the states of two groups of parameters held on one GPU."""
+    return ModelStates(*(getattr(a, f.name) + getattr(b, f.name) for f in fields(ModelStates)))
 
 
 def model_state_bytes(

@@ -30,9 +30,22 @@ def qk_norm_params(arch: Architecture) -> int:
     return 0
 
 
+def mla_params(arch: Architecture) -> int:
+    """Multi-head latent attention (DeepSeek-V2, arXiv:2405.04434, §2.1; transformers DeepseekV3Attention):
+    queries h×d_c' → RMSNorm(d_c') → d_c'×a·(d_h + d_h^R) (or h×a·(d_h + d_h^R) without a query latent);
+    keys and values h×(d_c + d_h^R) → RMSNorm(d_c) → d_c×a·(d_h + d_v); output a·d_v×h; no biases."""
+    h, a, rq, rkv = arch.hidden, arch.n_heads, arch.q_lora_rank, arch.kv_lora_rank
+    qk = arch.qk_nope_head_dim + arch.qk_rope_head_dim
+    query = (h * rq + rq + rq * a * qk) if rq else h * a * qk
+    kv = h * (rkv + arch.qk_rope_head_dim) + rkv + rkv * a * (arch.qk_nope_head_dim + arch.v_head_dim)
+    return query + kv + a * arch.v_head_dim * h
+
+
 def attention_params(arch: Architecture) -> int:
     """Q (h×a·d), K and V (h×kv_width each; = h×h without GQA and with d = h/a), output projection (a·d×h),
-    their biases (`qkv_bias`, `out_bias`) and QK-norm."""
+    their biases (`qkv_bias`, `out_bias`) and QK-norm; or multi-head latent attention (`mla_params`)."""
+    if arch.mla:
+        return mla_params(arch)
     h, q, kv = arch.hidden, arch.q_width, arch.kv_width
     weights = h * q + 2 * h * kv + q * h
     biases = (q + 2 * kv if arch.has_qkv_bias else 0) + (h if arch.has_out_bias else 0)
@@ -47,9 +60,45 @@ def mlp_params(arch: Architecture) -> int:
     return 2 * h * f + ((f + h) if arch.has_mlp_bias else 0)
 
 
-def layer_params(arch: Architecture) -> int:
-    """One transformer block: attention + MLP + its norms (two; one shared by a parallel block; four sandwiched)."""
-    return attention_params(arch) + mlp_params(arch) + arch.norms_per_layer * norm_params(arch)
+def _gated(arch: Architecture) -> int:
+    return 3 if arch.mlp in GATED_MLPS else 2
+
+
+def expert_params(arch: Architecture) -> int:
+    """One routed expert: the MLP's two or three matrices at the expert width, no biases (Mixtral, Qwen-MoE,
+    OLMoE, DeepSeek: transformers keeps them as (E, 2f, h) and (E, h, f) tensors)."""
+    return _gated(arch) * arch.hidden * arch.expert_width
+
+
+def shared_expert_params(arch: Architecture) -> int:
+    """The shared-expert MLP (no biases) and Qwen2-MoE's h×1 gate on it."""
+    h = arch.hidden
+    return _gated(arch) * h * arch.shared_expert_ffn_hidden + (h if arch.shared_expert_gate else 0)
+
+
+def routed_expert_params(arch: Architecture) -> int:
+    """All routed experts of all MoE layers: what expert parallelism splits."""
+    return arch.moe_layers * arch.experts * expert_params(arch)
+
+
+def moe_mlp_params(arch: Architecture) -> int:
+    """One MoE layer's MLP: the router h×E, E routed experts and the shared expert."""
+    return arch.hidden * arch.experts + arch.experts * expert_params(arch) + shared_expert_params(arch)
+
+
+def layer_params(arch: Architecture, index: int = 0) -> int:
+    """Block `index`: attention + MLP (a MoE layer's experts where it has them) + its norms (two; one shared by
+    a parallel block; four sandwiched)."""
+    mlp = moe_mlp_params(arch) if arch.is_moe_layer(index) else mlp_params(arch)
+    return attention_params(arch) + mlp + arch.norms_per_layer * norm_params(arch)
+
+
+def layers_params(arch: Architecture, indices: range | None = None) -> int:
+    """The blocks `indices` (all by default)."""
+    indices = range(arch.n_layers) if indices is None else indices
+    if not arch.moe:
+        return len(indices) * layer_params(arch)
+    return sum(layer_params(arch, i) for i in indices)
 
 
 def embedding_params(arch: Architecture) -> int:
@@ -96,6 +145,14 @@ class ParameterCount:
     layers: int
     head: int
     per_layer: int
+    """One block's parameters (the larger of the first and the last block in a MoE model with dense layers)."""
+    inactive: int = 0
+    """Routed-expert parameters a token does not pass through: (E − k) experts in every MoE layer."""
+
+    @property
+    def active(self) -> int:
+        """Parameters each token passes through (a MoE model's "active" count; = total when dense)."""
+        return self.total - self.inactive
 
     @property
     def total(self) -> int:
@@ -108,19 +165,27 @@ class ParameterCount:
 
 
 def parameter_count(arch: Architecture) -> ParameterCount:
-    per_layer = layer_params(arch)
+    per_layer = max(layer_params(arch, i) for i in (0, arch.n_layers - 1))
+    inactive = arch.moe_layers * (arch.experts - arch.experts_per_token) * expert_params(arch)
     return ParameterCount(
         embedding=embedding_params(arch),
-        layers=arch.n_layers * per_layer,
+        layers=layers_params(arch),
         head=head_params(arch),
         per_layer=per_layer,
+        inactive=inactive,
     )
 
 
-def block_matmul_params(arch: Architecture) -> int:
-    """One block's matmul parameters: Q, K, V, output projection and the MLP's two or three matrices."""
+def block_matmul_params(arch: Architecture, index: int = 0) -> int:
+    """One block's matmul parameters per token: Q, K, V, output projection (MLA: its projections, the norms
+    excepted) and the MLP's two or three matrices; in a MoE layer the router, the k experts a token is sent
+    to and the shared expert (Fedus et al. 2021: FLOPs follow the active parameters)."""
     h, q, kv, f = arch.hidden, arch.q_width, arch.kv_width, arch.ffn_hidden
-    return 2 * h * q + 2 * h * kv + (3 if arch.mlp in GATED_MLPS else 2) * h * f
+    attention = mla_params(arch) - arch.q_lora_rank - arch.kv_lora_rank if arch.mla else 2 * h * q + 2 * h * kv
+    if not arch.is_moe_layer(index):
+        return attention + _gated(arch) * h * f
+    routed = arch.experts_per_token * expert_params(arch)
+    return attention + h * arch.experts + routed + shared_expert_params(arch)
 
 
 def matmul_params(arch: Architecture) -> int:
@@ -132,7 +197,9 @@ def matmul_params(arch: Architecture) -> int:
     BERT's pooler and next-sentence head see one token per sequence: `sequence_matmul_params`.
     """
     h, E = arch.hidden, arch.token_width
-    total = arch.n_layers * block_matmul_params(arch) + (2 * E * h if h != E else 0)
+    blocks = (sum(block_matmul_params(arch, i) for i in range(arch.n_layers)) if arch.moe
+              else arch.n_layers * block_matmul_params(arch))  # fmt: skip
+    total = blocks + (2 * E * h if h != E else 0)
     if arch.family == "decoder":
         return total + arch.vocab * E
     if arch.mlm_head:
@@ -161,6 +228,8 @@ def largest_module_params(arch: Architecture) -> int:
         h * f + (f if mb else 0),
         f * h + (h if mb else 0),
     ]
+    if arch.moe:
+        candidates.append(arch.experts * expert_params(arch))  # transformers' experts module: (E, 2f, h) + (E, h, f)
     if arch.model_type == "phi3":
         candidates.append(2 * h * f)  # Phi-3's fused gate_up_proj (no bias)
     if arch.position == "learned":
@@ -177,7 +246,9 @@ def pipeline_stage_params(arch: Architecture, pp: int) -> list[int]:
     if pp < 1 or pp > arch.n_layers:
         raise ValueError(f"pp must be between 1 and the {arch.n_layers} layers, got {pp!r}")
     per, extra = divmod(arch.n_layers, pp)
-    stages = [(per + (1 if i < extra else 0)) * layer_params(arch) for i in range(pp)]
+    sizes = [per + (1 if i < extra else 0) for i in range(pp)]
+    starts = [sum(sizes[:i]) for i in range(pp)]
+    stages = [layers_params(arch, range(start, start + n)) for start, n in zip(starts, sizes, strict=True)]
     stages[0] += embedding_params(arch)
     head = head_params(arch)
     if arch.tied_embeddings and pp > 1:

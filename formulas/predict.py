@@ -12,9 +12,9 @@ from formulas import compute, hardware
 from formulas.architecture import unmodelled_features
 from formulas.calibration import Calibration
 from formulas.inference import INFERENCE_OVERHEAD, InferenceMemory, inference_memory
-from formulas.memory import ModelStates, model_state_bytes, params_per_model_shard
+from formulas.memory import ModelStates, add_states, model_state_bytes, params_per_model_shard
 from formulas.naive import NAIVE_METHODS, naive_memory, naive_params
-from formulas.params import largest_module_params, pipeline_stage_params
+from formulas.params import largest_module_params, parameter_count, pipeline_stage_params, routed_expert_params
 from formulas.peak import PeakPrediction, engine_unmodelled, step_peak, sum_of_terms, target_device
 from formulas.precision import (
     activation_bytes_per_element,
@@ -24,6 +24,7 @@ from formulas.precision import (
     weight_bytes_per_param,
 )
 from formulas.spec import RunSpec
+from formulas.units import ceil_div
 
 METHODS: tuple[str, ...] = ("korthikanti", *NAIVE_METHODS)
 
@@ -138,6 +139,13 @@ class Prediction:
             "total": self.states.host_total,
         }
 
+    def _active(self) -> dict:
+        """`active_params` for a mixture of experts (absent for dense models, whose records stay as they were)."""
+        arch = self.spec.model.arch
+        if arch is None or not arch.moe or self.spec.model.params is not None:
+            return {}
+        return {"active_params": parameter_count(arch).active}
+
     def to_dict(self) -> dict:
         """The public JSON contract of `tmath predict --format json` (documented in the README)."""
         mem = self.memory_bytes()
@@ -146,6 +154,7 @@ class Prediction:
             "method": self.method,
             "params": self.params,
             "params_per_gpu": self.params_per_gpu,
+            **self._active(),
             "memory_bytes": mem,
             "memory_gib": {k: (None if v is None else v / hardware.GIB) for k, v in mem.items()},
             "host_memory_bytes": self.host_memory_bytes(),
@@ -305,6 +314,11 @@ def _sources(spec: RunSpec, method: str) -> dict:
         )
     if spec.parallel.offload_params != "none":
         weights += "; on the host (ZeRO-Infinity, Rajbhandari et al. 2021)"
+    if spec.parallel.ep > 1:
+        ep, edp = spec.parallel.ep, spec.parallel.dp // spec.parallel.ep
+        note = (f"; routed experts ({routed_expert_params(spec.model.arch):,} params) / ep {ep}, not tensor-split, "
+                f"ZeRO over the {edp} expert-data-parallel ranks (DeepSpeed-MoE; predicted, not measured)")  # fmt: skip
+        weights, grads, optim = weights + note, grads + note, optim + note
     sources = {"weights": weights, "gradients": grads, "optimizer": optim}
     if spec.parallel.zero >= 3:
         sources["zero3_live_params"] = f"{TM101}: ZeRO-3 live params (largest module, DeepSpeed estimator)"
@@ -331,14 +345,21 @@ def predict(spec: RunSpec, method: str = "korthikanti", calibration: Calibration
 
     terms = None
     if method == "korthikanti":
+        routed = routed_expert_params(arch) if arch is not None and p.ep > 1 else 0
         states = model_state_bytes(
             # FSDP2 shards like ZeRO-3 (parameters, gradients and optimizer state over dp, a unit gathered whole).
-            params, precision=t.precision, optimizer=t.optimizer, zero=3 if p.dp_shard == "fsdp2" else p.zero,
-            dp=p.dp, tp=p.tp, pp=p.pp,
+            params - routed, precision=t.precision, optimizer=t.optimizer,
+            zero=3 if p.dp_shard == "fsdp2" else p.zero, dp=p.dp, tp=p.tp, pp=p.pp,
             largest_module_params=largest_module_params(arch) if arch is not None else 0,
             offload_optimizer=p.offload_optimizer != "none", offload_params=p.offload_params != "none",
             grad_dtype=t.grad_dtype, shard_params=_heaviest_stage(spec),
         )  # fmt: skip
+        if routed:
+            # Expert parallelism: each rank holds E/ep of every MoE layer's experts, not tensor-split; ZeRO shards
+            # them over the dp/ep ranks that hold the same experts (DeepSpeed-MoE's expert-data-parallel group).
+            states = add_states(states, model_state_bytes(
+                ceil_div(routed, p.ep), precision=t.precision, optimizer=t.optimizer, zero=p.zero, dp=p.dp // p.ep,
+                grad_dtype=t.grad_dtype))  # fmt: skip
         if arch is not None and not unmodelled_features(arch):
             terms = _korthikanti_activations(spec)
         activation = terms.total if terms is not None else None
@@ -355,8 +376,10 @@ def predict(spec: RunSpec, method: str = "korthikanti", calibration: Calibration
         peak = sum_of_terms(states, activation, "the naive formula sums its terms")
 
     tokens_per_step = t.batch * t.seq * t.grad_accum
-    per_token = compute.training_flops_per_token(params, arch, t.seq)
-    per_token_hw = per_token + compute.recompute_flops_per_token(params, t.recompute, arch, t.seq)
+    # A mixture of experts computes with the parameters a token passes through (Fedus et al. 2021, §2).
+    flop_params = parameter_count(arch).active if arch is not None and arch.moe else params
+    per_token = compute.training_flops_per_token(flop_params, arch, t.seq)
+    per_token_hw = per_token + compute.recompute_flops_per_token(flop_params, t.recompute, arch, t.seq)
     budget = spec.budget.tokens if spec.budget.tokens is not None else compute.chinchilla_tokens(params)
     if calibration is not None and spec.budget.tflops is None:
         tflops, tflops_source = calibration.achieved_tflops(gpu, t.precision)
@@ -364,14 +387,14 @@ def predict(spec: RunSpec, method: str = "korthikanti", calibration: Calibration
         tflops, tflops_source = spec.budget.tflops, "given (--tflops)"
     else:
         tflops, tflops_source = hardware.default_tflops(gpu, t.precision)
-    cost = compute.training_cost(params, budget, p.gpus, tflops)
+    cost = compute.training_cost(flop_params, budget, p.gpus, tflops)
     flops = Flops(
         per_token_model=per_token,
         per_step_model=per_token * tokens_per_step,
         per_step_hardware=per_token_hw * tokens_per_step,
         training_total=cost.flops,
         training_total_with_attention=per_token * budget,
-        per_step_forward=compute.forward_flops_per_token(params, arch, t.seq) * t.batch * t.seq,
+        per_step_forward=compute.forward_flops_per_token(flop_params, arch, t.seq) * t.batch * t.seq,
         per_step_matmul=(
             compute.matmul_flops_per_step(arch, t.batch, t.seq, t.recompute) * t.grad_accum
             if arch is not None

@@ -127,6 +127,9 @@ class ParallelSettings:
     """DeepSpeed ZeRO-Offload: optimizer state and fp32 gradients in host memory (none | cpu)."""
     offload_params: Offload = "none"
     """DeepSpeed ZeRO-3 parameter offload to host memory (none | cpu)."""
+    ep: int = bounded(1, maximum=2**20)
+    """Expert parallelism: a MoE model's routed experts split over `ep` ranks, their gradients and optimizer state
+    sharded over the dp/ep ranks holding the same experts (DeepSpeed-MoE, Rajbhandari et al. 2022); predicted only."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -170,6 +173,12 @@ class ParallelSettings:
             raise ValueError("--offload-params needs ZeRO stage 3 (only stage 3 partitions the parameters)")
         if self.offload_optimizer != "none" and self.zero == 0:
             raise ValueError("--offload-optimizer needs a ZeRO stage of 1, 2 or 3")
+        if self.dp % self.ep:
+            raise ValueError(f"--ep {self.ep} must divide the {self.dp} data-parallel ranks (gpus / (tp × pp))")
+        if self.ep > 1 and (self.pp > 1 or self.dp_shard == "fsdp2" or self.offload_optimizer != "none"
+                            or self.offload_params != "none"):  # fmt: skip
+            raise ValueError("--ep is predicted with data and tensor parallelism and ZeRO 0-3 only (no --pp, "
+                             "FSDP2 or offload)")  # fmt: skip
 
     @property
     def dp(self) -> int:
@@ -240,7 +249,7 @@ SECTIONS: dict[str, type] = {
 KEY_SINCE_SCHEMA_2 = {
     "nodes": 1, "grad_dtype": "auto", "compile": False,
     "pp_schedule": "1f1b", "microbatches": None, "virtual_stages": 1, "dp_shard": "none",
-    "reshard_after_forward": True,
+    "reshard_after_forward": True, "ep": 1,
 }  # fmt: skip
 """Settings added after the first records were written, with their defaults: at the default they stay out of
 `RunSpec.key()`, so that earlier records keep their keys and `--resume` still matches them."""
@@ -269,6 +278,10 @@ class RunSpec:
                 raise ValueError("--mode inference measures one forward: gradient accumulation does not apply")
         if m.compile and (p.gpus > 1 or p.zero or p.tp > 1 or p.pp > 1):
             raise ValueError("--compile is for one process without ZeRO (the plain trainer)")
+        if p.ep > 1 and (arch is None or not arch.moe):
+            raise ValueError(f"--ep {p.ep} splits routed experts: it needs a mixture-of-experts model")
+        if p.ep > 1 and arch.experts % p.ep:
+            raise ValueError(f"--ep {p.ep} must divide the model's {arch.experts} routed experts")
         if arch is None:
             return
         if arch.n_heads % p.tp:

@@ -17,8 +17,8 @@ from formulas.architecture import Architecture
 GELU_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python", "quick_gelu")
 """Activation names transformers maps to a GeLU (tanh or erf: the same parameters and saved tensors)."""
 
-MoE_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
-"""Fields of a mixture-of-experts config: routed experts are not modelled yet (issue 12, item 2)."""
+MOE_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
+"""Fields of a mixture-of-experts config: a family without a MoE reader refuses them (never a dense count)."""
 
 
 def _get(cfg: dict, key: str, default: Any = None) -> Any:
@@ -215,6 +215,54 @@ def _encoder(cfg: dict, path: str, kind: str) -> dict:
     return out
 
 
+def _sparse_step(cfg: dict, layers: int, experts: int) -> tuple[int, ...]:
+    """Qwen-MoE's dense layers: those in `mlp_only_layers` and those off every `decoder_sparse_step`-th
+    (transformers Qwen2MoeDecoderLayer: sparse where (i + 1) % step == 0)."""
+    step, only = _get(cfg, "decoder_sparse_step", 1), set(_get(cfg, "mlp_only_layers", []))
+    return tuple(i for i in range(layers) if i in only or not (experts > 0 and (i + 1) % step == 0))
+
+
+def _mixtral(cfg: dict, path: str) -> dict:
+    return _llama_like(cfg, path, "mixtral", experts=_need(cfg, "num_local_experts")[0],
+                       experts_per_token=_get(cfg, "num_experts_per_tok", 2))  # fmt: skip
+
+
+def _qwen_moe(cfg: dict, path: str, kind: str) -> dict:
+    # Qwen3MoeConfig writes num_local_experts (num_experts is its constructor's alias); Qwen2-MoE num_experts.
+    experts = _get(cfg, "num_experts", None) or _need(cfg, "num_local_experts")[0]
+    fields = dict(experts=experts, experts_per_token=_get(cfg, "num_experts_per_tok", 2),
+                  expert_ffn_hidden=_need(cfg, "moe_intermediate_size")[0],
+                  dense_layers=_sparse_step(cfg, cfg["num_hidden_layers"], experts))  # fmt: skip
+    if kind == "qwen2_moe":
+        shared = _get(cfg, "shared_expert_intermediate_size", 0)
+        qkv = bool(_get(cfg, "qkv_bias", True))
+        fields.update(shared_expert_ffn_hidden=shared, shared_expert_gate=shared > 0, qkv_bias=qkv, out_bias=False)
+    else:
+        fields["qk_norm"] = "head"
+    return _llama_like(cfg, path, kind, **fields)
+
+
+def _olmoe(cfg: dict, path: str) -> dict:
+    return _llama_like(cfg, path, "olmoe", qk_norm="full", experts=_need(cfg, "num_experts")[0],
+                       experts_per_token=_get(cfg, "num_experts_per_tok", 8))  # fmt: skip
+
+
+def _deepseek_v3(cfg: dict, path: str) -> dict:
+    if _get(cfg, "attention_bias", False):
+        _refuse(path, "deepseek_v3", "attention_bias", True, "biases on multi-head latent attention are not modelled")
+    heads = _need(cfg, "num_attention_heads")[0]
+    experts, moe_width = _need(cfg, "n_routed_experts", "moe_intermediate_size")
+    return _llama_like(
+        cfg, path, "deepseek_v3", n_kv_heads=heads, head_dim=None, experts=experts,
+        experts_per_token=_get(cfg, "num_experts_per_tok", 8), expert_ffn_hidden=moe_width,
+        shared_expert_ffn_hidden=_get(cfg, "n_shared_experts", 1) * moe_width,
+        dense_layers=tuple(range(_get(cfg, "first_k_dense_replace", 3))),
+        kv_lora_rank=_need(cfg, "kv_lora_rank")[0], q_lora_rank=_get(cfg, "q_lora_rank", 0),
+        qk_rope_head_dim=_need(cfg, "qk_rope_head_dim")[0], qk_nope_head_dim=_need(cfg, "qk_nope_head_dim")[0],
+        v_head_dim=_need(cfg, "v_head_dim")[0],
+    )  # fmt: skip
+
+
 READERS: dict[str, Callable[[dict, str], dict]] = {
     "gpt2": _gpt2,
     "gpt_neox": _gpt_neox,
@@ -233,6 +281,11 @@ READERS: dict[str, Callable[[dict, str], dict]] = {
     "olmo2": _olmo2,
     "bert": lambda cfg, path: _encoder(cfg, path, "bert"),
     "roberta": lambda cfg, path: _encoder(cfg, path, "roberta"),
+    "mixtral": _mixtral,
+    "qwen2_moe": lambda cfg, path: _qwen_moe(cfg, path, "qwen2_moe"),
+    "qwen3_moe": lambda cfg, path: _qwen_moe(cfg, path, "qwen3_moe"),
+    "olmoe": _olmoe,
+    "deepseek_v3": _deepseek_v3,
 }
 """model_type → reader of its config.json fields."""
 
@@ -240,13 +293,13 @@ READERS: dict[str, Callable[[dict, str], dict]] = {
 def from_hf_config(cfg: dict, path: str) -> Architecture:
     """Map a transformers `config.json` to an Architecture; one-line `ValueError`s name what does not fit."""
     kind = cfg.get("model_type")
-    moe = [k for k in MoE_FIELDS if cfg.get(k)]
-    if moe:
-        raise ValueError(f"{path}: {kind} config has mixture-of-experts field {moe[0]}={cfg[moe[0]]!r}: routed "
-                         "experts are not modelled yet")  # fmt: skip
     reader = READERS.get(kind)
     if reader is None:
         raise ValueError(f"{path}: model_type {kind!r} is not supported ({', '.join(READERS)})")
+    moe = [k for k in MOE_FIELDS if cfg.get(k)]
+    if moe and kind not in MOE_TYPES:
+        raise ValueError(f"{path}: {kind} config has mixture-of-experts field {moe[0]}={cfg[moe[0]]!r}: its "
+                         f"experts are read for {', '.join(MOE_TYPES)} only")  # fmt: skip
     try:
         return Architecture(**reader(cfg, path))
     except KeyError as missing:
@@ -257,3 +310,7 @@ def from_hf_config(cfg: dict, path: str) -> Architecture:
         if str(exc).startswith(path):
             raise
         raise ValueError(f"{path}: {exc}") from None
+
+
+MOE_TYPES: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+"""The mixture-of-experts families whose experts, router and shared experts are read."""

@@ -31,6 +31,8 @@ def _llama_like(arch: Architecture, kind: str, **extra: Any) -> dict:
     """The fields Llama's descendants share (GQA, head size, rotary, RMSNorm, gated MLP)."""
     _expect(arch, kind, position="rotary", family="decoder", parallel_attention=False, embed_dim=arch.hidden,
             head_bias=False, position_offset=0, final_norm=True)  # fmt: skip
+    if kind not in MOE_BUILDS:
+        _expect(arch, kind, experts=0, kv_lora_rank=0)
     if arch.mlp not in ("swiglu", "geglu"):
         raise ValueError(f"transformers {kind} has a gated MLP, the architecture {arch.mlp!r}")
     out = dict(
@@ -150,13 +152,72 @@ def transformers_config(arch: Architecture, common: dict) -> Any:
             type_vocab_size=arch.type_vocab, hidden_dropout_prob=arch.dropout,
             attention_probs_dropout_prob=arch.dropout, **common,
         )  # fmt: skip
+    if kind in MOE_BUILDS:
+        return _moe_config(arch, kind, common)
     raise ValueError(f"model_type {kind!r}: no transformers config is built for it here")
+
+
+MOE_BUILDS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+
+
+def _sparse_fields(arch: Architecture) -> dict:
+    """Qwen-MoE's layer pattern as mlp_only_layers (decoder_sparse_step 1)."""
+    return {"decoder_sparse_step": 1, "mlp_only_layers": list(arch.dense_layers)}
+
+
+def _moe_config(arch: Architecture, kind: str, common: dict) -> Any:
+    import transformers
+
+    _expect(arch, kind, norm="rmsnorm", norm_placement="pre", mlp_bias=False)
+    k = arch.experts_per_token
+    if kind == "mixtral":
+        _expect(arch, kind, qk_norm="none", qkv_bias=False, out_bias=False, expert_ffn_hidden=None,
+                shared_expert_ffn_hidden=0, dense_layers=(), kv_lora_rank=0)  # fmt: skip
+        fields = _llama_like(arch, kind, num_local_experts=arch.experts, num_experts_per_tok=k,
+                             sliding_window=arch.sliding_window)  # fmt: skip
+        return transformers.MixtralConfig(**fields, **common)
+    if kind in ("qwen2_moe", "qwen3_moe"):
+        qwen2 = kind == "qwen2_moe"
+        _expect(arch, kind, qk_norm="none" if qwen2 else "head", kv_lora_rank=0,
+                shared_expert_gate=qwen2 and arch.shared_expert_ffn_hidden > 0)  # fmt: skip
+        extra = {"num_experts": arch.experts, "num_experts_per_tok": k, "moe_intermediate_size": arch.expert_width,
+                 **_sparse_fields(arch)}  # fmt: skip
+        if qwen2:
+            _expect(arch, kind, out_bias=False)
+            extra.update(shared_expert_intermediate_size=arch.shared_expert_ffn_hidden, qkv_bias=arch.has_qkv_bias)
+            return transformers.Qwen2MoeConfig(**_llama_like(arch, kind, **extra), **common)
+        _expect(arch, kind, shared_expert_ffn_hidden=0, out_bias=arch.has_qkv_bias)
+        extra["attention_bias"] = arch.has_qkv_bias
+        return transformers.Qwen3MoeConfig(**_llama_like(arch, kind, **extra), **common)
+    if kind == "olmoe":
+        _expect(arch, kind, qk_norm="full", expert_ffn_hidden=None, shared_expert_ffn_hidden=0, dense_layers=(),
+                kv_lora_rank=0, out_bias=arch.has_qkv_bias)  # fmt: skip
+        fields = _llama_like(arch, kind, num_experts=arch.experts, num_experts_per_tok=k,
+                             attention_bias=arch.has_qkv_bias)  # fmt: skip
+        return transformers.OlmoeConfig(**fields, **common)
+    # deepseek_v3: multi-head latent attention, shared experts, the first layers dense
+    _expect(arch, kind, qk_norm="none", qkv_bias=False, out_bias=False,
+            dense_layers=tuple(range(len(arch.dense_layers))))  # fmt: skip
+    if not arch.mla or arch.shared_expert_ffn_hidden % arch.expert_width:
+        raise ValueError(
+            "transformers deepseek_v3 has latent attention and shared experts a multiple of the expert width"
+        )
+    fields = _llama_like(arch, kind, n_routed_experts=arch.experts, num_experts_per_tok=k,
+                         moe_intermediate_size=arch.expert_width,
+                         n_shared_experts=arch.shared_expert_ffn_hidden // arch.expert_width,
+                         first_k_dense_replace=len(arch.dense_layers), kv_lora_rank=arch.kv_lora_rank,
+                         q_lora_rank=arch.q_lora_rank or None, qk_rope_head_dim=arch.qk_rope_head_dim,
+                         qk_nope_head_dim=arch.qk_nope_head_dim, v_head_dim=arch.v_head_dim, n_group=1, topk_group=1)  # fmt: skip
+    fields.pop("head_dim")  # DeepSeek-V3 derives its own (the rotary part)
+    return transformers.DeepseekV3Config(**fields, **common)
 
 
 MODEL_CLASSES: dict[str, str] = {
     "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
     "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM",
     "gptj": "GPTJForCausalLM", "falcon": "FalconForCausalLM", "opt": "OPTForCausalLM", "olmo": "OlmoForCausalLM",
-    "olmo2": "Olmo2ForCausalLM", "roberta": "RobertaForMaskedLM",
+    "olmo2": "Olmo2ForCausalLM", "roberta": "RobertaForMaskedLM", "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
 }  # fmt: skip
 """The transformers class each family is trained as (a causal LM; RoBERTa masked LM)."""

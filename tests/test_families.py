@@ -66,6 +66,31 @@ CASES: dict[str, tuple[str, str, dict]] = {
                                                            do_layer_norm_before=False)),
     "olmo": ("OlmoConfig", "OlmoForCausalLM", dict(SMALL, num_key_value_heads=2, intermediate_size=200)),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(SMALL, num_key_value_heads=2, intermediate_size=200)),
+    # mixtures of experts (E experts, top-k, expert width, shared experts, dense layers)
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(SMALL, num_key_value_heads=2, intermediate_size=200,
+                                                             num_local_experts=5, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(SMALL, num_key_value_heads=2, intermediate_size=200,
+                                                                 num_experts=6, num_experts_per_tok=3,
+                                                                 moe_intermediate_size=40,
+                                                                 shared_expert_intermediate_size=120,
+                                                                 decoder_sparse_step=2, mlp_only_layers=[0])),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(SMALL, num_key_value_heads=2, head_dim=24,
+                                                                 intermediate_size=200, num_experts=6,
+                                                                 num_experts_per_tok=2, moe_intermediate_size=40,
+                                                                 mlp_only_layers=[1])),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(SMALL, num_key_value_heads=2, intermediate_size=40,
+                                                       num_experts=6, num_experts_per_tok=2)),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(SMALL, intermediate_size=200, n_routed_experts=6,
+                                                                       num_experts_per_tok=2, moe_intermediate_size=40,
+                                                                       n_shared_experts=2, first_k_dense_replace=1,
+                                                                       q_lora_rank=32, kv_lora_rank=24,
+                                                                       qk_rope_head_dim=8, qk_nope_head_dim=16,
+                                                                       v_head_dim=12, n_group=2, topk_group=1)),
+    "deepseek_v3-no-q-latent": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                                dict(SMALL, intermediate_size=200, n_routed_experts=4, num_experts_per_tok=1,
+                                     moe_intermediate_size=40, n_shared_experts=1, first_k_dense_replace=2,
+                                     q_lora_rank=None, kv_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16,
+                                     v_head_dim=16, n_group=1, topk_group=1)),
     "bert": ("BertConfig", "BertForPreTraining", dict(SMALL, intermediate_size=200, type_vocab_size=3)),
     "roberta": ("RobertaConfig", "RobertaForMaskedLM", dict(SMALL, intermediate_size=200, type_vocab_size=1,
                                                              max_position_embeddings=130)),
@@ -109,7 +134,9 @@ def test_built_model_has_the_counted_parameters(name):
     assert hf_family(arch) == _config(name).model_type
 
 
-@pytest.mark.parametrize("name", ["qwen2", "gemma2", "phi", "opt-350m-like", "falcon-40b-like"])
+@pytest.mark.parametrize(
+    "name", ["qwen2", "gemma2", "phi", "opt-350m-like", "falcon-40b-like", "mixtral", "deepseek_v3"]
+)
 def test_largest_module_is_a_real_module(name):
     """ZeRO-3 gathers the largest module's own parameters: the formula names one that exists."""
     arch = from_hf_config(_config(name).to_dict(), f"{name}.json")
@@ -132,7 +159,21 @@ def test_hub_config_counts_match_transformers(path):
         model = auto.from_config(config)
     total = parameter_count(arch).total
     assert total == _numel(model)
-    assert f"| {path.name} |" in SOURCES and f"{total:,}" in SOURCES
+    row = next(line for line in SOURCES.splitlines() if line.startswith(f"| {path.name} |"))
+    active = parameter_count(arch).active
+    assert f"{total:,}" in row and (f"{active:,}" in row if arch.moe else "= total" in row)
 
 
 SOURCES = Path(__file__).parents[1].joinpath("models", "hub", "SOURCES.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"])
+def test_active_parameters_leave_out_the_unchosen_experts(name):
+    """Active = total − (E − k) routed experts in each MoE layer: counted from the built model's expert tensors."""
+    arch = from_hf_config(_config(name).to_dict(), f"{name}.json")
+    model = _built(name)
+    per_expert = sum(p[0].numel() for n, p in model.named_parameters() if ".experts." in n) // arch.moe_layers
+    moe_layers = sum(1 for n, _ in model.named_parameters() if n.endswith("experts.down_proj"))
+    assert moe_layers == arch.moe_layers
+    count = parameter_count(arch)
+    assert count.total - count.active == moe_layers * (arch.experts - arch.experts_per_token) * per_expert

@@ -6,6 +6,7 @@ from rich.table import Table
 
 from formulas.hardware import tflops_bar
 from formulas.interconnect import interconnect
+from formulas.params import parameter_count
 from harness.display import console, run_title
 from harness.formatting import gib, human
 
@@ -131,7 +132,15 @@ def print_prediction(pred) -> None:
     ct.add_column("source")
     exact = "" if pred.params == pred.exact_params else f"; FLOPs and time use the exact P, {pred.exact_params:,}"
     ct.add_row("parameters P", f"{pred.params:,}", f"{pred.params_per_gpu:,} per model shard{exact}")
-    ct.add_row("FLOPs per token", human(f.per_token_model), "6P + 12·L·s·h (full s×s attention)")
+    arch = spec.model.arch
+    moe = arch is not None and arch.moe and spec.model.params is None
+    flop_p = "P"
+    if moe:
+        active = parameter_count(arch).active
+        ct.add_row("active parameters", f"{active:,}", f"{arch.experts_per_token} of {arch.experts} routed experts per "
+                   f"token in {arch.moe_layers} MoE layers (Fedus et al. 2021): FLOPs and time use them")  # fmt: skip
+        flop_p = "P_active"
+    ct.add_row("FLOPs per token", human(f.per_token_model), f"6{flop_p} + 12·L·s·h (full s×s attention)")
     ct.add_row(
         "FLOPs per step (model)",
         human(f.per_step_model),
@@ -139,7 +148,7 @@ def print_prediction(pred) -> None:
     )
     ct.add_row("FLOPs per step (hardware)", human(f.per_step_hardware), f"+ recompute {spec.training.recompute}")
     ct.add_row("training tokens D", human(c.tokens), "given" if spec.budget.tokens else "Chinchilla 20·P")
-    ct.add_row("training FLOPs C", f"{c.flops:.3e}", "Transformer Math 101: C = 6·P·D")
+    ct.add_row("training FLOPs C", f"{c.flops:.3e}", f"Transformer Math 101: C = 6·{flop_p}·D")
     ct.add_row("achieved TFLOP/s per GPU", f"{c.tflops_per_gpu:,.1f}", pred.tflops_source)
     ct.add_row("time", f"{c.days:,.2f} days", f"C / ({c.gpus} GPU{'' if c.gpus == 1 else 's'} × achieved)")
     ct.add_row("GPU-hours", f"{c.gpu_hours:,.0f}", "")

@@ -33,6 +33,9 @@ def _common_checks(spec: RunSpec) -> None:
             "--grad-dtype fp32 (Megatron-style fp32 main gradients) is predicted only: the measured trainers keep "
             "gradients in the parameters' dtype"
         )
+    if spec.parallel.ep > 1:
+        raise UsageError(f"--ep {spec.parallel.ep}: expert parallelism is predicted only (no measured trainer "
+                         "splits experts yet); measure with --ep 1")  # fmt: skip
 
 
 def _plain_checks(spec: RunSpec, device: str) -> None:

@@ -1,0 +1,73 @@
+"""Mixtures of experts in `tmath predict`: active parameters in the FLOPs, expert parallelism in the model states,
+and the refusals (issue 12, item 2). Exact parameter counts are in tests/test_families.py."""
+
+from __future__ import annotations
+
+import json
+
+from formulas.params import expert_params, parameter_count, routed_expert_params
+from formulas.predict import predict
+from harness.cli import main
+from harness.specbuild import build_spec
+
+MIXTRAL = "models/hub/mixtral-8x7b.json"
+DEEPSEEK = "models/hub/deepseek-v3.json"
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_flops_follow_the_active_parameters():
+    spec = build_spec({"model": MIXTRAL, "seq": 4096})
+    arch, count = spec.model.arch, parameter_count(spec.model.arch)
+    attention = 12 * arch.n_layers * 4096 * arch.q_width
+    assert predict(spec).flops.per_token_model == 6 * count.active + attention
+    assert count.total - count.active == arch.n_layers * (8 - 2) * expert_params(arch)
+
+
+def test_latent_attention_flops_use_its_head_widths():
+    spec = build_spec({"model": DEEPSEEK, "seq": 4096})
+    a = spec.model.arch
+    attention = 3 * 2 * a.n_layers * 4096 * a.n_heads * (128 + 64 + 128)  # Q·Kᵀ at d_h + d_h^R, scores·V at d_v
+    assert predict(spec).flops.per_token_model == 6 * parameter_count(a).active + attention
+
+
+def test_expert_parallel_states_split_the_routed_experts():
+    for zero in (0, 1, 2, 3):
+        spec = build_spec({"model": MIXTRAL, "seq": 4096, "gpus": 16, "ep": 8, "zero": zero})
+        states = predict(spec).states
+        routed = routed_expert_params(spec.model.arch)
+        dense, experts = parameter_count(spec.model.arch).total - routed, routed // 8
+        dp, edp = 16, 2
+        shard = lambda n, stage: -(-n // dp) if zero >= stage else n  # noqa: E731
+        eshard = lambda n, stage: -(-n // edp) if zero >= stage else n  # noqa: E731
+        assert states.weights == shard(2 * dense, 3) + eshard(2 * experts, 3)
+        assert states.gradients == shard(2 * dense, 2) + eshard(2 * experts, 2)
+        assert states.optimizer == shard(12 * dense, 1) + eshard(12 * experts, 1)
+
+
+def test_predict_json_has_active_params_and_unmodelled_activations(capsys):
+    code, out, _ = run(capsys, "predict", "--model", MIXTRAL, "--seq", "4096", "--format", "json")
+    data = json.loads(out)
+    assert code == 0 and data["active_params"] == 12_879_925_248 and data["memory_bytes"]["activations"] is None
+    assert "mixture of experts" in data["sources"]["activations"]
+    code, out, _ = run(capsys, "predict", "--model", "gpt2", "--seq", "512", "--format", "json")
+    assert "active_params" not in json.loads(out)
+
+
+def test_expert_parallel_refusals(capsys):
+    for args, words in (
+        (["--model", MIXTRAL, "--gpus", "8", "--ep", "3"], "must divide the 8 data-parallel"),
+        (["--model", MIXTRAL, "--gpus", "16", "--ep", "16"], "must divide the model's 8 routed experts"),
+        (["--model", "gpt2", "--gpus", "2", "--ep", "2"], "needs a mixture-of-experts model"),
+        (["--model", MIXTRAL, "--gpus", "4", "--pp", "2", "--ep", "2"], "predicted with data and tensor"),
+    ):
+        code, out, err = run(capsys, "predict", *args, "--seq", "512")
+        assert code == 2 and out == "" and err.count("\n") == 1 and words in err, err
+    code, _, err = run(capsys, "measure", "--model", MIXTRAL, "--layers", "1", "--hidden", "64", "--heads", "4",
+                       "--kv-heads", "2", "--ffn-hidden", "64", "--vocab", "128", "--seq", "16", "--gpus", "2",
+                       "--ep", "2", "--device", "cpu")  # fmt: skip
+    assert code == 2 and "predicted only" in err
