@@ -41,12 +41,11 @@ def test_expert_parallel_states_split_the_routed_experts():
         states = predict(spec).states
         routed = routed_expert_params(spec.model.arch)
         dense, experts = parameter_count(spec.model.arch).total - routed, routed // 8
-        dp, edp = 16, 2
-        shard = lambda n, stage: -(-n // dp) if zero >= stage else n  # noqa: E731
-        eshard = lambda n, stage: -(-n // edp) if zero >= stage else n  # noqa: E731
-        assert states.weights == shard(2 * dense, 3) + eshard(2 * experts, 3)
-        assert states.gradients == shard(2 * dense, 2) + eshard(2 * experts, 2)
-        assert states.optimizer == shard(12 * dense, 1) + eshard(12 * experts, 1)
+        for term, per_param, stage in (("weights", 2, 3), ("gradients", 2, 2), ("optimizer", 12, 1)):
+            # ZeRO stage >= `stage` shards the term: the dense part over dp 16, the experts over dp/ep = 2.
+            dense_part = -(-per_param * dense // 16) if zero >= stage else per_param * dense
+            expert_part = -(-per_param * experts // 2) if zero >= stage else per_param * experts
+            assert getattr(states, term) == dense_part + expert_part, (zero, term)
 
 
 def test_predict_json_has_active_params_and_unmodelled_activations(capsys):
