@@ -103,7 +103,7 @@ def layer_terms(
     m = mask_bytes if dropout else 0
     stats_per_norm = 1 if arch.norm == "rmsnorm" else 2  # LayerNorm: mean and 1/std
     replicated = (4 * e + 2 * m) * sbh + 2 * stats_per_norm * s * b * stats_bytes
-    inner = INNER_TENSORS[arch.mlp] * e * s * b * arch.ffn_hidden
+    inner = moe_mlp_bytes(arch, s * b, e) if arch.moe else INNER_TENSORS[arch.mlp] * e * s * b * arch.ffn_hidden
     # Q and the projection's input are a·d wide (= h unless the head size is set apart), K and V kv_width.
     sharded = 2 * e * s * b * arch.q_width + 2 * e * s * b * arch.kv_width + inner
     if recompute == "selective":
@@ -113,6 +113,36 @@ def layer_terms(
     else:
         scores = ((2 * e + m) if dropout else e) * a * s * s * b
     return LayerActivations(replicated=replicated, sharded=sharded, scores=scores)
+
+
+def moe_mlp_bytes(arch: Architecture, tokens: int, e: int) -> int:
+    """What a dropless MoE layer keeps beyond its input, for `tokens` = s·b tokens routed to k experts each
+    (T·k rows; no capacity factor, no dropped tokens), counted per tensor as transformers' grouped_mm experts
+    keep them (`transformers.integrations.moe`; measured to the byte, tests/test_variants.py):
+
+        router        its fp32 probabilities 4·T·E, the top-k expert ids 8·T·k; renormalised top-k weights
+                      (`norm_topk_prob`, Mixtral) also the fp32 sum 4·T and the top-k values 4·T·k
+        dispatch      three int64 indices over the T·k rows (the sort, its inverse, the tokens) and the int32
+                      offsets of the E groups
+        experts       each row's gathered input e·h, its gate and up e·2f_e, act(gate) and the product e·2f_e,
+                      the down projection's output e·h and the row's routing weight e (fp32 in Mixtral:
+                      `formulas.variants`)
+        shared expert a dense gated MLP every token passes through, 4e·T·f_s; Qwen2-MoE's sigmoid gate output
+                      e·T and the shared expert's output e·T·h it scales
+    """
+    h, E, k = arch.hidden, arch.experts, arch.experts_per_token
+    T, rows = tokens, tokens * arch.experts_per_token
+    router = 4 * T * E + INDEX_BYTES * T * k + ((4 * T + 4 * T * k) if arch.norm_topk_prob else 0)
+    dispatch = 3 * INDEX_BYTES * rows + 4 * E
+    experts = rows * (2 * e * h + 4 * e * arch.expert_width + e)
+    shared = INNER_TENSORS[arch.mlp] * e * T * arch.shared_expert_ffn_hidden
+    if arch.shared_expert_gate:
+        shared += e * T + e * T * h
+    return router + dispatch + experts + shared
+
+
+INDEX_BYTES = 8
+"""int64 indices (token ids, expert ids, gather indices)."""
 
 
 def layer_bytes(

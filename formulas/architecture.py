@@ -131,6 +131,8 @@ class Architecture:
     Qwen2-MoE: `shared_expert_intermediate_size`); 0: none."""
     shared_expert_gate: bool = False
     """Qwen2-MoE: a sigmoid gate (h×1) on the shared expert's output."""
+    norm_topk_prob: bool = False
+    """The chosen experts' weights renormalised to sum to 1 (Mixtral always; Qwen-MoE's `norm_topk_prob`)."""
     dense_layers: tuple[int, ...] = ()
     """Layers whose MLP is a dense one of `ffn_hidden` in a MoE model (DeepSeek's first_k_dense_replace,
     Qwen-MoE's mlp_only_layers and decoder_sparse_step)."""
@@ -280,7 +282,7 @@ ADDED_FIELDS: dict[str, object] = {
     if f.name in ("head_dim", "qkv_bias", "out_bias", "mlp_bias", "head_bias", "qk_norm", "parallel_attention",
                   "shared_norm", "norm_placement", "final_norm", "position_offset", "embed_dim", "rotary_fraction",
                   "sliding_window", "model_type", "experts", "experts_per_token", "expert_ffn_hidden",
-                  "shared_expert_ffn_hidden", "shared_expert_gate", "dense_layers", "kv_lora_rank", "q_lora_rank",
+                  "shared_expert_ffn_hidden", "shared_expert_gate", "norm_topk_prob", "dense_layers", "kv_lora_rank", "q_lora_rank",
                   "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
 }  # fmt: skip
 """The fields added for the model families (issue 12) and their defaults (what a record without them means)."""
@@ -307,8 +309,8 @@ def unmodelled_features(arch: Architecture) -> tuple[str, ...]:
         out.append("output-layer bias")
     if arch.rotary_fraction != 1.0 and arch.position == "rotary":
         out.append(f"partial rotary ({arch.rotary_fraction:g})")
-    if arch.moe:
-        out.append(f"mixture of experts ({arch.experts_per_token} of {arch.experts})")
+    if arch.moe and arch.dense_layers:
+        out.append(f"dense and MoE layers mixed (dense: {', '.join(map(str, arch.dense_layers))})")
     if arch.mla:
         out.append("multi-head latent attention")
     return tuple(out)

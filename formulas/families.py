@@ -67,8 +67,9 @@ HF_TYPES: tuple[str, ...] = (
 )  # fmt: skip
 """transformers model types `models.hf` builds from an architecture."""
 
-LLAMA_CODE: tuple[str, ...] = ("llama", "mistral", "qwen2")
-"""Model types whose transformers modeling code stores what Llama's stores (module doc)."""
+LLAMA_CODE: tuple[str, ...] = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
+"""Model types whose transformers modeling code stores what Llama's stores (module doc); Mixtral's and
+Qwen2-MoE's attention and norms are Llama's, their MoE block is counted by `formulas.activations.moe_mlp_bytes`."""
 
 
 def code_family(arch: Architecture) -> str:

@@ -47,6 +47,15 @@ def parameter_tensors(arch: Architecture, impl: str) -> list[int]:
     attention = qkv + _linear(h, q, ob)
     up = _linear(f, h, mb) * (2 if arch.mlp in GATED_MLPS else 1)  # (gate,) up
     mlp = up + _linear(h, f, mb)
+    if arch.moe:
+        if impl != "hf" or arch.dense_layers:
+            raise ValueError("a mixture of experts' parameter tensors are laid out for transformers' all-MoE "
+                             "models only (--impl hf, no dense layers)")  # fmt: skip
+        # router (E, h), experts' gate_up_proj (E, 2f, h) and down_proj (E, h, f), the shared expert's gate, up,
+        # down and Qwen2-MoE's (1, h) gate on it: transformers MixtralSparseMoeBlock / Qwen2MoeSparseMoeBlock.
+        fe, fs = arch.expert_width, arch.shared_expert_ffn_hidden
+        mlp = [arch.experts * h, arch.experts * 2 * fe * h, arch.experts * h * fe]
+        mlp += ([fs * h, fs * h, h * fs] if fs else []) + ([h] if arch.shared_expert_gate else [])
     if arch.family == "decoder":
         if family == "llama":
             layer = attention + mlp + norm + norm  # q, k, v, o, gate, up, down, input and post-attention norms

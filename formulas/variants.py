@@ -85,6 +85,8 @@ CAUSES: dict[str, str] = {
     "sdpa_output_copy": "GPT-NeoX: SDPA's head-major output and its (b, s, h) contiguous copy are both kept",
     "sdpa_fake_mask": "fake tensors only: transformers `find_packed_sequence_indices` cannot read them, "
     "builds a (b, 1, s, s) mask; CPU SDPA saves it in the query dtype every layer",
+    "moe_fp32_routing_weights": "MixtralExperts multiplies each routed row by the router's fp32 weight "
+    "(transformers.integrations.moe grouped_mm): 4 bytes per row, not e",
     "rotary_tables": "transformers computes RoPE cos and sin per forward (1, s, rot) in e; kept once, "
     "charged to the first layer",
     "checkpoint_mask": "transformers GPT-2 passes its attention mask positionally to the checkpointed block: "
@@ -146,6 +148,8 @@ class ActivationVariant:
     """Per-forward RoPE tables (cos, sin of s × rotary_dims) kept once (0: none, or buffers)."""
     checkpoint_mask_bytes: int = 0
     """Bytes per element of a (b, 1, s, s) mask that full recomputation keeps once (0: none)."""
+    routing_weight_bytes: int = 0
+    """Bytes of each routed row's weight where they are not e (Mixtral keeps the router's fp32); 0: e."""
     loss_logit_bytes: int = act.LOSS_LOGIT_BYTES
     """Bytes per element of the log-softmax the loss keeps (fp32; transformers BERT: the model dtype)."""
     position_ids_saved: bool = False
@@ -255,6 +259,8 @@ def activation_variant(
             kv_materialised=gqa and (attention == "eager" or sdpa_repeats_kv),
             softmax_fp32=attention == "eager",
             rotary_dims=arch.head_size,
+            # MixtralExperts scales each row by the router's fp32 weight (Qwen2-MoE casts it to the model dtype).
+            routing_weight_bytes=FP32_BYTES if arch.model_type == "mixtral" else 0,
         )
     elif not is_mixed(precision):
         # bert: BertForPreTraining's CrossEntropyLoss runs on logits in the model dtype; autocast (CPU, measured)
@@ -343,6 +349,8 @@ def layer_account(arch: Architecture, seq: int, batch: int, variant: ActivationV
         add("sdpa_output_copy", e * sbh)
     add("sdpa_fake_mask", v.sdpa_mask_bytes * bss)
     add("rotary_tables", 2 * e * s * v.rotary_dims, shared)
+    if v.routing_weight_bytes and arch.moe and recompute != "full":
+        add("moe_fp32_routing_weights", (v.routing_weight_bytes - e) * s * b * arch.experts_per_token)
     return LayerAccount(paper, dep, shared)
 
 

@@ -224,7 +224,7 @@ def _sparse_step(cfg: dict, layers: int, experts: int) -> tuple[int, ...]:
 
 def _mixtral(cfg: dict, path: str) -> dict:
     return _llama_like(cfg, path, "mixtral", experts=_need(cfg, "num_local_experts")[0],
-                       experts_per_token=_get(cfg, "num_experts_per_tok", 2))  # fmt: skip
+                       experts_per_token=_get(cfg, "num_experts_per_tok", 2), norm_topk_prob=True)  # fmt: skip
 
 
 def _qwen_moe(cfg: dict, path: str, kind: str) -> dict:
@@ -232,7 +232,8 @@ def _qwen_moe(cfg: dict, path: str, kind: str) -> dict:
     experts = _get(cfg, "num_experts", None) or _need(cfg, "num_local_experts")[0]
     fields = dict(experts=experts, experts_per_token=_get(cfg, "num_experts_per_tok", 2),
                   expert_ffn_hidden=_need(cfg, "moe_intermediate_size")[0],
-                  dense_layers=_sparse_step(cfg, cfg["num_hidden_layers"], experts))  # fmt: skip
+                  dense_layers=_sparse_step(cfg, cfg["num_hidden_layers"], experts),
+                  norm_topk_prob=bool(_get(cfg, "norm_topk_prob", False)))  # fmt: skip
     if kind == "qwen2_moe":
         shared = _get(cfg, "shared_expert_intermediate_size", 0)
         qkv = bool(_get(cfg, "qkv_bias", True))
@@ -244,7 +245,8 @@ def _qwen_moe(cfg: dict, path: str, kind: str) -> dict:
 
 def _olmoe(cfg: dict, path: str) -> dict:
     return _llama_like(cfg, path, "olmoe", qk_norm="full", experts=_need(cfg, "num_experts")[0],
-                       experts_per_token=_get(cfg, "num_experts_per_tok", 8))  # fmt: skip
+                       experts_per_token=_get(cfg, "num_experts_per_tok", 8),
+                       norm_topk_prob=bool(_get(cfg, "norm_topk_prob", False)))  # fmt: skip
 
 
 def _deepseek_v3(cfg: dict, path: str) -> dict:

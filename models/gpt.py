@@ -130,7 +130,11 @@ def make_norm(arch: Architecture, *, device=None, dtype=None) -> nn.Module:
 def check_buildable(arch: Architecture) -> None:
     """The reference models build pre-LN GPT and post-LN BERT blocks; a family's other features are measured
     through transformers (`--impl hf`) or predicted only (`formulas.architecture.unmodelled_features`)."""
-    missing = unmodelled_features(arch)
+    missing = list(unmodelled_features(arch))
+    if arch.moe:
+        missing.append(f"mixture of experts ({arch.experts_per_token} of {arch.experts})")
+    if arch.mla:
+        missing.append("multi-head latent attention")
     if missing:
         raise ValueError(f"the reference models do not build {', '.join(missing)}: use --impl hf")
 

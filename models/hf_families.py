@@ -172,7 +172,7 @@ def _moe_config(arch: Architecture, kind: str, common: dict) -> Any:
     k = arch.experts_per_token
     if kind == "mixtral":
         _expect(arch, kind, qk_norm="none", qkv_bias=False, out_bias=False, expert_ffn_hidden=None,
-                shared_expert_ffn_hidden=0, dense_layers=(), kv_lora_rank=0)  # fmt: skip
+                shared_expert_ffn_hidden=0, dense_layers=(), kv_lora_rank=0, norm_topk_prob=True)  # fmt: skip
         fields = _llama_like(arch, kind, num_local_experts=arch.experts, num_experts_per_tok=k,
                              sliding_window=arch.sliding_window)  # fmt: skip
         return transformers.MixtralConfig(**fields, **common)
@@ -181,7 +181,7 @@ def _moe_config(arch: Architecture, kind: str, common: dict) -> Any:
         _expect(arch, kind, qk_norm="none" if qwen2 else "head", kv_lora_rank=0,
                 shared_expert_gate=qwen2 and arch.shared_expert_ffn_hidden > 0)  # fmt: skip
         extra = {"num_experts": arch.experts, "num_experts_per_tok": k, "moe_intermediate_size": arch.expert_width,
-                 **_sparse_fields(arch)}  # fmt: skip
+                 "norm_topk_prob": arch.norm_topk_prob, **_sparse_fields(arch)}  # fmt: skip
         if qwen2:
             _expect(arch, kind, out_bias=False)
             extra.update(shared_expert_intermediate_size=arch.shared_expert_ffn_hidden, qkv_bias=arch.has_qkv_bias)
@@ -193,7 +193,7 @@ def _moe_config(arch: Architecture, kind: str, common: dict) -> Any:
         _expect(arch, kind, qk_norm="full", expert_ffn_hidden=None, shared_expert_ffn_hidden=0, dense_layers=(),
                 kv_lora_rank=0, out_bias=arch.has_qkv_bias)  # fmt: skip
         fields = _llama_like(arch, kind, num_experts=arch.experts, num_experts_per_tok=k,
-                             attention_bias=arch.has_qkv_bias)  # fmt: skip
+                             attention_bias=arch.has_qkv_bias, norm_topk_prob=arch.norm_topk_prob)  # fmt: skip
         return transformers.OlmoeConfig(**fields, **common)
     # deepseek_v3: multi-head latent attention, shared experts, the first layers dense
     _expect(arch, kind, qk_norm="none", qkv_bias=False, out_bias=False,

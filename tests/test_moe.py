@@ -51,8 +51,12 @@ def test_expert_parallel_states_split_the_routed_experts():
 def test_predict_json_has_active_params_and_unmodelled_activations(capsys):
     code, out, _ = run(capsys, "predict", "--model", MIXTRAL, "--seq", "4096", "--format", "json")
     data = json.loads(out)
-    assert code == 0 and data["active_params"] == 12_879_925_248 and data["memory_bytes"]["activations"] is None
-    assert "mixture of experts" in data["sources"]["activations"]
+    assert code == 0 and data["active_params"] == 12_879_925_248 and data["memory_bytes"]["activations"] > 0
+    code, out, _ = run(capsys, "predict", "--model", DEEPSEEK, "--seq", "4096", "--format", "json")
+    data = json.loads(out)
+    assert code == 0 and data["memory_bytes"]["activations"] is None
+    assert "dense and MoE layers mixed" in data["sources"]["activations"]
+    assert "multi-head latent attention" in data["sources"]["activations"]
     code, out, _ = run(capsys, "predict", "--model", "gpt2", "--seq", "512", "--format", "json")
     assert "active_params" not in json.loads(out)
 
@@ -70,3 +74,16 @@ def test_expert_parallel_refusals(capsys):
                        "--kv-heads", "2", "--ffn-hidden", "64", "--vocab", "128", "--seq", "16", "--gpus", "2",
                        "--ep", "2", "--device", "cpu")  # fmt: skip
     assert code == 2 and "predicted only" in err
+
+
+def test_parameter_order_of_transformers_moe_models():
+    """DeepSpeed flattens parameters in `model.parameters()` order: `formulas.layouts` lists Mixtral's and
+    Qwen2-MoE's (router, fused experts, shared expert and its gate) as transformers builds them."""
+    from formulas.layouts import parameter_tensors
+    from models.build import build_model
+
+    for model in (MIXTRAL, "models/hub/qwen1.5-moe-a2.7b.json"):
+        spec = build_spec({"model": model, "layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "ffn_hidden": 48,
+                           "vocab": 128, "impl": "hf", "device": "meta"})  # fmt: skip
+        built = build_model(spec.model.arch, impl="hf", device="meta")
+        assert [p.numel() for p in built.parameters()] == parameter_tensors(spec.model.arch, "hf")

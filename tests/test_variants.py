@@ -32,6 +32,10 @@ MODELS = {
     # Llama's transformers code under other names (`formulas.families.code_family`): Qwen2 with q, k, v biases
     # and GQA; Mistral-Nemo with a head size set apart (4 heads of 32 on h = 64).
     "qwen2": {"model": "models/hub/qwen2-7b.json", **SHAPE, "kv_heads": 2, "ffn_hidden": 96},
+    # Mixtures of experts on Llama's attention (transformers' grouped_mm experts): Mixtral renormalises its top-k
+    # weights and keeps them fp32; Qwen1.5-MoE has a gated shared expert and q, k, v biases.
+    "mixtral": {"model": "models/hub/mixtral-8x7b.json", **SHAPE, "kv_heads": 2, "ffn_hidden": 48},
+    "qwen-moe": {"model": "models/hub/qwen1.5-moe-a2.7b.json", **SHAPE, "kv_heads": 2, "ffn_hidden": 48},
     "mistral-nemo": {
         "model": "models/hub/mistral-nemo-base-2407.json",
         **SHAPE,
@@ -105,12 +109,17 @@ def point_id(point: dict) -> str:
     return "-".join(str(v) for v in point.values())
 
 
+MOE = ("mixtral", "qwen-moe")
+"""Built by transformers only (the reference models have no experts); on fake tensors in bf16 only (torch's
+meta aten._grouped_mm takes bf16), fp32 on real CPU tensors (CPU_POINTS)."""
+
 HF_POINTS = [
     {"model": m, "impl": "hf", "precision": p, "attention": a, "recompute": r}
     for m in MODELS
     for p in ("fp32", "bf16")
     for a in ("eager", "flash")
     for r in ("none", "full")
+    if not (m in MOE and p == "fp32")
 ]
 MIXED_POINTS = [
     *(
@@ -124,6 +133,7 @@ REFERENCE_POINTS = [
     *(
         {"model": m, "impl": "reference", "precision": p, "attention": a, "recompute": "none"}
         for m in MODELS
+        if m not in MOE
         for p in ("fp32", "bf16")
         for a in ("eager", "flash")
     ),
@@ -159,6 +169,9 @@ CPU_POINTS = [
     {"model": "gpt2", "precision": "bf16", "attention": "flash"},
     {"model": "llama", "precision": "fp32", "attention": "eager"},
     {"model": "qwen2", "precision": "bf16", "attention": "flash"},
+    {"model": "mixtral", "precision": "fp32", "attention": "eager"},
+    {"model": "mixtral", "precision": "bf16", "attention": "flash", "recompute": "full"},
+    {"model": "qwen-moe", "precision": "fp32", "attention": "flash"},
     {"model": "mistral-nemo", "precision": "fp32", "attention": "flash"},
     {"model": "mistral-nemo", "precision": "bf16", "attention": "eager"},
 ]

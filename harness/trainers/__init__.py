@@ -40,6 +40,10 @@ def _common_checks(spec: RunSpec) -> None:
 
 def _plain_checks(spec: RunSpec, device: str) -> None:
     _common_checks(spec)
+    arch = spec.model.arch
+    if device == "meta" and arch is not None and arch.moe and spec.training.precision not in ("bf16", "bf16-mixed"):
+        raise UsageError(f"a mixture of experts on --device meta needs bf16 or bf16-mixed: torch's fake "
+                         f"aten._grouped_mm accepts bf16 only (--precision {spec.training.precision} runs on --device cpu)")  # fmt: skip
     if spec.training.optimizer == "adam8bit" and device != "cuda":
         raise UsageError("--optimizer adam8bit (bitsandbytes) needs a CUDA device")
     if spec.measurement.deepspeed_config:
