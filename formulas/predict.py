@@ -274,6 +274,9 @@ def _activation_expression(spec: RunSpec) -> str:
     t = f", t={spec.parallel.tp}" if spec.parallel.tp > 1 else ""
     if spec.training.recompute == "full":
         return f"{e}·sbh{t}"
+    if a.moe:
+        return (f"generalised per tensor (e={e} B, m={m} B, {a.mlp}, kv_heads={a.n_kv_heads}; MoE: {a.experts_per_token} "
+                f"of {a.experts} experts, dropless, as transformers' grouped_mm experts keep them){t}")  # fmt: skip
     if not standard:
         return f"generalised per tensor (e={e} B, m={m} B, {a.mlp}, kv_heads={a.n_kv_heads}){t}"
     base = 16 * e + 2 * m
