@@ -106,6 +106,12 @@ def layer_terms(
     inner = moe_mlp_bytes(arch, s * b, e) if arch.moe else INNER_TENSORS[arch.mlp] * e * s * b * arch.ffn_hidden
     # Q and the projection's input are a·d wide (= h unless the head size is set apart), K and V kv_width.
     sharded = 2 * e * s * b * arch.q_width + 2 * e * s * b * arch.kv_width + inner
+    if arch.qk_norm != "none":
+        # QK-norm (Qwen3, OLMo-2): each norm keeps its input, Q's and K's projections (e·sb·(a·d + kv_width)),
+        # and its statistics per head ("head") or per token ("full").
+        sharded += (
+            e * s * b * (arch.q_width + arch.kv_width) + qk_norm_count(arch) * stats_per_norm * s * b * stats_bytes
+        )
     if recompute == "selective":
         scores = 0  # the attention core is recomputed in the backward pass
     elif attention == "flash":
@@ -113,6 +119,11 @@ def layer_terms(
     else:
         scores = ((2 * e + m) if dropout else e) * a * s * s * b
     return LayerActivations(replicated=replicated, sharded=sharded, scores=scores)
+
+
+def qk_norm_count(arch: Architecture) -> int:
+    """Norms per token of a QK-norm: one per query and key head (`head`), one for Q and one for K (`full`)."""
+    return {"none": 0, "head": arch.n_heads + arch.n_kv_heads, "full": 2}[arch.qk_norm]
 
 
 def moe_mlp_bytes(arch: Architecture, tokens: int, e: int) -> int:

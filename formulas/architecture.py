@@ -295,8 +295,8 @@ def unmodelled_features(arch: Architecture) -> tuple[str, ...]:
     out = []
     if arch.parallel_attention:
         out.append("parallel attention+MLP" + (" with one shared norm" if arch.shared_norm else ""))
-    if arch.qk_norm != "none":
-        out.append(f"QK-norm ({arch.qk_norm})")
+    if arch.qk_norm != "none" and arch.norm != "rmsnorm":
+        out.append(f"QK-norm ({arch.qk_norm}) with {arch.norm}")
     if arch.placement != ("post" if arch.family == "encoder" else "pre"):
         out.append(f"norm placement {arch.placement}")
     if arch.token_width != arch.hidden:

@@ -67,7 +67,7 @@ HF_TYPES: tuple[str, ...] = (
 )  # fmt: skip
 """transformers model types `models.hf` builds from an architecture."""
 
-LLAMA_CODE: tuple[str, ...] = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
+LLAMA_CODE: tuple[str, ...] = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe")
 """Model types whose transformers modeling code stores what Llama's stores (module doc); Mixtral's and
 Qwen2-MoE's attention and norms are Llama's, their MoE block is counted by `formulas.activations.moe_mlp_bytes`."""
 

@@ -45,6 +45,8 @@ def parameter_tensors(arch: Architecture, impl: str) -> list[int]:
     else:
         qkv = _linear(q + 2 * kv, h, qb)
     attention = qkv + _linear(h, q, ob)
+    if arch.qk_norm != "none":  # q_norm and k_norm after the output projection (reference, Qwen3, OLMoE)
+        attention += [arch.head_size, arch.head_size] if arch.qk_norm == "head" else [q, kv]
     up = _linear(f, h, mb) * (2 if arch.mlp in GATED_MLPS else 1)  # (gate,) up
     mlp = up + _linear(h, f, mb)
     if arch.moe:

@@ -131,6 +131,11 @@ def block_tensors(arch: Architecture) -> list[Tensor]:
     qb, ob, b = arch.has_qkv_bias, arch.has_out_bias, arch.has_mlp_bias
     out = _norm_tensors(arch, "ln_1")
     out += _linear("attn.qkv", q + 2 * kv, h, qb, COLUMN) + _linear("attn.proj", h, q, ob, ROW)
+    if arch.qk_norm == "full":
+        raise ValueError("QK-norm over all heads (OLMo-2) under tensor parallelism is not modelled")
+    if arch.qk_norm == "head":  # one d-wide weight each, the same on every tensor-parallel rank
+        out += [Tensor("attn.q_norm.weight", (arch.head_size,), REPLICATED)]
+        out += [Tensor("attn.k_norm.weight", (arch.head_size,), REPLICATED)]
     out += _norm_tensors(arch, "ln_2")
     if arch.mlp in GATED_MLPS:
         out += _linear("mlp.gate", f, h, b, COLUMN) + _linear("mlp.up", f, h, b, COLUMN)

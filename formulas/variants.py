@@ -318,7 +318,8 @@ def layer_account(arch: Architecture, seq: int, batch: int, variant: ActivationV
 
     dropout = arch.dropout > 0
     per_norm = 1 if arch.norm == "rmsnorm" else 2
-    add("norm_stats", 2 * per_norm * s * b * v.stats_bytes)
+    add("norm_stats", (2 + act.qk_norm_count(arch)) * per_norm * s * b * v.stats_bytes)
+    qk = (arch.q_width + arch.kv_width) * s * b if arch.qk_norm != "none" else 0  # QK-norm inputs, per element
     if dropout:
         add("no_residual_dropout", -(2 - v.residual_dropouts) * sbh)
         score_masks = scores if (recompute == "none" and v.sdpa_kernel == "none") else 0
@@ -326,9 +327,9 @@ def layer_account(arch: Architecture, seq: int, batch: int, variant: ActivationV
     if v.parallel_residual:
         add("parallel_residual", -v.norm_element_bytes * sbh)
     norms = 1 if v.parallel_residual else 2
-    add("rmsnorm_fp32_input", norms * (v.norm_element_bytes - e) * sbh)
+    add("rmsnorm_fp32_input", (v.norm_element_bytes - e) * (norms * sbh + qk))
     if v.norm_saves_output:
-        add("rmsnorm_saves_output", 2 * e * sbh)
+        add("rmsnorm_saves_output", e * (2 * sbh + qk))
     add("gelu_new", v.extra_inner_tensors * e * s * b * f)
     q = arch.q_width  # a·d: = h unless the head size is set apart
     if v.kv_materialised:

@@ -202,6 +202,13 @@ class SelfAttention(nn.Module):
             if future is None:
                 raise ValueError("eager causal attention needs the causal mask buffer (`causal_mask`)")
             self.register_buffer("future", future, persistent=False)
+        self.qk_norm = arch.qk_norm
+        if arch.qk_norm != "none":
+            # QK-norm (Qwen3: RMSNorm over each head's d; OLMo-2: over all of Q's and K's width).
+            per_head = arch.qk_norm == "head"
+            q_w, k_w = (arch.head_size, arch.head_size) if per_head else (arch.q_width, arch.kv_width)
+            self.q_norm = RMSNorm(q_w, device=device, dtype=dtype)
+            self.k_norm = RMSNorm(k_w, device=device, dtype=dtype)
         self.rotary = rope is not None
         if rope is not None:
             self.register_buffer("cos", rope[0], persistent=False)
@@ -211,9 +218,15 @@ class SelfAttention(nn.Module):
         B, T, _ = x.size()  # batch, sequence (the hidden width is this rank's heads × head size)
         nh, nkv, hs = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)
+        if self.qk_norm == "full":
+            # Each norm keeps its own (contiguous) input, not the fused QKV output the slice would pin.
+            q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())
         q, k, v = q.view(B, T, nh, hs), k.view(B, T, nkv, hs), v.view(B, T, nkv, hs)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())
         if self.rotary:
             q, k = apply_rotary(q, self.cos[:T], self.sin[:T]), apply_rotary(k, self.cos[:T], self.sin[:T])
+        if self.rotary or self.qk_norm != "none":
             # q and k are new tensors now; copy v out of the fused QKV output too, or keeping v alive
             # for the backward pass would keep all of Q, K, V's storage (h + 2·kv) instead of V's.
             v = v.contiguous()

@@ -36,6 +36,10 @@ MODELS = {
     # weights and keeps them fp32; Qwen1.5-MoE has a gated shared expert and q, k, v biases.
     "mixtral": {"model": "models/hub/mixtral-8x7b.json", **SHAPE, "kv_heads": 2, "ffn_hidden": 48},
     "qwen-moe": {"model": "models/hub/qwen1.5-moe-a2.7b.json", **SHAPE, "kv_heads": 2, "ffn_hidden": 48},
+    # QK-norm on Llama's code: Qwen3 per head (with its head size apart), OLMoE over all heads (and experts).
+    "qwen3": {"model": "models/hub/qwen3-8b.json", **SHAPE, "kv_heads": 2, "head_dim": 24, "ffn_hidden": 96},
+    "qwen3-moe": {"model": "models/hub/qwen3-30b-a3b.json", **SHAPE, "kv_heads": 2, "head_dim": 16, "ffn_hidden": 48},
+    "olmoe": {"model": "models/hub/olmoe-1b-7b-0924.json", **SHAPE, "kv_heads": 2, "ffn_hidden": 48},
     "mistral-nemo": {
         "model": "models/hub/mistral-nemo-base-2407.json",
         **SHAPE,
@@ -109,7 +113,7 @@ def point_id(point: dict) -> str:
     return "-".join(str(v) for v in point.values())
 
 
-MOE = ("mixtral", "qwen-moe")
+MOE = ("mixtral", "qwen-moe", "qwen3-moe", "olmoe")
 """Built by transformers only (the reference models have no experts); on fake tensors in bf16 only (torch's
 meta aten._grouped_mm takes bf16), fp32 on real CPU tensors (CPU_POINTS)."""
 
@@ -172,6 +176,9 @@ CPU_POINTS = [
     {"model": "mixtral", "precision": "fp32", "attention": "eager"},
     {"model": "mixtral", "precision": "bf16", "attention": "flash", "recompute": "full"},
     {"model": "qwen-moe", "precision": "fp32", "attention": "flash"},
+    {"model": "qwen3", "precision": "bf16", "attention": "flash"},
+    {"model": "qwen3-moe", "precision": "fp32", "attention": "eager"},
+    {"model": "olmoe", "precision": "bf16", "attention": "flash"},
     {"model": "mistral-nemo", "precision": "fp32", "attention": "flash"},
     {"model": "mistral-nemo", "precision": "bf16", "attention": "eager"},
 ]
