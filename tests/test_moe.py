@@ -87,3 +87,11 @@ def test_parameter_order_of_transformers_moe_models():
                            "vocab": 128, "impl": "hf", "device": "meta"})  # fmt: skip
         built = build_model(spec.model.arch, impl="hf", device="meta")
         assert [p.numel() for p in built.parameters()] == parameter_tensors(spec.model.arch, "hf")
+
+
+def test_the_planner_refuses_what_it_cannot_plan(capsys):
+    for model, words in ((MIXTRAL, "mixtures of experts are not planned"),
+                         ("models/hub/gpt-j-6b.json", "not modelled for parallel attention")):  # fmt: skip
+        code, out, err = run(capsys, "plan", "--model", model, "--seq", "2048", "--global-batch", "64", "--gpu",
+                             "h100-sxm", "--gpus", "8", "--gpus-per-node", "8")  # fmt: skip
+        assert code == 2 and out == "" and err.count("\n") == 1 and words in err, err

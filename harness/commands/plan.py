@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from formulas.architecture import unmodelled_features
 from formulas.calibration import Calibration
 from formulas.hardware import GPUS, get_gpu
 from formulas.plan import EFFICIENCY, EFFICIENCY_SOURCE, SCHEDULES
@@ -73,6 +74,12 @@ def request_from_args(args):
     else:
         global_batch = args.global_batch
     name, arch = resolve_architecture({"model": args.model})
+    if arch.moe:
+        raise UsageError(f"{name}: mixtures of experts are not planned yet (the search has no expert parallelism "
+                         "and splits no experts over tensor ranks); `tmath predict --ep` gives one layout's states")  # fmt: skip
+    missing = unmodelled_features(arch)
+    if missing:
+        raise UsageError(f"{name}: the planner needs the activations, which are not modelled for {', '.join(missing)}")
     if arch.position == "learned" and args.seq > arch.max_positions:
         raise UsageError(f"--seq {args.seq} exceeds the {arch.max_positions} learned positions of {name}")
     fixed = {"tp": args.tp, "pp": args.pp, "zero": args.zero, "recompute": args.recompute,

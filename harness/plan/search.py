@@ -182,7 +182,8 @@ def _tables(req: PlanRequest, tps: list[int], pps: list[int]) -> dict:
                      for sp in (0, 1)] for t in tps], dtype=np.float64)  # fmt: skip
     out = np.array([output_bytes(arch, s, 1, elem_bytes=e, tp=t) for t in tps], dtype=np.float64)
     stages = [pipeline_stage_params(arch, p) for p in pps]
-    params = parameter_count(arch).total
+    # A mixture of experts computes with its active parameters (Fedus et al. 2021); it holds all of them.
+    params = parameter_count(arch).active
     model_token = compute.training_flops_per_token(params, arch, s)
     # float64: 6·P·tokens overflows int64 above ~10^12 parameters
     hw = np.array(
