@@ -102,7 +102,13 @@ def layer_terms(
     dropout = arch.dropout > 0
     m = mask_bytes if dropout else 0
     stats_per_norm = 1 if arch.norm == "rmsnorm" else 2  # LayerNorm: mean and 1/std
-    replicated = (4 * e + 2 * m) * sbh + 2 * stats_per_norm * s * b * stats_bytes
+    # Norm inputs, attention input and MLP input (h wide): 2 + 1 + 1 in a pre-LN block; a parallel block's norms
+    # read the one block input, and a shared norm's output is the MLP's input too; a sandwich also norms each
+    # branch's output (formulas.architecture; models.gpt.Block).
+    norm_inputs = 1 if arch.parallel_attention else (4 if arch.placement == "sandwich" else 2)
+    mlp_input = 0 if arch.shared_norm else 1
+    stats = arch.norms_per_layer * stats_per_norm * s * b * stats_bytes
+    replicated = ((norm_inputs + 1 + mlp_input) * e + 2 * m) * sbh + stats
     inner = moe_mlp_bytes(arch, s * b, e) if arch.moe else INNER_TENSORS[arch.mlp] * e * s * b * arch.ffn_hidden
     # Q and the projection's input are a·d wide (= h unless the head size is set apart), K and V kv_width.
     sharded = 2 * e * s * b * arch.q_width + 2 * e * s * b * arch.kv_width + inner

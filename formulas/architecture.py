@@ -193,6 +193,15 @@ class Architecture:
         return self.head_dim if self.head_dim is not None else self.hidden // self.n_heads
 
     @property
+    def rotary_dims(self) -> int:
+        """The dims of each head that RoPE turns: all of d (which must be even), or its `rotary_fraction`
+        rounded down to even."""
+        if self.rotary_fraction == 1.0:
+            return self.head_size
+        rot = int(self.head_size * self.rotary_fraction)
+        return rot - rot % 2
+
+    @property
     def q_width(self) -> int:
         """Width of the query projection and of the attention output: heads · d (= h unless d is set apart)."""
         return self.n_heads * self.head_size
@@ -293,22 +302,14 @@ def unmodelled_features(arch: Architecture) -> tuple[str, ...]:
     (`formulas.activations` counts what they store, tensor by tensor): parameters and model states of such
     an architecture are exact, its activations are not predicted yet."""
     out = []
-    if arch.parallel_attention:
-        out.append("parallel attention+MLP" + (" with one shared norm" if arch.shared_norm else ""))
     if arch.qk_norm != "none" and arch.norm != "rmsnorm":
         out.append(f"QK-norm ({arch.qk_norm}) with {arch.norm}")
-    if arch.placement != ("post" if arch.family == "encoder" else "pre"):
-        out.append(f"norm placement {arch.placement}")
+    if (arch.placement == "post") != (arch.family == "encoder"):
+        out.append(f"norm placement {arch.placement} in a {arch.family}")
     if arch.token_width != arch.hidden:
         out.append(f"embedding width {arch.token_width} projected to {arch.hidden}")
     if not arch.final_norm:
         out.append("no final norm")
-    if arch.position_offset:
-        out.append(f"position offset {arch.position_offset}")
-    if arch.head_bias:
-        out.append("output-layer bias")
-    if arch.rotary_fraction != 1.0 and arch.position == "rotary":
-        out.append(f"partial rotary ({arch.rotary_fraction:g})")
     if arch.moe and arch.dense_layers:
         out.append(f"dense and MoE layers mixed (dense: {', '.join(map(str, arch.dense_layers))})")
     if arch.mla:

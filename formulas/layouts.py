@@ -63,11 +63,14 @@ def parameter_tensors(arch: Architecture, impl: str) -> list[int]:
             layer = attention + mlp + norm + norm  # q, k, v, o, gate, up, down, input and post-attention norms
         elif family == "gpt_neox":
             layer = norm + norm + attention + mlp  # both norms first
-        else:
-            layer = norm + attention + norm + mlp
-        out = [arch.vocab * h] + ([arch.max_positions * h] if arch.position == "learned" else [])
+        else:  # the reference block: ln_1, attention, ln_2 (none when shared), MLP, a sandwich's two more
+            layer = norm + attention + ([] if arch.shared_norm else norm) + mlp
+            layer += norm + norm if arch.placement == "sandwich" else []
+        positions = (arch.max_positions + arch.position_offset) * h
+        out = [arch.vocab * h] + ([positions] if arch.position == "learned" else [])
         out += layer * arch.n_layers + norm
-        return out + ([] if arch.tied_embeddings else [arch.vocab * h])  # lm_head (no bias)
+        out += [] if arch.tied_embeddings else [arch.vocab * h]  # lm_head
+        return out + ([arch.vocab] if arch.head_bias else [])  # its bias (GPT-J, Phi-2)
     out = [arch.vocab * h] + ([arch.max_positions * h] if arch.position == "learned" else [])
     out += ([arch.type_vocab * h] if arch.type_vocab else []) + norm  # embedding norm
     out += (attention + norm + mlp + norm) * arch.n_layers
@@ -97,7 +100,7 @@ def buffer_bytes(arch: Architecture, impl: str, attention: str, elem_bytes: int)
         if attention == "eager":
             out += P * P  # the (P, P) bool causal mask
         if arch.position == "rotary":
-            out += 2 * P * arch.head_size * elem_bytes  # cos and sin
+            out += 2 * P * arch.rotary_dims * elem_bytes  # cos and sin
     return out
 
 

@@ -136,12 +136,14 @@ def block_tensors(arch: Architecture) -> list[Tensor]:
     if arch.qk_norm == "head":  # one d-wide weight each, the same on every tensor-parallel rank
         out += [Tensor("attn.q_norm.weight", (arch.head_size,), REPLICATED)]
         out += [Tensor("attn.k_norm.weight", (arch.head_size,), REPLICATED)]
-    out += _norm_tensors(arch, "ln_2")
+    out += [] if arch.shared_norm else _norm_tensors(arch, "ln_2")
     if arch.mlp in GATED_MLPS:
         out += _linear("mlp.gate", f, h, b, COLUMN) + _linear("mlp.up", f, h, b, COLUMN)
         out += _linear("mlp.down", h, f, b, ROW)
     else:
         out += _linear("mlp.fc", f, h, b, COLUMN) + _linear("mlp.proj", h, f, b, ROW)
+    if arch.placement == "sandwich":  # Gemma-2's norms on the branch outputs, after the MLP
+        out += _norm_tensors(arch, "ln_attn_out") + _norm_tensors(arch, "ln_mlp_out")
     return out
 
 
@@ -177,12 +179,15 @@ def rank_tensors(
     if embedding:
         out.append(Tensor("wte.weight", (arch.vocab, h), VOCAB))
         if arch.position == "learned":
-            out.append(Tensor("wpe.weight", (arch.max_positions, h), REPLICATED))  # Megatron replicates it
+            rows = arch.max_positions + arch.position_offset
+            out.append(Tensor("wpe.weight", (rows, h), REPLICATED))  # Megatron replicates it
     out += block_tensors(arch) * blocks
     if head:
         out += _norm_tensors(arch, "ln_f")
         if not arch.tied_embeddings or head_copy or not embedding:
             out.append(Tensor("lm_head.weight", (arch.vocab, h), VOCAB))
+        if arch.head_bias:
+            out.append(Tensor("lm_head.bias", (arch.vocab,), VOCAB))
     return out
 
 

@@ -318,7 +318,7 @@ def layer_account(arch: Architecture, seq: int, batch: int, variant: ActivationV
 
     dropout = arch.dropout > 0
     per_norm = 1 if arch.norm == "rmsnorm" else 2
-    add("norm_stats", (2 + act.qk_norm_count(arch)) * per_norm * s * b * v.stats_bytes)
+    add("norm_stats", (arch.norms_per_layer + act.qk_norm_count(arch)) * per_norm * s * b * v.stats_bytes)
     qk = (arch.q_width + arch.kv_width) * s * b if arch.qk_norm != "none" else 0  # QK-norm inputs, per element
     if dropout:
         add("no_residual_dropout", -(2 - v.residual_dropouts) * sbh)

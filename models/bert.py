@@ -94,7 +94,7 @@ class Bert(nn.Module):
         self.token_type_embeddings = nn.Embedding(arch.type_vocab, h, **factory) if arch.type_vocab else None
         self.ln_emb = make_norm(arch, **factory)
         self.drop = Dropout(arch.dropout)
-        rope = rotary_tables(arch.head_size, P, **factory) if arch.position == "rotary" else None
+        rope = rotary_tables(arch.rotary_dims, P, **factory) if arch.position == "rotary" else None
         self.blocks = nn.ModuleList(
             EncoderBlock(arch, attention=attention, recompute=recompute, rope=rope, **factory)
             for _ in range(arch.n_layers)

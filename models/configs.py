@@ -165,7 +165,7 @@ def _opt(cfg: dict, path: str) -> dict:
         max_positions=_get(cfg, "max_position_embeddings", 2048), position_offset=2,
         mlp=_mlp_of(path, "opt", "activation_function", _get(cfg, "activation_function", "relu"), gated=False),
         bias=_get(cfg, "enable_bias", True), norm_placement="pre" if pre else "post",
-        final_norm=pre and not _get(cfg, "_remove_final_layer_norm", False), embed_dim=embed,
+        final_norm=pre and not _get(cfg, "_remove_final_layer_norm", False), embed_dim=embed if embed != hidden else None,
         tied_embeddings=_get(cfg, "tie_word_embeddings", True), dropout=_get(cfg, "dropout", 0.1), model_type="opt",
     )  # fmt: skip
 

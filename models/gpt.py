@@ -164,6 +164,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
     Multiplying by a constant buffer saves only the buffer, so RoPE adds no activation bytes.
     """
+    rot = cos.size(-1)
+    if rot < x.size(-1):  # partial rotary (GPT-J, Phi-2): the first `rot` dims of each head turn, the rest pass
+        return torch.cat((apply_rotary(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, hs): broadcast over heads
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
@@ -297,7 +300,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block (GPT-2): x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-LN transformer block (GPT-2): x + attn(norm(x)), then x + mlp(norm(x)).
+
+    `parallel_attention` (GPT-J, Falcon, Phi-2): x + attn(norm(x)) + mlp(norm'(x)), with one norm feeding both
+    (`shared_norm`) or one each; `norm_placement` `sandwich` (Gemma-2) also norms each branch's output,
+    `branch-post` (OLMo-2) norms only the branch outputs.
+    """
 
     def __init__(
         self,
@@ -323,8 +331,12 @@ class Block(nn.Module):
             device=device,
             dtype=dtype,
         )
-        self.ln_2 = make_norm(arch, device=device, dtype=dtype)
+        self.ln_2 = None if arch.shared_norm else make_norm(arch, device=device, dtype=dtype)
         self.mlp = MLP(arch, approximate="tanh", device=device, dtype=dtype)
+        self.parallel, self.placement = arch.parallel_attention, arch.placement
+        if self.placement == "sandwich":
+            self.ln_attn_out = make_norm(arch, device=device, dtype=dtype)
+            self.ln_mlp_out = make_norm(arch, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.recompute == "full" and torch.is_grad_enabled():
@@ -334,6 +346,15 @@ class Block(nn.Module):
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parallel:
+            h = self.ln_1(x)
+            return x + self.attn(h) + self.mlp(h if self.ln_2 is None else self.ln_2(x))
+        if self.placement == "branch-post":
+            x = x + self.ln_1(self.attn(x))
+            return x + self.ln_2(self.mlp(x))
+        if self.placement == "sandwich":
+            x = x + self.ln_attn_out(self.attn(self.ln_1(x)))
+            return x + self.ln_mlp_out(self.mlp(self.ln_2(x)))
         x = x + self.attn(self.ln_1(x))
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -379,19 +400,21 @@ class GPT(nn.Module):
         factory = {"device": device, "dtype": dtype}
         h, P = arch.hidden, arch.max_positions
         self.wte = nn.Embedding(arch.vocab, h, **factory)
-        self.wpe = nn.Embedding(P, h, **factory) if arch.position == "learned" else None
+        # OPT's table has `position_offset` more rows, and position p reads row p + offset.
+        self.wpe = nn.Embedding(P + arch.position_offset, h, **factory) if arch.position == "learned" else None
         if self.wpe is not None:
-            self.register_buffer("positions", torch.arange(P, device=device), persistent=False)
+            off = arch.position_offset
+            self.register_buffer("positions", torch.arange(off, P + off, device=device), persistent=False)
         self.drop = Dropout(arch.dropout)
         # One causal mask and one pair of rotary tables, shared by every block.
         future = causal_mask(P, device=device) if attention == "eager" else None
-        rope = rotary_tables(arch.head_size, P, **factory) if arch.position == "rotary" else None
+        rope = rotary_tables(arch.rotary_dims, P, **factory) if arch.position == "rotary" else None
         self.blocks = nn.ModuleList(
             Block(arch, attention=attention, recompute=recompute, future=future, rope=rope, **factory)
             for _ in range(arch.n_layers)
         )
         self.ln_f = make_norm(arch, **factory)
-        self.lm_head = nn.Linear(h, arch.vocab, bias=False, **factory)
+        self.lm_head = nn.Linear(h, arch.vocab, bias=arch.head_bias, **factory)  # GPT-J and Phi-2 have a bias
         self.apply(init_weights)
         if arch.tied_embeddings:
             self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017), as GPT-2

@@ -9,6 +9,7 @@ architecture rebuilt by `models.hf` (the class `--impl hf` measures) must have t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -177,3 +178,23 @@ def test_active_parameters_leave_out_the_unchosen_experts(name):
     assert moe_layers == arch.moe_layers
     count = parameter_count(arch)
     assert count.total - count.active == moe_layers * (arch.experts - arch.experts_per_token) * per_expert
+
+
+@pytest.mark.parametrize("path", HUB, ids=lambda p: p.stem)
+def test_reference_models_build_what_they_count(path):
+    """Where the reference models build a family (`--impl reference`), their parameters are the formula's, tensor
+    by tensor in `parameters()` order (`formulas.layouts`); where they do not, they say what they lack."""
+    from formulas.architecture import unmodelled_features
+    from formulas.layouts import parameter_tensors
+    from models.build import build_model
+    from models.gpt import check_buildable
+
+    full = presets.load_config(path)
+    arch = dataclasses.replace(full, n_layers=len(full.dense_layers) + 2)
+    if unmodelled_features(arch) or arch.moe or arch.mla:
+        with pytest.raises(ValueError, match="reference models do not build"):
+            check_buildable(arch)
+        return
+    model = build_model(arch, impl="reference", device="meta")
+    assert [p.numel() for p in model.parameters()] == parameter_tensors(arch, "reference")
+    assert sum(p.numel() for p in model.parameters()) == parameter_count(arch).total

@@ -89,9 +89,13 @@ def test_parameter_order_of_transformers_moe_models():
         assert [p.numel() for p in built.parameters()] == parameter_tensors(spec.model.arch, "hf")
 
 
-def test_the_planner_refuses_what_it_cannot_plan(capsys):
+def test_the_planner_refuses_what_it_cannot_plan(capsys, tmp_path):
+    opt_350m = tmp_path / "opt-350m.json"  # post-LN with a projected 512-wide embedding: activations not modelled
+    opt_350m.write_text(json.dumps({"model_type": "opt", "num_hidden_layers": 24, "hidden_size": 1024,
+                                    "num_attention_heads": 16, "ffn_dim": 4096, "vocab_size": 50272,
+                                    "word_embed_proj_dim": 512, "do_layer_norm_before": False}))  # fmt: skip
     for model, words in ((MIXTRAL, "mixtures of experts are not planned"),
-                         ("models/hub/gpt-j-6b.json", "not modelled for parallel attention")):  # fmt: skip
+                         (str(opt_350m), "not modelled for norm placement post")):  # fmt: skip
         code, out, err = run(capsys, "plan", "--model", model, "--seq", "2048", "--global-batch", "64", "--gpu",
                              "h100-sxm", "--gpus", "8", "--gpus-per-node", "8")  # fmt: skip
         assert code == 2 and out == "" and err.count("\n") == 1 and words in err, err

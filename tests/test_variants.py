@@ -287,3 +287,23 @@ def test_records_carry_the_implementation_account():
     assert impl.device == "meta" and impl.layers == measured.activations_by_layer
     assert impl.total == measured.memory_bytes.activations
     assert make_record(spec.replace(device="auto"), status="error").prediction("implementation") is None
+
+
+# ---- the families' blocks the reference models build (issue 12): parallel, sandwich, branch-post, partial
+# rotary, OPT's position offset, an output-layer bias; each layer to the byte against the formula ----
+
+FAMILY_REFERENCE = {
+    "gpt-j": "models/hub/gpt-j-6b.json",  # parallel block, one shared norm, partial rotary, output bias
+    "phi-2": "models/hub/phi-2.json",  # the same with biases everywhere and 0.4 of each head rotated
+    "falcon-7b": "models/hub/falcon-7b.json",  # parallel, shared norm, multi-query
+    "gemma-2": "models/hub/gemma-2-9b.json",  # sandwich norms, GeGLU, head size apart
+    "opt": "models/hub/opt-1.3b.json",  # learned positions with an offset of 2, ReLU
+}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", sorted(FAMILY_REFERENCE))
+def test_family_blocks_of_the_reference_models_exact(name, precision):
+    kv = {"falcon-7b": 1}.get(name, 2 if name == "gemma-2" else 4)
+    check_exact({"model": FAMILY_REFERENCE[name], **SHAPE, "kv_heads": kv, "impl": "reference", "precision": precision,
+                 "attention": "flash", "device": "meta", "max_positions": 64})  # fmt: skip
