@@ -277,8 +277,9 @@ class MLP(nn.Module):
         super().__init__()
         h, f, b = arch.hidden, arch.ffn_hidden, arch.has_mlp_bias
         self.kind = arch.mlp
+        self.gated = arch.mlp in GATED_MLPS  # gate, up, down (the tensor-parallel plan's keys follow it)
         self.approximate = approximate
-        if self.kind in GATED_MLPS:
+        if self.gated:
             self.gate = nn.Linear(h, f, bias=b, device=device, dtype=dtype)
             self.up = nn.Linear(h, f, bias=b, device=device, dtype=dtype)
             self.down = nn.Linear(f, h, bias=b, device=device, dtype=dtype)

@@ -70,7 +70,7 @@ def _block_plan(block: nn.Module, sequence_parallel: bool) -> dict:
     # The sublayer's output: summed over ranks (Replicate), or reduce-scattered along the sequence (Shard(1)).
     out = Shard(1) if sp else Replicate()
     plan: dict = {"attn.qkv": ColwiseParallel(), "attn.proj": RowwiseParallel(output_layouts=out)}
-    if getattr(block.mlp, "swiglu", False):
+    if getattr(block.mlp, "gated", False):
         plan.update({"mlp.gate": ColwiseParallel(), "mlp.up": ColwiseParallel(),
                      "mlp.down": RowwiseParallel(output_layouts=out)})  # fmt: skip
     else:
