@@ -49,11 +49,12 @@ transformers models) and takes the kernel choices from torch's source, and lists
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from formulas import activations as act
 from formulas.architecture import Architecture
 from formulas.families import code_family
+from formulas.finetune import lora_implementation
 from formulas.layouts import INDEX_BYTES, NEOX_ROTARY_FRACTION
 from formulas.precision import activation_bytes_per_element, is_mixed
 from formulas.spec import IMPLS, MEASURED_DEVICES, RunSpec
@@ -467,6 +468,9 @@ def implementation_summary(spec: RunSpec, device: str | None = None) -> Implemen
     account = layer_account(arch, t.seq, t.batch, variant)
     outside = outside_account(arch, t.seq, t.batch, variant)
     layers = account.layers(arch.n_layers)
+    if t.finetune != "full":  # LoRA's saved tensors, measured (formulas.finetune, tests/test_finetune.py)
+        layers, other = lora_implementation(arch, variant.model, t, layers, cpu=device != "cuda")
+        outside = replace(outside, output=outside.output + other)
     return ImplementationSummary(
         model=variant.model,
         device=device,

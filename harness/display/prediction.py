@@ -131,6 +131,10 @@ def print_prediction(pred) -> None:
     ct.add_column("source")
     exact = "" if pred.params == pred.exact_params else f"; FLOPs and time use the exact P, {pred.exact_params:,}"
     ct.add_row("parameters P", f"{pred.params:,}", f"{pred.params_per_gpu:,} per model shard{exact}")
+    if pred.trainable_params is not None:
+        ct.add_row("trainable P (adapters)", f"{pred.trainable_params:,}",
+                   f"--finetune {spec.training.finetune}: {pred.trainable_params / pred.exact_params:.3%} of P; the "
+                   "FLOPs below are full training's (a frozen weight's gradient GEMM is skipped: not modelled)")  # fmt: skip
     ct.add_row("FLOPs per token", human(f.per_token_model), "6P + 12·L·s·h (full s×s attention)")
     ct.add_row(
         "FLOPs per step (model)",
