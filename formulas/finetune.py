@@ -259,7 +259,8 @@ def finetune_sources(arch: Architecture, family: str, total_params: int, *, fine
     return {
         "weights": f"{base}; + fp32 adapters 4 B × {adapters:,} (peft autocast_adapter_dtype)",
         "gradients": f"{HU}: adapters only, fp32 4 B × {adapter}",
-        "optimizer": f"{optimizer} {opt} B/param × {adapters:,} fp32 adapters (no master copy; the base has none)",
+        "optimizer": f"{optimizer} {opt} B/param × {adapters:,} fp32 adapters (no master copy; the base has none)"
+        + ("; + a 4 B step counter per adapter tensor" if optimizer == "adamw" else ""),
     }
 
 

@@ -26,7 +26,9 @@ def apply_lora(model: HFLossModel, arch, *, rank: int, alpha: int, dropout: floa
 
     adapted = targeted(arch, code_family(arch), targets)
     names = sorted({lin.path for lin in adapted})  # full paths inside a block: one match each, no ambiguity
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none")
+    # GPT-2's Conv1D stores its weight (in, out): peft's fan_in_fan_out (which it would set itself, with a warning).
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none",
+                        fan_in_fan_out=code_family(arch) == "gpt2")  # fmt: skip
     if recompute == "full":
         model.model.enable_input_require_grads()
     model.model = get_peft_model(model.model, config)

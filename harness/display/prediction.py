@@ -6,6 +6,7 @@ from rich.table import Table
 
 from formulas.hardware import tflops_bar
 from formulas.interconnect import interconnect
+from formulas.variants import implementation_summary
 from harness.display import console, run_title
 from harness.formatting import gib, human
 
@@ -80,6 +81,11 @@ def print_prediction(pred) -> None:
             "  embedding", gib(terms.embedding * terms.in_flight), f"{terms.embedding * terms.in_flight:,}", ""
         )
         table.add_row("  output + loss", gib(terms.output), f"{terms.output:,}", "")
+        impl = implementation_summary(spec, pred.device) if spec.training.finetune != "full" else None
+        if impl is not None and spec.measurement.impl == "hf":
+            table.add_row("  as transformers saves them", gib(impl.total), f"{impl.total:,}",
+                          f"the implementation variant ({impl.model}, {pred.device}) with LoRA's terms "
+                          "(formulas.variants, formulas.finetune): what `tmath measure` compares to the byte")  # fmt: skip
     table.add_row("[bold]total[/bold]", f"[bold]{gib(pred.total)}[/bold]", f"{pred.total:,}", "sum of the terms above")
     host = pred.host_memory_bytes()
     if host["total"]:
