@@ -204,3 +204,24 @@ def test_committed_keys_do_not_change():
     line = (REPO / "results/reference/cpu-smoke/runs.jsonl").read_text().splitlines()[0]
     record = json.loads(line)
     assert RunSpec.from_dict(record["spec"]).key() == record["spec_key"]
+
+
+@pytest.mark.parametrize("model", ["models/hub/qwen2-7b.json", "llama-2-7b", "gpt2"])
+def test_full_size_adapter_count_is_peft_s(model):
+    """At the published sizes (built on meta: shapes only): peft's trainable count is the formula's, and its total
+    is the base's P plus the adapters."""
+    import torch
+
+    from models.hf import instantiate_hf
+
+    spec = build_spec({"model": model, "finetune": "lora", "seq": 1024})
+    arch = spec.model.arch
+    family = code_family(arch)
+    names = sorted({lin.path for lin in F.targeted(arch, family, None)})
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(instantiate_hf(arch, device="meta", dtype=torch.float32),
+                                LoraConfig(r=8, target_modules=names, fan_in_fan_out=family == "gpt2"))  # fmt: skip
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    assert trainable == F.lora_params(arch, family, 8) == predict(spec).trainable_params
+    assert total == spec.total_params + trainable

@@ -10,8 +10,8 @@ from formulas.hardware import TFLOPS_BAR_A100
 from harness.errors import UsageError
 from harness.predictions import METHODS
 from harness.report.document import Document
-from harness.report.frame import error_frame, frame
 from harness.report.finetune import section as finetune_section
+from harness.report.frame import error_frame, frame
 from harness.report.parallel import section as parallel_section
 from harness.report.peak import family_table, peak_rows, phase_table, plot_timelines, runs_table, summary_text, unwalked
 from harness.report.plots import (
