@@ -264,9 +264,23 @@ def finetune_sources(arch: Architecture, family: str, total_params: int, *, fine
     }
 
 
+QUERY_KEY = ("self_attn.q_proj", "self_attn.k_proj", "attn.c_attn")
+"""The linears whose adapters make the first block's attention scores need a gradient."""
+
+
+def first_block_note(arch: Architecture, family: str, training) -> list[str]:
+    """What the first block's count assumes: an adapter on its query or key projection (measured)."""
+    t = training
+    if t.recompute == "full" or any(lin.path in QUERY_KEY for lin in targeted(arch, family, t.lora_targets)):
+        return []
+    return ["LoRA without a query/key adapter: the first block's attention needs no gradient and keeps less than "
+            "counted (an over-count of the first block only; measured on tiny CPU shapes, not modelled)"]  # fmt: skip
+
+
 def lora_implementation(arch: Architecture, family: str, training, layers: list[int], *, cpu: bool = True):
     """(bytes per layer, bytes added outside the layers) of transformers' `family` under LoRA, from its full
-    fine-tuning account `layers` (`formulas.variants`); `training` is the spec's TrainingSettings."""
+    fine-tuning account `layers` (`formulas.variants`); `training` is the spec's TrainingSettings. The first block
+    is exact when an adapter reads its query or key projection (`first_block_note`)."""
     t = training
     kw = {"precision": t.precision}
     if t.recompute == "full":

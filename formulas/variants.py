@@ -54,7 +54,7 @@ from dataclasses import dataclass, field, replace
 from formulas import activations as act
 from formulas.architecture import Architecture
 from formulas.families import code_family
-from formulas.finetune import lora_implementation
+from formulas.finetune import first_block_note, lora_implementation
 from formulas.layouts import INDEX_BYTES, NEOX_ROTARY_FRACTION
 from formulas.precision import activation_bytes_per_element, is_mixed
 from formulas.spec import IMPLS, MEASURED_DEVICES, RunSpec
@@ -468,9 +468,11 @@ def implementation_summary(spec: RunSpec, device: str | None = None) -> Implemen
     account = layer_account(arch, t.seq, t.batch, variant)
     outside = outside_account(arch, t.seq, t.batch, variant)
     layers = account.layers(arch.n_layers)
+    notes = list(variant.unmeasured)
     if t.finetune != "full":  # LoRA's saved tensors, measured (formulas.finetune, tests/test_finetune.py)
         layers, other = lora_implementation(arch, variant.model, t, layers, cpu=device != "cuda")
         outside = replace(outside, output=outside.output + other)
+        notes += first_block_note(arch, variant.model, t)
     return ImplementationSummary(
         model=variant.model,
         device=device,
@@ -481,5 +483,5 @@ def implementation_summary(spec: RunSpec, device: str | None = None) -> Implemen
         shared=dict(account.shared),
         outside=OutsideBytes(outside.embedding, outside.output, outside.indices, outside.total),
         total=sum(layers) + outside.total,
-        unmeasured=list(variant.unmeasured),
+        unmeasured=notes,
     )

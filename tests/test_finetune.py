@@ -225,3 +225,16 @@ def test_full_size_adapter_count_is_peft_s(model):
     trainable, total = peft_model.get_nb_trainable_parameters()
     assert trainable == F.lora_params(arch, family, 8) == predict(spec).trainable_params
     assert total == spec.total_params + trainable
+
+
+@pytest.mark.parametrize(("name", "targets"), [("llama", "v_proj"), ("gpt2", "attn.c_proj")])
+def test_without_a_query_key_adapter_the_first_block_is_over_counted_and_says_so(name, targets):
+    """Not modelled, measured: with q and k frozen in the first block its attention needs no gradient (and Llama's
+    RoPE tables are then first kept by the second block). Every later block is exact; the total over-counts."""
+    spec = lora_spec(name, precision="fp32", layers=3, lora_targets=targets)
+    layers, outside = saved(spec)
+    pred = implementation_summary(spec, "cpu")
+    assert layers[2:] == pred.layers[2:] and outside == pred.outside.total
+    assert sum(layers) < sum(pred.layers)
+    assert any("query/key adapter" in note for note in pred.unmeasured)
+    assert not any("query/key" in n for n in implementation_summary(lora_spec(name, precision="fp32")).unmeasured)

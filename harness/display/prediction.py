@@ -86,6 +86,8 @@ def print_prediction(pred) -> None:
             table.add_row("  as transformers saves them", gib(impl.total), f"{impl.total:,}",
                           f"the implementation variant ({impl.model}, {pred.device}) with LoRA's terms "
                           "(formulas.variants, formulas.finetune): what `tmath measure` compares to the byte")  # fmt: skip
+            for note in impl.unmeasured:
+                table.add_row("    not modelled", "", "", note)
     table.add_row("[bold]total[/bold]", f"[bold]{gib(pred.total)}[/bold]", f"{pred.total:,}", "sum of the terms above")
     host = pred.host_memory_bytes()
     if host["total"]:
