@@ -456,6 +456,7 @@ def implementation_summary(spec: RunSpec, device: str | None = None) -> Implemen
         or spec.parallel.tp > 1
         or spec.parallel.pp > 1
         or device not in MEASURED_DEVICES
+        or (t.finetune != "full" and spec.measurement.impl != "hf")  # LoRA runs on transformers' models only
     ):
         return None
     try:

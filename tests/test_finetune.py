@@ -192,6 +192,14 @@ def test_bad_input_is_one_line(flags, message, capsys):
     assert message in err and len(err.splitlines()) == 1, err
 
 
+def test_predict_for_the_reference_impl_has_no_implementation_account(capsys):
+    argv = ["predict", "--model", "gpt2", "--layers", "2", "--seq", "64", "--finetune", "lora", "--device", "cpu"]
+    assert main([*argv, "--impl", "reference"]) == 0
+    assert "as transformers saves them" not in capsys.readouterr().out
+    assert main([*argv, "--impl", "hf"]) == 0
+    assert "as transformers saves them" in capsys.readouterr().out
+
+
 def test_unmodelled_family_and_params_only_are_one_line(capsys):
     assert main(["predict", "--model", "bert-base-uncased", "--finetune", "lora"]) == 2
     assert main(["predict", "--params", "7B", "--finetune", "lora"]) == 2

@@ -81,8 +81,9 @@ def print_prediction(pred) -> None:
             "  embedding", gib(terms.embedding * terms.in_flight), f"{terms.embedding * terms.in_flight:,}", ""
         )
         table.add_row("  output + loss", gib(terms.output), f"{terms.output:,}", "")
-        impl = implementation_summary(spec, pred.device) if spec.training.finetune != "full" else None
-        if impl is not None and spec.measurement.impl == "hf":
+        lora_hf = spec.training.finetune != "full" and spec.measurement.impl == "hf"
+        impl = implementation_summary(spec, pred.device) if lora_hf else None
+        if impl is not None:
             table.add_row("  as transformers saves them", gib(impl.total), f"{impl.total:,}",
                           f"the implementation variant ({impl.model}, {pred.device}) with LoRA's terms "
                           "(formulas.variants, formulas.finetune): what `tmath measure` compares to the byte")  # fmt: skip
