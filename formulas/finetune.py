@@ -177,7 +177,7 @@ def _group_width(arch: Architecture, group: str) -> int:
 
 def lora_layer_delta(
     arch: Architecture, family: str, seq: int, batch: int, *, precision: str, rank: int, dropout: float,
-    targets: str | None = None, cpu: bool = True, first: bool = False,
+    targets: str | None = None, cpu: bool = True, first: bool = False, kept: tuple[str, ...] = (),
 ) -> int:  # fmt: skip
     """Bytes one block saves under LoRA minus what it saves in full fine-tuning (no recomputation).
 
@@ -188,7 +188,7 @@ def lora_layer_delta(
       lora_A's output sb·r at the adapter's compute bytes (fp32, or e under autocast), and under autocast the
       e-byte copies of A and B that autocast makes and autograd keeps for the input's gradient: e·r·(in + out).
     `first`: the first block, whose attention input needs no gradient (frozen embeddings): its adapters there
-    keep no dropout mask and no copy of A. The implementation's own frozen-weight savings (norm outputs kept
+    keep no dropout mask and no copy of A. `kept`: groups whose input another op saves anyway (the same storage). The implementation's own frozen-weight savings (norm outputs kept
     for norm weights) are in `frozen_norm_delta`."""
     e = activation_bytes_per_element(precision)
     sb = seq * batch
@@ -198,7 +198,7 @@ def lora_layer_delta(
     copies = cast or dropout > 0
     delta = 0
     for group in ("attn_in", "attn_out", "mlp_in", "mlp_out"):
-        if copies or not any(lin.group == group for lin in adapted):
+        if group not in kept and (copies or not any(lin.group == group for lin in adapted)):
             delta -= e * sb * _group_width(arch, group)
     for lin in adapted:
         no_input_grad = first and lin.group == "attn_in"
@@ -287,7 +287,12 @@ def lora_implementation(arch: Architecture, family: str, training, layers: list[
         # Each checkpointed block keeps only its input, which enable_input_require_grads makes need a gradient
         # in the first block too; the adapters' tensors are recomputed with the block.
         return list(layers), frozen_outside_delta(arch, family, t.seq, t.batch, cpu=cpu, input_grads=True, **kw)
-    lora = {"rank": t.lora_rank, "dropout": t.lora_dropout, "targets": t.lora_targets, "cpu": cpu, **kw}
+    # Llama's SDPA output is o_proj's input itself (`.transpose(1, 2).contiguous()` of the kernel's (b, s, a, d)
+    # storage is a view): the fused kernel keeps it for its backward whether o_proj is frozen or not.
+    fused_sdpa = t.attention == "flash" and not (cpu and arch.dropout > 0)
+    kept = ("attn_out",) if family == "llama" and fused_sdpa else ()
+    lora = {"rank": t.lora_rank, "dropout": t.lora_dropout, "targets": t.lora_targets, "cpu": cpu, "kept": kept,
+            **kw}  # fmt: skip
     every, first = frozen_norm_delta(arch, family, t.seq, t.batch, **kw)
     rest = lora_layer_delta(arch, family, t.seq, t.batch, **lora) + every
     head = lora_layer_delta(arch, family, t.seq, t.batch, first=True, **lora) + every + first

@@ -47,8 +47,8 @@ def lora_spec(name: str, **settings) -> RunSpec:
 def built(spec: RunSpec):
     dtype = param_dtype(spec.training.precision)
     with default_dtype(dtype):
-        return build_model(spec.model.arch, impl="hf", recompute=spec.training.recompute, device="cpu", dtype=dtype,
-                           lora=lora_settings(spec))  # fmt: skip
+        return build_model(spec.model.arch, impl="hf", attention=spec.training.attention,
+                           recompute=spec.training.recompute, device="cpu", dtype=dtype, lora=lora_settings(spec))  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -81,24 +81,29 @@ def saved(spec: RunSpec) -> tuple[list[int], int]:
 
 
 POINTS = [
-    (name, precision, targets, dropout, recompute)
+    (name, precision, targets, dropout, recompute, attention)
     for name in ("gpt2", "llama")
     for precision in ("fp32", "bf16", "bf16-mixed")
     for targets, dropout in ((None, 0.0), ("all", 0.1))
     for recompute in ("none",)
-] + [
-    ("qwen2", "bf16-mixed", None, 0.0, "none"),
-    ("qwen2", "fp32", "all", 0.0, "none"),
-    ("gpt2", "fp32", None, 0.0, "full"),
-    ("gpt2", "bf16-mixed", "all", 0.1, "full"),
-    ("llama", "bf16-mixed", None, 0.0, "full"),
+    for attention in ("eager", "flash")
+]
+POINTS += [
+    (*point, "eager")
+    for point in [
+        ("qwen2", "bf16-mixed", None, 0.0, "none"),
+        ("qwen2", "fp32", "all", 0.0, "none"),
+        ("gpt2", "fp32", None, 0.0, "full"),
+        ("gpt2", "bf16-mixed", "all", 0.1, "full"),
+        ("llama", "bf16-mixed", None, 0.0, "full"),
+    ]
 ]
 
 
-@pytest.mark.parametrize(("name", "precision", "targets", "dropout", "recompute"), POINTS)
-def test_saved_tensors_to_the_byte(name, precision, targets, dropout, recompute):
+@pytest.mark.parametrize(("name", "precision", "targets", "dropout", "recompute", "attention"), POINTS)
+def test_saved_tensors_to_the_byte(name, precision, targets, dropout, recompute, attention):
     spec = lora_spec(name, precision=precision, lora_targets=ALL[name] if targets == "all" else targets,
-                     lora_dropout=dropout, recompute=recompute)  # fmt: skip
+                     lora_dropout=dropout, recompute=recompute, attention=attention)  # fmt: skip
     layers, outside = saved(spec)
     pred = implementation_summary(spec, "cpu")
     assert layers == pred.layers
