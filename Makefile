@@ -29,7 +29,7 @@ $(VENV)/.ready: pyproject.toml
 	@$(PY) -c "import deepspeed" 2>/dev/null && echo "setup: deepspeed is already importable: kept" \
 		|| { echo "setup: installing deepspeed without compiling its ops (DS_BUILD_OPS=0)"; \
 		     $(PY) -m pip install --quiet --no-build-isolation deepspeed; }
-	@echo "setup: transformer-math and its dependencies (transformers, pandas, pydantic, rich, ...; pytest, ruff)"
+	@echo "setup: transformer-math and its dependencies (transformers, peft, pandas, pydantic, rich, ...; pytest, ruff)"
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 	@echo "setup: done ($(VENV))"

@@ -82,7 +82,7 @@ def code_family(arch: Architecture) -> str:
                          "attention without biases is not measured yet (the Pythia presets are)")  # fmt: skip
     if family not in ("gpt2", "gpt_neox", "bert"):
         raise ValueError(f"transformers {family}: its saved tensors are not measured yet (measured: gpt2, gpt_neox, "
-                         f"bert and Llama's code: {', '.join(LLAMA_CODE)}); parameters and model states are exact")  # fmt: skip
+                         f"bert and Llama's code: {', '.join(LLAMA_CODE)}); its parameters are counted exactly")  # fmt: skip
     return family
 
 

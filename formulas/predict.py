@@ -5,12 +5,14 @@ This is the calculator behind `tmath predict` and the `predicted` half of every 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from formulas import activations as act
 from formulas import compute, hardware
+from formulas import finetune as ft
 from formulas.architecture import unmodelled_features
 from formulas.calibration import Calibration
+from formulas.families import code_family
 from formulas.inference import INFERENCE_OVERHEAD, InferenceMemory, inference_memory
 from formulas.memory import ModelStates, add_states, model_state_bytes, params_per_model_shard
 from formulas.naive import NAIVE_METHODS, naive_memory, naive_params
@@ -81,6 +83,8 @@ class Prediction:
     device: str
     """The device the prediction is for: `cuda` (a GPU, the default), `cpu` or `meta` (`formulas.peak.target_device`)."""
     calibration: Calibration | None = None
+    trainable_params: int | None = None
+    """LoRA/QLoRA (`--finetune`): the adapters' parameters, the only ones with gradients and optimizer state."""
 
     @property
     def total(self) -> int:
@@ -208,6 +212,7 @@ class Prediction:
             "peak": self.peak.to_dict(),
             "device": self.device,
             "calibration": None,
+            "trainable_params": self.trainable_params,
             "spec": self.spec.to_dict(),
         }
         terms = self.activation_terms
@@ -240,6 +245,30 @@ def _korthikanti_activations(spec: RunSpec) -> act.ActivationBreakdown:
     )  # fmt: skip
 
 
+def _lora(spec: RunSpec, states: ModelStates, terms: act.ActivationBreakdown | None, sources: dict):
+    """LoRA/QLoRA: the adapters' model states, the paper's layer count with the LoRA terms (frozen linear inputs
+    out, adapter inputs and r-wide intermediates in; `formulas.finetune.lora_layer_delta`) and their sources."""
+    arch, t = spec.model.arch, spec.training
+    family = code_family(arch)
+    kw = {"finetune": t.finetune, "precision": t.precision, "optimizer": t.optimizer, "rank": t.lora_rank,
+          "targets": t.lora_targets}  # fmt: skip
+    states = ft.finetune_states(arch, family, spec.total_params, **kw)
+    sources = {**sources, **ft.finetune_sources(arch, family, spec.total_params, **kw)}
+    if terms is not None and t.recompute != "full":
+        delta = ft.lora_layer_delta(arch, family, t.seq, t.batch, precision=t.precision, rank=t.lora_rank,
+                                    dropout=t.lora_dropout, targets=t.lora_targets,
+                                    cpu=target_device(spec.measurement.device) == "cpu")  # fmt: skip
+        terms = replace(terms, per_layer=terms.per_layer + delta)
+        sources["activations"] += (f"; LoRA ({ft.HU}): {delta:+,} B per layer (frozen linears keep no input; "
+                                   "each adapter its input copy and r-wide output)")  # fmt: skip
+    elif terms is not None:
+        sources["activations"] += "; LoRA: the adapters run inside the recomputed blocks (no change)"
+    if terms is not None and t.finetune == "qlora":
+        sources["activations"] += "; QLoRA: counted as LoRA on a 16-bit base (predicted, not measured)"
+    trainable = ft.lora_params(arch, family, t.lora_rank, t.lora_targets)
+    return states, terms, sources, trainable
+
+
 def _heaviest_stage(spec: RunSpec) -> int | None:
     """With pipeline parallelism and an architecture: the parameters per tensor-parallel rank of the heaviest
     stage (embedding first, output layer last), else None (P / (TP · PP))."""
@@ -263,6 +292,8 @@ def _unmodelled_peak(spec: RunSpec) -> str:
         )
     if spec.measurement.mode != "train":
         return "inference is not a training step"
+    if spec.training.finetune != "full":
+        return f"--finetune {spec.training.finetune}: the walk does not model a frozen base yet"
     return engine_unmodelled(spec) or "not walked"
 
 
@@ -365,11 +396,14 @@ def predict(spec: RunSpec, method: str = "korthikanti", calibration: Calibration
                 grad_dtype=t.grad_dtype))  # fmt: skip
         if arch is not None and not unmodelled_features(arch):
             terms = _korthikanti_activations(spec)
+        sources, trainable = _sources(spec, method), None
+        if t.finetune != "full":
+            states, terms, sources, trainable = _lora(spec, states, terms, sources)
         activation = terms.total if terms is not None else None
         counted = params
         on_host = target_device(spec.measurement.device) == "cpu"
         peak, why = None, _unmodelled_peak(spec)
-        if terms is not None or arch is None:
+        if (terms is not None or arch is None) and trainable is None:
             try:
                 peak = step_peak(spec, states, activation)
             except ValueError as exc:  # the implementation's saved tensors are not measured (formulas.families)
@@ -381,6 +415,7 @@ def predict(spec: RunSpec, method: str = "korthikanti", calibration: Calibration
         states, activation = naive_memory(spec.model.arch, t.seq, t.batch, elem, mlp4c=mlp4c)
         counted = naive_params(spec.model.arch, mlp4c)
         peak = sum_of_terms(states, activation, "the naive formula sums its terms")
+        sources, trainable = _sources(spec, method), None
 
     tokens_per_step = t.batch * t.seq * t.grad_accum
     # A mixture of experts computes with the parameters a token passes through (Fedus et al. 2021, §2).
@@ -429,9 +464,10 @@ def predict(spec: RunSpec, method: str = "korthikanti", calibration: Calibration
         tflops_source=tflops_source,
         gpu=gpu,
         inference=infer,
-        sources=_sources(spec, method),
+        sources=sources,
         exact_params=params,
         peak=peak,
         device=target_device(spec.measurement.device),
         calibration=calibration,
+        trainable_params=trainable,
     )

@@ -24,6 +24,8 @@ from typing import Literal, get_args
 
 from formulas.activations import Attention, Recompute
 from formulas.architecture import SHAPE_KEYS, Architecture
+from formulas.families import code_family
+from formulas.finetune import Finetune, targeted
 from formulas.hardware import get_gpu
 from formulas.memory import ZeroStage
 from formulas.params import parameter_count
@@ -88,9 +90,25 @@ class TrainingSettings:
     grad_dtype: GradDtype = "auto"
     """Gradients: auto (the parameters' dtype, as torch and DeepSpeed keep them) | fp32 (Megatron-style fp32 main
     gradients, 4 B/param; predicted only: the measured trainers keep the parameters' dtype)."""
+    finetune: Finetune = "full"
+    """full (every weight trains) | lora (a frozen base with trainable low-rank adapters, peft; Hu et al. 2021) |
+    qlora (LoRA on a 4-bit NF4 base, Dettmers et al. 2023; predicted only where bitsandbytes does not run)."""
+    lora_rank: int = bounded(8, maximum=2**16)
+    """r: the rank of each LoRA adapter (A is r × in, B is out × r)."""
+    lora_alpha: int = bounded(16, maximum=2**20)
+    """α: the adapters' scale α/r (peft `lora_alpha`); no memory term depends on it."""
+    lora_dropout: float = bounded(0.0, minimum=0.0, maximum=0.99)
+    """Dropout on each adapter's input (peft `lora_dropout`); above 0 every adapter keeps its mask and a copy."""
+    lora_targets: str | None = None
+    """Comma-separated modules the adapters wrap (peft `target_modules`, matched as a name or dotted suffix);
+    default the attention projections: q_proj,k_proj,v_proj,o_proj (Llama's code), c_attn,attn.c_proj (GPT-2)."""
 
     def __post_init__(self) -> None:
         check_fields(self)
+        lora = (self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets) != (8, 16, 0.0, None)
+        if self.finetune == "full" and lora:
+            raise ValueError("--lora-rank, --lora-alpha, --lora-dropout and --lora-targets apply to --finetune lora "
+                             "or qlora")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -250,6 +268,7 @@ KEY_SINCE_SCHEMA_2 = {
     "nodes": 1, "grad_dtype": "auto", "compile": False,
     "pp_schedule": "1f1b", "microbatches": None, "virtual_stages": 1, "dp_shard": "none",
     "reshard_after_forward": True, "ep": 1,
+    "finetune": "full", "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_targets": None,
 }  # fmt: skip
 """Settings added after the first records were written, with their defaults: at the default they stay out of
 `RunSpec.key()`, so that earlier records keep their keys and `--resume` still matches them."""
@@ -282,6 +301,8 @@ class RunSpec:
             raise ValueError(f"--ep {p.ep} splits routed experts: it needs a mixture-of-experts model")
         if p.ep > 1 and arch.experts % p.ep:
             raise ValueError(f"--ep {p.ep} must divide the model's {arch.experts} routed experts")
+        if t.finetune != "full":
+            _check_finetune(self)
         if arch is None:
             return
         if arch.n_heads % p.tp:
@@ -370,6 +391,27 @@ class RunSpec:
     @property
     def total_params(self) -> int:
         return self.model.params if self.model.params is not None else parameter_count(self.model.arch).total
+
+
+def _check_finetune(spec: RunSpec) -> None:
+    """LoRA and QLoRA: one process (no ZeRO, tensor or pipeline layout), training, an architecture whose
+    transformers code is modelled, targets that match its linears."""
+    arch, t, p = spec.model.arch, spec.training, spec.parallel
+    if arch is None:
+        raise ValueError(f"--finetune {t.finetune} counts adapters from the architecture: give a model, not --params")
+    if p.zero or p.tp > 1 or p.pp > 1 or p.dp_shard != "none":
+        raise ValueError(f"--finetune {t.finetune} is modelled for one replica (data parallel at most): no --zero, "
+                         "--tp, --pp or --dp-shard")  # fmt: skip
+    if spec.measurement.mode != "train":
+        raise ValueError(f"--finetune {t.finetune} is a training setting: not --mode inference")
+    if t.grad_dtype != "auto":
+        raise ValueError("--grad-dtype fp32 is a full-training setting: LoRA adapters are fp32 already")
+    unmeasured = [name for name, on in (("a mixture of experts", arch.moe), ("QK-norm", arch.qk_norm != "none"),
+                                         ("latent attention", arch.mla)) if on]  # fmt: skip
+    if unmeasured:
+        raise ValueError(f"--finetune {t.finetune} with {', '.join(unmeasured)} is not measured yet (LoRA is measured "
+                         "on GPT-2's and Llama's code: Llama, Mistral, Qwen2)")  # fmt: skip
+    targeted(arch, code_family(arch), t.lora_targets)
 
 
 @dataclass(frozen=True)

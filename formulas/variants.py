@@ -49,11 +49,12 @@ transformers models) and takes the kernel choices from torch's source, and lists
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from formulas import activations as act
 from formulas.architecture import Architecture
 from formulas.families import code_family
+from formulas.finetune import first_block_note, lora_implementation
 from formulas.layouts import INDEX_BYTES, NEOX_ROTARY_FRACTION
 from formulas.precision import activation_bytes_per_element, is_mixed
 from formulas.spec import IMPLS, MEASURED_DEVICES, RunSpec
@@ -464,6 +465,7 @@ def implementation_summary(spec: RunSpec, device: str | None = None) -> Implemen
         or spec.parallel.tp > 1
         or spec.parallel.pp > 1
         or device not in MEASURED_DEVICES
+        or (t.finetune != "full" and spec.measurement.impl != "hf")  # LoRA runs on transformers' models only
     ):
         return None
     try:
@@ -476,6 +478,11 @@ def implementation_summary(spec: RunSpec, device: str | None = None) -> Implemen
     account = layer_account(arch, t.seq, t.batch, variant)
     outside = outside_account(arch, t.seq, t.batch, variant)
     layers = account.layers(arch.n_layers)
+    notes = list(variant.unmeasured)
+    if t.finetune != "full":  # LoRA's saved tensors, measured (formulas.finetune, tests/test_finetune.py)
+        layers, other = lora_implementation(arch, variant.model, t, layers, cpu=device != "cuda")
+        outside = replace(outside, output=outside.output + other)
+        notes += first_block_note(arch, variant.model, t)
     return ImplementationSummary(
         model=variant.model,
         device=device,
@@ -486,5 +493,5 @@ def implementation_summary(spec: RunSpec, device: str | None = None) -> Implemen
         shared=dict(account.shared),
         outside=OutsideBytes(outside.embedding, outside.output, outside.indices, outside.total),
         total=sum(layers) + outside.total,
-        unmeasured=list(variant.unmeasured),
+        unmeasured=notes,
     )

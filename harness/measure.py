@@ -136,6 +136,14 @@ class _TrackedMemory:
         return self.tracker.peak_bytes
 
 
+def lora_settings(spec: RunSpec) -> dict | None:
+    """`models.build.build_model`'s `lora` for the spec (None: full fine-tuning)."""
+    t = spec.training
+    if t.finetune == "full":
+        return None
+    return {"rank": t.lora_rank, "alpha": t.lora_alpha, "dropout": t.lora_dropout, "targets": t.lora_targets}
+
+
 def _quiet(message: str) -> None:
     """Progress goes nowhere unless someone listens."""
 
@@ -266,7 +274,7 @@ def measure(spec: RunSpec, measured: Measurement | None = None, progress: Progre
             with default_dtype(dtype):
                 model = build_model(
                     arch, impl=spec.measurement.impl, attention=spec.training.attention,
-                    recompute=spec.training.recompute, device=torch_device, dtype=dtype,
+                    recompute=spec.training.recompute, device=torch_device, dtype=dtype, lora=lora_settings(spec),
                 )  # fmt: skip
             generator = None if fake else torch.Generator(device=torch_device).manual_seed(0)
             t = spec.training
@@ -279,6 +287,8 @@ def measure(spec: RunSpec, measured: Measurement | None = None, progress: Progre
             tracker.track(*model.buffers(), category="buffers")
             tracker.track(*(t for b in batches for t in b.values()), category="inputs")
             tracker.track(*trainer.optimizer_tensors(), category="optimizer")
+            if spec.training.finetune != "full":
+                measured.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
             mem.weights = trainer.weight_bytes()
             mem.buffers = trainer.buffer_bytes()
             mem.inputs = unique_storage_bytes(t for b in batches for t in b.values())

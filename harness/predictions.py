@@ -105,6 +105,8 @@ class FormulaPrediction:
     inference: InferenceMemory
     host_memory_bytes: HostTerms | None = None
     activation_bytes: ActivationBreakdown | None = None
+    trainable_params: int | None = None
+    """`--finetune lora|qlora`: the adapters' parameters (`formulas.finetune.lora_params`)."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ def _formula(spec: RunSpec, device: str | None) -> FormulaPrediction:
         inference=p.inference,
         host_memory_bytes=HostTerms(**host),
         activation_bytes=p.activation_terms,
+        trainable_params=p.trainable_params,
     )
 
 

@@ -191,6 +191,8 @@ class Measurement:
     ranks: list[RankResult] = field(default_factory=list)
     world_size: int | None = None
     launcher: str | None = None
+    trainable_params: int | None = None
+    """`--finetune lora`: Σ numel of the parameters that require a gradient (the adapters)."""
 
 
 @dataclass

@@ -272,6 +272,10 @@ def run_label(spec: RunSpec, without: tuple[str, ...] = (), device: str | None =
     parts.append(t.precision)
     if t.optimizer != "adamw":
         parts.append(t.optimizer)
+    if t.finetune != "full":
+        targets = "" if t.lora_targets is None else f" t={t.lora_targets.count(',') + 1}"
+        dropout = f" p={t.lora_dropout:g}" if t.lora_dropout else ""
+        parts.append(f"{t.finetune} r{t.lora_rank}{targets}{dropout}")
     if t.recompute != "none":
         parts.append(f"rc={t.recompute}")
     if t.attention != "eager":

@@ -15,6 +15,7 @@ from formulas.spec import IMPLS
 from models.bert import Bert
 from models.gpt import GPT
 from models.hf import HFLossModel, build_hf
+from models.lora import apply_lora
 
 
 def _check_impl(impl: str) -> None:
@@ -30,15 +31,21 @@ def build_model(
     recompute: str = "none",
     device=None,
     dtype=None,
+    lora: dict | None = None,
 ) -> nn.Module:
     """A model in train mode whose `forward(**make_batch(...))` returns the scalar loss.
 
     `impl="reference"`: `models.gpt.GPT` or `models.bert.Bert`. `impl="hf"`: the transformers model
-    of the same architecture (`models.hf.build_hf`).
+    of the same architecture (`models.hf.build_hf`); with `lora` (rank, alpha, dropout, targets) its base
+    frozen and peft's LoRA adapters added (`models.lora.apply_lora`).
     """
     _check_impl(impl)
+    if lora is not None and impl != "hf":
+        raise ValueError("LoRA is built through peft on the transformers models: impl hf")
     if impl == "hf":
         model = build_hf(arch, attention=attention, recompute=recompute, device=device, dtype=dtype)
+        if lora is not None:
+            model = apply_lora(model, arch, recompute=recompute, **lora)
     elif arch.family == "decoder":
         model = GPT(arch, attention=attention, recompute=recompute, device=device, dtype=dtype)
     else:
@@ -102,6 +109,8 @@ def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     prefix, root = "", model
     if isinstance(model, HFLossModel):
         prefix, root = "model.", model.model
+    if hasattr(root, "get_base_model"):  # a peft PeftModel: PeftModel.base_model (LoraModel).model
+        prefix, root = prefix + "base_model.model.", root.get_base_model()
     for path in _BLOCK_PATHS:
         try:
             blocks = root.get_submodule(path)

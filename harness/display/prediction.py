@@ -7,6 +7,7 @@ from rich.table import Table
 from formulas.hardware import tflops_bar
 from formulas.interconnect import interconnect
 from formulas.params import parameter_count
+from formulas.variants import implementation_summary
 from harness.display import console, run_title
 from harness.formatting import gib, human
 
@@ -81,6 +82,14 @@ def print_prediction(pred) -> None:
             "  embedding", gib(terms.embedding * terms.in_flight), f"{terms.embedding * terms.in_flight:,}", ""
         )
         table.add_row("  output + loss", gib(terms.output), f"{terms.output:,}", "")
+        lora_hf = spec.training.finetune != "full" and spec.measurement.impl == "hf"
+        impl = implementation_summary(spec, pred.device) if lora_hf else None
+        if impl is not None:
+            table.add_row("  as transformers saves them", gib(impl.total), f"{impl.total:,}",
+                          f"the implementation variant ({impl.model}, {pred.device}) with LoRA's terms "
+                          "(formulas.variants, formulas.finetune): what `tmath measure` compares to the byte")  # fmt: skip
+            for note in impl.unmeasured:
+                table.add_row("    not modelled", "", "", note)
     table.add_row("[bold]total[/bold]", f"[bold]{gib(pred.total)}[/bold]", f"{pred.total:,}", "sum of the terms above")
     host = pred.host_memory_bytes()
     if host["total"]:
@@ -140,6 +149,10 @@ def print_prediction(pred) -> None:
         ct.add_row("active parameters", f"{active:,}", f"{arch.experts_per_token} of {arch.experts} routed experts per "
                    f"token in {arch.moe_layers} MoE layers (Fedus et al. 2021): FLOPs and time use them")  # fmt: skip
         flop_p = "P_active"
+    if pred.trainable_params is not None:
+        ct.add_row("trainable P (adapters)", f"{pred.trainable_params:,}",
+                   f"--finetune {spec.training.finetune}: {pred.trainable_params / pred.exact_params:.3%} of P; the "
+                   "FLOPs below are full training's (a frozen weight's gradient GEMM is skipped: not modelled)")  # fmt: skip
     ct.add_row("FLOPs per token", human(f.per_token_model), f"6{flop_p} + 12·L·s·h (full s×s attention)")
     ct.add_row(
         "FLOPs per step (model)",

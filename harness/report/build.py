@@ -10,6 +10,7 @@ from formulas.hardware import TFLOPS_BAR_A100
 from harness.errors import UsageError
 from harness.predictions import METHODS
 from harness.report.document import Document
+from harness.report.finetune import section as finetune_section
 from harness.report.frame import error_frame, frame
 from harness.report.parallel import section as parallel_section
 from harness.report.peak import family_table, peak_rows, phase_table, plot_timelines, runs_table, summary_text, unwalked
@@ -121,6 +122,7 @@ def build_report(
             )
 
     parallel_section(doc, records)
+    finetune_section(doc, records)
 
     doc.heading("Activations against sequence length")
     shown = doc.figure(

@@ -27,7 +27,25 @@ from harness.schema import SchemaError, Tagged
 from harness.zero.config import check_deepspeed, uses_deepspeed
 
 
+def _finetune_checks(spec: RunSpec) -> None:
+    ft = spec.training.finetune
+    if ft == "qlora":
+        raise UsageError("--finetune qlora needs bitsandbytes' 4-bit kernels (CUDA): it is predicted, not measured, "
+                         "here (tmath predict)")  # fmt: skip
+    if spec.measurement.impl != "hf":
+        raise UsageError(f"--finetune {ft} is measured on the transformers models through peft: give --impl hf")
+    if spec.parallel.gpus > 1:
+        raise UsageError(f"--finetune {ft} is measured in one process: --gpus 1")
+    if spec.measurement.device == "meta":
+        raise UsageError(f"--finetune {ft} cannot run on fake tensors (peft's adapter set-up swaps parameters, which "
+                         "FakeTensorMode refuses): measure on cpu")  # fmt: skip
+    if spec.measurement.compile:
+        raise UsageError(f"--finetune {ft} is measured eager: not --compile")
+
+
 def _common_checks(spec: RunSpec) -> None:
+    if spec.training.finetune != "full":
+        _finetune_checks(spec)
     if spec.training.grad_dtype != "auto":
         raise UsageError(
             "--grad-dtype fp32 (Megatron-style fp32 main gradients) is predicted only: the measured trainers keep "

@@ -52,16 +52,22 @@ class MasterWeightOptimizer:
 
     step(): copy the 16-bit gradients into fp32 master gradients (transient: freed after the step,
     so they show in the step's peak, not in the gradient term), step, copy the masters back.
+    A parameter that is fp32 already (peft's LoRA adapters on a 16-bit base) is its own master: no copy.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], optimizer_name: str, device_type: str):
         self.params = [p for p in params if p.requires_grad]
         with torch.no_grad():
-            self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+            self.master = [
+                p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True) for p in self.params
+            ]
         self.optimizer = make_torch_optimizer(optimizer_name, self.master, device_type)
 
+    def _copied(self):
+        return [(p, m) for p, m in zip(self.params, self.master, strict=True) if m is not p]
+
     def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
-        for p, m in zip(self.params, self.master, strict=True):
+        for p, m in self._copied():
             m.grad = None if p.grad is None else p.grad.float()
         if scaler is not None:
             scaler.step(self.optimizer)
@@ -69,9 +75,9 @@ class MasterWeightOptimizer:
         else:
             self.optimizer.step()
         with torch.no_grad():
-            for p, m in zip(self.params, self.master, strict=True):
+            for p, m in self._copied():
                 p.copy_(m)
-        for m in self.master:
+        for _, m in self._copied():
             m.grad = None
 
     def zero_grad(self) -> None:
@@ -79,7 +85,7 @@ class MasterWeightOptimizer:
             p.grad = None
 
     def state_tensors(self) -> Iterator[torch.Tensor]:
-        yield from self.master
+        yield from (m for p, m in self._copied())
         yield from _optimizer_state_tensors(self.optimizer)
 
 
