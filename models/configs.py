@@ -176,6 +176,7 @@ def _gpt2(cfg: dict, path: str) -> dict:
         n_layers=layers, hidden=hidden, n_heads=heads, vocab=vocab, ffn_hidden=cfg.get("n_inner") or None,
         max_positions=_get(cfg, "n_positions", 1024), tied_embeddings=_get(cfg, "tie_word_embeddings", True),
         dropout=_get(cfg, "resid_pdrop", 0.1),
+        mlp=_mlp_of(path, "gpt2", "activation_function", _get(cfg, "activation_function", "gelu_new"), gated=False),
     )  # fmt: skip
 
 
@@ -187,6 +188,7 @@ def _gpt_neox(cfg: dict, path: str) -> dict:
         max_positions=_get(cfg, "max_position_embeddings", 2048), position="rotary",
         tied_embeddings=_get(cfg, "tie_word_embeddings", False),
         dropout=max(_get(cfg, "hidden_dropout", 0.0), _get(cfg, "attention_dropout", 0.0)),
+        mlp=_mlp_of(path, "gpt_neox", "hidden_act", _get(cfg, "hidden_act", "gelu"), gated=False),
     )  # fmt: skip
     if not attention_bias:  # GPT-NeoX's MLP keeps its biases
         out.update(qkv_bias=False, out_bias=False, mlp_bias=True)
@@ -208,7 +210,7 @@ def _encoder(cfg: dict, path: str, kind: str) -> dict:
         max_positions=_get(cfg, "max_position_embeddings", 512), family="encoder",
         mlp=_mlp_of(path, kind, "hidden_act", _get(cfg, "hidden_act", "gelu"), gated=False),
         type_vocab=_get(cfg, "type_vocab_size", 2), dropout=_get(cfg, "hidden_dropout_prob", 0.1),
-        pooler=bert, mlm_head=True, nsp_head=bert,
+        pooler=bert, mlm_head=True, nsp_head=bert, tied_embeddings=_get(cfg, "tie_word_embeddings", True),
     )  # fmt: skip
     if not bert:
         out["model_type"] = kind
@@ -292,18 +294,76 @@ READERS: dict[str, Callable[[dict, str], dict]] = {
 """model_type → reader of its config.json fields."""
 
 
+GENERIC = frozenset({
+    "model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "auto_map",
+    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "unk_token_id", "decoder_start_token_id",
+    "use_cache", "id2label", "label2id", "output_attentions", "output_hidden_states", "return_dict", "problem_type",
+    "chunk_size_feed_forward", "is_encoder_decoder", "tokenizer_class", "initializer_range", "init_std",
+    "initializer_factor", "rope_theta", "rope_scaling", "rope_parameters", "rope_interleave", "rms_norm_eps",
+    "layer_norm_eps", "layer_norm_epsilon", "attn_implementation", "_attn_implementation_autoset", "pretraining_tp",
+    "max_window_layers", "use_sliding_window", "sliding_window", "layer_types", "classifier_dropout",
+    "is_decoder", "tie_encoder_decoder", "attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop",
+    "attn_pdrop", "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
+    "summary_first_dropout", "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "use_bidirectional_attention",
+    "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "original_max_position_embeddings",
+    "clip_qkv", "output_router_logits", "router_aux_loss_coef", "n_group", "topk_group", "routed_scaling_factor",
+    "topk_method", "scoring_func", "aux_loss_alpha", "seq_aux", "qk_head_dim", "moe_layer_freq", "layerdrop",
+    "attention_probs_dropout_prob", "hidden_dropout_prob", "position_embedding_type", "rotary_emb_base",
+    "num_nextn_predict_layers", "ep_size",
+})  # fmt: skip
+"""Fields that change no parameter and no stored tensor a training step keeps: token ids, initialisation, RoPE's
+base and scaling, norm epsilons, attention masks' kinds (sliding windows, softcaps), router losses and routing
+scores, dropout probabilities the readers take where they matter. DeepSeek-V3's `num_nextn_predict_layers`
+is a multi-token-prediction module transformers does not build (models/hub/SOURCES.md)."""
+
+REFUSED = {
+    "add_cross_attention": "cross-attention blocks are not modelled",
+    "reorder_and_upcast_attn": "GPT-2's fp32 reordered attention stores other tensors",
+    "router_jitter_noise": "router jitter multiplies the hidden states in training: not modelled",
+    "quantization_config": "a quantised checkpoint's weights are not 16-bit (see --finetune qlora)",
+}
+"""Fields whose non-default values change what is counted and are not modelled: a one-line error names them."""
+
+
+class _Read(dict):
+    """The config with the keys the reader looked at recorded (so that the rest can be checked)."""
+
+    def __init__(self, data: dict) -> None:
+        super().__init__(data)
+        self.read: set[str] = set()
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
 def from_hf_config(cfg: dict, path: str) -> Architecture:
-    """Map a transformers `config.json` to an Architecture; one-line `ValueError`s name what does not fit."""
+    """Map a transformers `config.json` to an Architecture; one-line `ValueError`s name what does not fit: an
+    unknown model type, a field no reader knows (it might change a parameter count: never a silent default),
+    a field whose value is not modelled (`REFUSED`)."""
     kind = cfg.get("model_type")
     reader = READERS.get(kind)
     if reader is None:
         raise ValueError(f"{path}: model_type {kind!r} is not supported ({', '.join(READERS)})")
+    for field, why in REFUSED.items():
+        if cfg.get(field):
+            raise ValueError(f"{path}: {kind} config field {field}={cfg[field]!r}: {why}")
     moe = [k for k in MOE_FIELDS if cfg.get(k)]
     if moe and kind not in MOE_TYPES:
         raise ValueError(f"{path}: {kind} config has mixture-of-experts field {moe[0]}={cfg[moe[0]]!r}: its "
                          f"experts are read for {', '.join(MOE_TYPES)} only")  # fmt: skip
+    seen = _Read(cfg)
     try:
-        return Architecture(**reader(cfg, path))
+        fields = reader(seen, path)
+        unknown = sorted(set(cfg) - seen.read - GENERIC - set(REFUSED) - CONSIDERED.get(kind, frozenset()))
+        if unknown:
+            raise ValueError(f"{path}: {kind} config field(s) {', '.join(unknown)} are not read: they may change the "
+                             "parameter count (remove them, or report the field)")  # fmt: skip
+        return Architecture(**fields)
     except KeyError as missing:
         raise ValueError(f"{path}: {kind} config is missing {missing}") from None
     except TypeError as exc:
@@ -316,3 +376,16 @@ def from_hf_config(cfg: dict, path: str) -> Architecture:
 
 MOE_TYPES: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 """The mixture-of-experts families whose experts, router and shared experts are read."""
+
+
+CONSIDERED: dict[str, frozenset[str]] = {
+    "falcon": frozenset({"multi_query", "num_kv_heads", "num_ln_in_parallel_attn", "parallel_attn"}),
+    "opt": frozenset({"_remove_final_layer_norm"}),
+    "qwen2_moe": frozenset({"num_local_experts"}),
+    "qwen3_moe": frozenset({"num_experts"}),
+    "mixtral": frozenset({"norm_topk_prob"}),
+    "gemma": frozenset({"hidden_act", "hidden_activation"}),  # hidden_activation wins where both are set
+    "gemma2": frozenset({"hidden_act", "hidden_activation"}),
+    "deepseek_v3": frozenset({"norm_topk_prob"}),
+}
+"""Fields a reader reads only on some paths (Falcon's multi-query or grouped K/V): known, not unread."""

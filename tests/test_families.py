@@ -198,3 +198,18 @@ def test_reference_models_build_what_they_count(path):
     model = build_model(arch, impl="reference", device="meta")
     assert [p.numel() for p in model.parameters()] == parameter_tensors(arch, "reference")
     assert sum(p.numel() for p in model.parameters()) == parameter_count(arch).total
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        ({"num_experts_in_a_new_way": 4}, "num_experts_in_a_new_way are not read"),  # a field no reader knows
+        ({"add_cross_attention": True}, "cross-attention"),
+        ({"quantization_config": {"load_in_4bit": True}}, "quantised checkpoint"),
+        ({"router_jitter_noise": 0.01}, "router jitter"),
+    ],
+)
+def test_a_config_field_that_may_change_the_count_is_refused_by_name(extra, words):
+    cfg = {**_config("mixtral").to_dict(), **extra}
+    with pytest.raises(ValueError, match=words):
+        from_hf_config(cfg, "mixtral.json")
