@@ -148,7 +148,7 @@ def moe_mlp_bytes(arch: Architecture, tokens: int, e: int) -> int:
                       e·T and the shared expert's output e·T·h it scales
     """
     h, E, k = arch.hidden, arch.experts, arch.experts_per_token
-    T, rows = tokens, tokens * arch.experts_per_token
+    T, rows = tokens, arch.expert_rows(tokens)  # T·k dropless; E·ceil(cf·T·k/E) under a capacity factor (predicted)
     router = 4 * T * E + INDEX_BYTES * T * k + ((4 * T + 4 * T * k) if arch.norm_topk_prob else 0)
     dispatch = 3 * INDEX_BYTES * rows + 4 * E
     experts = rows * (2 * e * h + 4 * e * arch.expert_width + e)

@@ -6,7 +6,9 @@ a attention heads, s sequence length, b micro-batch size, v vocabulary size, t t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
+from fractions import Fraction
 from typing import Literal, get_args
 
 from formulas.settings import bounded, check_fields
@@ -28,7 +30,7 @@ GATED_MLPS: tuple[str, ...] = ("swiglu", "geglu")
 """MLPs with three matrices (gate, up, down): Shazeer 2020, "GLU Variants Improve Transformer"."""
 
 SHAPE_KEYS: tuple[str, ...] = (
-    "layers", "hidden", "heads", "kv_heads", "head_dim", "ffn_hidden", "vocab", "max_positions",
+    "layers", "hidden", "heads", "kv_heads", "head_dim", "ffn_hidden", "vocab", "max_positions", "capacity_factor",
     "dropout", "position", "norm", "mlp", "family",
 )  # fmt: skip
 """The fields a user sets by name (flags `--layers` ..., sweep keys): they override a preset's."""
@@ -131,6 +133,9 @@ class Architecture:
     Qwen2-MoE: `shared_expert_intermediate_size`); 0: none."""
     shared_expert_gate: bool = False
     """Qwen2-MoE: a sigmoid gate (h×1) on the shared expert's output."""
+    capacity_factor: float | None = bounded(None, minimum=0.0)
+    """Expert capacity (GShard, Lepikhin et al. 2020; Switch, Fedus et al. 2021 §2.2): each expert takes
+    ceil(cf·T·k/E) rows, padded, the rest dropped. None: dropless, as transformers' experts run (predicted only)."""
     norm_topk_prob: bool = False
     """The chosen experts' weights renormalised to sum to 1 (Mixtral always; Qwen-MoE's `norm_topk_prob`)."""
     dense_layers: tuple[int, ...] = ()
@@ -165,6 +170,10 @@ class Architecture:
             raise ValueError(f"rotary_fraction must be in (0, 1], got {self.rotary_fraction!r}")
         if isinstance(self.dense_layers, list):
             object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
+        if self.capacity_factor is not None and (not self.experts or self.capacity_factor <= 0):
+            raise ValueError(
+                f"capacity_factor {self.capacity_factor!r} needs a mixture of experts and a positive value"
+            )
         if bool(self.experts) != bool(self.experts_per_token) or self.experts_per_token > self.experts:
             raise ValueError(f"a mixture of experts needs 1 <= experts_per_token <= experts, got {self.experts_per_token} "
                              f"of {self.experts}")  # fmt: skip
@@ -227,6 +236,14 @@ class Architecture:
     def moe_layers(self) -> int:
         """Layers with routed experts."""
         return self.n_layers - len(self.dense_layers) if self.moe else 0
+
+    def expert_rows(self, tokens: int) -> int:
+        """Rows the routed experts of one MoE layer process for `tokens` tokens: T·k dropless, or E experts of
+        ceil(cf·T·k/E) rows each (padded to capacity) under a capacity factor."""
+        rows = tokens * self.experts_per_token
+        if self.capacity_factor is None:
+            return rows
+        return self.experts * math.ceil(Fraction(str(self.capacity_factor)) * rows / self.experts)
 
     @property
     def expert_width(self) -> int:
@@ -291,7 +308,7 @@ ADDED_FIELDS: dict[str, object] = {
     if f.name in ("head_dim", "qkv_bias", "out_bias", "mlp_bias", "head_bias", "qk_norm", "parallel_attention",
                   "shared_norm", "norm_placement", "final_norm", "position_offset", "embed_dim", "rotary_fraction",
                   "sliding_window", "model_type", "experts", "experts_per_token", "expert_ffn_hidden",
-                  "shared_expert_ffn_hidden", "shared_expert_gate", "norm_topk_prob", "dense_layers", "kv_lora_rank", "q_lora_rank",
+                  "shared_expert_ffn_hidden", "shared_expert_gate", "capacity_factor", "norm_topk_prob", "dense_layers", "kv_lora_rank", "q_lora_rank",
                   "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
 }  # fmt: skip
 """The fields added for the model families (issue 12) and their defaults (what a record without them means)."""

@@ -168,7 +168,7 @@ def _sparse_fields(arch: Architecture) -> dict:
 def _moe_config(arch: Architecture, kind: str, common: dict) -> Any:
     import transformers
 
-    _expect(arch, kind, norm="rmsnorm", norm_placement="pre", mlp_bias=False)
+    _expect(arch, kind, norm="rmsnorm", norm_placement="pre", mlp_bias=False, capacity_factor=None)
     k = arch.experts_per_token
     if kind == "mixtral":
         _expect(arch, kind, qk_norm="none", qkv_bias=False, out_bias=False, expert_ffn_hidden=None,

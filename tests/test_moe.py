@@ -99,3 +99,16 @@ def test_the_planner_refuses_what_it_cannot_plan(capsys, tmp_path):
         code, out, err = run(capsys, "plan", "--model", model, "--seq", "2048", "--global-batch", "64", "--gpu",
                              "h100-sxm", "--gpus", "8", "--gpus-per-node", "8")  # fmt: skip
         assert code == 2 and out == "" and err.count("\n") == 1 and words in err, err
+
+
+def test_a_capacity_factor_pads_every_expert_to_its_capacity():
+    """GShard/Switch capacity: E experts of ceil(cf·T·k/E) rows each; each row costs what a dropless row does."""
+    from formulas import activations as act
+
+    dropless = build_spec({"model": MIXTRAL, "seq": 4096}).model.arch
+    padded = build_spec({"model": MIXTRAL, "seq": 4096, "capacity_factor": 1.1}).model.arch
+    T, rows = 4096, padded.expert_rows(4096)
+    assert rows == 8 * -(-(11 * 4096 * 2) // (10 * 8)) and dropless.expert_rows(T) == T * 2
+    # bf16 (e = 2): input and output 2e·h, gate/up, act and product 4e·f, the weight e, three int64 indices
+    per_row = 2 * 2 * 4096 + 4 * 2 * 14336 + 2 + 3 * 8
+    assert act.moe_mlp_bytes(padded, T, 2) - act.moe_mlp_bytes(dropless, T, 2) == (rows - 2 * T) * per_row

@@ -51,6 +51,10 @@ def _common_checks(spec: RunSpec) -> None:
             "--grad-dtype fp32 (Megatron-style fp32 main gradients) is predicted only: the measured trainers keep "
             "gradients in the parameters' dtype"
         )
+    arch = spec.model.arch
+    if arch is not None and arch.capacity_factor is not None:
+        raise UsageError(f"--capacity-factor {arch.capacity_factor}: transformers' experts are dropless; an expert "
+                         "capacity is predicted only")  # fmt: skip
     if spec.parallel.ep > 1:
         raise UsageError(f"--ep {spec.parallel.ep}: expert parallelism is predicted only (no measured trainer "
                          "splits experts yet); measure with --ep 1")  # fmt: skip
