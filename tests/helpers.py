@@ -25,3 +25,19 @@ def make_record(
         }
     )
     return Record.make(spec, outcome)
+
+
+def saved_by_block(model, spec: RunSpec, batch) -> tuple[list[int], int]:
+    """Bytes each transformer block saves for backward in one forward of `batch`, and the bytes saved outside the
+    blocks, attributed as `harness.measure` attributes them (`SavedTensorTracker`, parameters excluded)."""
+    from harness.memtrack import SavedTensorTracker
+    from harness.trainers.plain import PlainTrainer
+    from models.build import transformer_blocks
+
+    trainer = PlainTrainer(model, spec.replace(optimizer="sgd"), device_type="cpu")
+    blocks = transformer_blocks(model)
+    with SavedTensorTracker(exclude=model, modules=blocks) as saved:
+        loss = trainer.forward(batch)
+    del loss
+    by_layer = [saved.bytes_by_module.get(name, 0) for name, _ in blocks]
+    return by_layer, saved.total_bytes - sum(by_layer)

@@ -19,11 +19,11 @@ from formulas.spec import RunSpec
 from formulas.variants import implementation_summary
 from harness.cli import main
 from harness.measure import default_dtype, lora_settings, measure
-from harness.memtrack import SavedTensorTracker
 from harness.specbuild import build_spec
 from harness.trainers.plain import PlainTrainer, param_dtype
-from models.build import build_model, make_batch, transformer_blocks
+from models.build import build_model, make_batch
 from models.lora import trainable_parameters
+from tests.helpers import saved_by_block
 
 SHAPE = {"layers": 2, "hidden": 64, "heads": 4, "vocab": 128, "seq": 16, "batch": 2}
 MODELS = {
@@ -70,14 +70,7 @@ def saved(spec: RunSpec) -> tuple[list[int], int]:
     """Bytes each block saves and those outside the blocks, in one forward (as `harness.measure` attributes them)."""
     model = built(spec)
     t = spec.training
-    batch = make_batch(spec.model.arch, t.batch, t.seq, device="cpu", impl="hf")
-    trainer = PlainTrainer(model, spec.replace(optimizer="sgd"), device_type="cpu")
-    blocks = transformer_blocks(model)
-    with SavedTensorTracker(exclude=model, modules=blocks) as tracker:
-        loss = trainer.forward(batch)
-    del loss
-    layers = [tracker.bytes_by_module.get(n, 0) for n, _ in blocks]
-    return layers, tracker.total_bytes - sum(layers)
+    return saved_by_block(model, spec, make_batch(spec.model.arch, t.batch, t.seq, device="cpu", impl="hf"))
 
 
 POINTS = [

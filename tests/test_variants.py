@@ -17,11 +17,11 @@ from formulas import activations as act
 from formulas import variants as V
 from formulas.families import hf_family
 from harness.measure import default_dtype, measure
-from harness.memtrack import SavedTensorTracker
 from harness.records import Outcome, Record
 from harness.specbuild import build_spec
-from harness.trainers.plain import PlainTrainer, param_dtype
-from models.build import build_model, make_batch, transformer_blocks
+from harness.trainers.plain import param_dtype
+from models.build import build_model, make_batch
+from tests.helpers import saved_by_block
 
 SHAPE = {"layers": 2, "hidden": 64, "heads": 4, "vocab": 128, "seq": 16, "batch": 2}
 MODELS = {
@@ -75,13 +75,8 @@ def saved_bytes(settings: dict) -> tuple:
         batch = make_batch(
             spec.model.arch, spec.training.batch, spec.training.seq, device="cpu", impl=spec.measurement.impl
         )
-        trainer = PlainTrainer(model, spec.replace(optimizer="sgd"), device_type="cpu")
-        blocks = transformer_blocks(model)
-        with SavedTensorTracker(exclude=model, modules=blocks) as saved:
-            loss = trainer.forward(batch)
-        del loss
-    by_layer = [saved.bytes_by_module.get(name, 0) for name, _ in blocks]
-    return spec, by_layer, saved.total_bytes - sum(by_layer)
+        by_layer, outside = saved_by_block(model, spec, batch)
+    return spec, by_layer, outside
 
 
 def variant_of(spec) -> V.ActivationVariant:
