@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from formulas.params import expert_params, parameter_count, routed_expert_params
 from formulas.predict import predict
 from harness.cli import main
@@ -112,3 +114,17 @@ def test_a_capacity_factor_pads_every_expert_to_its_capacity():
     # bf16 (e = 2): input and output 2e·h, gate/up, act and product 4e·f, the weight e, three int64 indices
     per_row = 2 * 2 * 4096 + 4 * 2 * 14336 + 2 + 3 * 8
     assert act.moe_mlp_bytes(padded, T, 2) - act.moe_mlp_bytes(dropless, T, 2) == (rows - 2 * T) * per_row
+
+
+@pytest.mark.slow
+def test_expert_parallel_states_measured_over_gloo(tmp_path):
+    """transformers' FSDP + expert parallelism over two gloo ranks holds, per rank, the parameters, gradients and
+    AdamW state `tmath predict --zero 3 --ep 2` says (scripts/measure_ep.py; results/moe/)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ep.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "scripts/measure_ep.py", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    record = json.loads(out.read_text())
+    assert all(r["measured"] == record["predicted_per_rank"] for r in record["ranks"]) and len(record["ranks"]) == 2
