@@ -351,7 +351,8 @@ def _sources(spec: RunSpec, method: str) -> dict:
     if spec.parallel.ep > 1:
         ep, edp = spec.parallel.ep, spec.parallel.dp // spec.parallel.ep
         note = (f"; routed experts ({routed_expert_params(spec.model.arch):,} params) / ep {ep}, not tensor-split, "
-                f"ZeRO over the {edp} expert-data-parallel ranks (DeepSpeed-MoE; predicted, not measured)")  # fmt: skip
+                f"ZeRO over the {edp} expert-data-parallel ranks (DeepSpeed-MoE; measured per rank through transformers: "
+                "results/moe)")  # fmt: skip
         weights, grads, optim = weights + note, grads + note, optim + note
     sources = {"weights": weights, "gradients": grads, "optimizer": optim}
     if spec.parallel.zero >= 3:
