@@ -120,11 +120,23 @@ def load_config(path: str | Path) -> Architecture:
     return from_hf_config(cfg, str(path))
 
 
+HUB = Path(__file__).parent / "hub"
+"""Published config.json files (models/hub/SOURCES.md): `--model qwen2-7b` reads models/hub/qwen2-7b.json."""
+
+
+def hub_names() -> list[str]:
+    return sorted(p.stem for p in HUB.glob("*.json"))
+
+
 def resolve(model: str) -> Architecture:
-    """A preset name (case-insensitive) or a path to a transformers config.json (or its folder)."""
+    """A preset name (case-insensitive), a published config's name (models/hub/), or a path to a transformers
+    config.json (or its folder)."""
     key = model.lower()
     if key in PRESETS:
         return PRESETS[key]
+    if key in hub_names():
+        return load_config(HUB / f"{key}.json")
     if model.endswith(".json") or "/" in model or Path(model).exists():
         return load_config(model)
-    raise ValueError(f"unknown model {model!r}; presets: {', '.join(PRESETS)}; or a path to a config.json")
+    raise ValueError(f"unknown model {model!r}; presets: {', '.join(PRESETS)}; published configs: "
+                     f"{', '.join(hub_names())}; or a path to a config.json")  # fmt: skip

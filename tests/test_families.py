@@ -213,3 +213,9 @@ def test_a_config_field_that_may_change_the_count_is_refused_by_name(extra, word
     cfg = {**_config("mixtral").to_dict(), **extra}
     with pytest.raises(ValueError, match=words):
         from_hf_config(cfg, "mixtral.json")
+
+
+def test_a_published_config_is_named_like_a_preset():
+    assert presets.resolve("qwen2-7b") == presets.load_config(presets.HUB / "qwen2-7b.json")
+    with pytest.raises(ValueError, match=r"published configs: .*mixtral-8x7b"):
+        presets.resolve("no-such-model")

@@ -9,7 +9,7 @@ from formulas.hardware import GPUS, tflops_bar
 from formulas.interconnect import interconnect
 from formulas.params import parameter_count
 from harness.display.prediction import print_gpus, print_presets
-from models.presets import PRESETS
+from models.presets import PRESETS, hub_names, resolve
 
 
 def add_arguments(p) -> None:
@@ -18,6 +18,7 @@ def add_arguments(p) -> None:
 
 def run_presets(args) -> int:
     rows = [(name, arch, parameter_count(arch).total) for name, arch in PRESETS.items()]
+    rows += [(name, arch, parameter_count(arch).total) for name in hub_names() for arch in (resolve(name),)]
     if args.format == "json":
         print(json.dumps({n: {"params": p, **a.to_dict()} for n, a, p in rows}, indent=2))
     else:

@@ -186,6 +186,9 @@ def print_presets(rows) -> None:
         table.add_column(col, justify="left" if col in ("name", "layout") else "right")
     for name, a, params in rows:
         layout = f"{a.family}, {a.position}, {a.norm}, {a.mlp}" + ("" if a.tied_embeddings else ", untied")
+        if a.model_type:
+            moe = f", {a.experts_per_token} of {a.experts} experts" if a.moe else ""
+            layout = f"{a.model_type} config{moe}: " + layout
         table.add_row(
             name,
             f"{params:,}",
