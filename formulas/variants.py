@@ -74,6 +74,7 @@ CAUSES: dict[str, str] = {
     "parallel_residual": "GPT-NeoX parallel residual: both norms read the same input, stored once",
     "rmsnorm_fp32_input": "transformers `LlamaRMSNorm` upcasts its input to fp32 and keeps the copy",
     "rmsnorm_saves_output": "transformers `LlamaRMSNorm` keeps the normalised input for the weight's gradient",
+    "rmsnorm_fp32_weight": "transformers `GemmaRMSNorm` keeps the fp32 (1 + weight) it scales by (4·h per norm)",
     "gelu_new": "`NewGELUActivation` (GPT-2 `gelu_new`) is composed of pow/tanh/mul: "
     "keeps 3 more s·b·f tensors (tanh, 0.5·x, 1 + tanh)",
     "repeat_kv": "`repeat_kv` materialises K and V at all a heads",
@@ -131,6 +132,10 @@ class ActivationVariant:
     """Bytes per element of a stored norm input; None means e."""
     norm_saves_output: bool = False
     """The norm also keeps its normalised input (transformers `LlamaRMSNorm`: `weight * x.to(dtype)`)."""
+    norm_output_bytes: int = 0
+    """Bytes per element of that normalised input where it is not e: Gemma's RMSNorm multiplies in fp32 (4)."""
+    norm_weight_copy: bool = False
+    """Gemma's RMSNorm keeps the fp32 (1 + weight) it scales by: 4·h bytes per norm, per forward."""
     extra_inner_tensors: int = 0
     """s·b·f tensors kept beyond the activation's input and output (GPT-2 `gelu_new`: 3)."""
     kv_materialised: bool = False
@@ -262,6 +267,9 @@ def activation_variant(
             rotary_dims=arch.head_size,
             # MixtralExperts scales each row by the router's fp32 weight (Qwen2-MoE casts it to the model dtype).
             routing_weight_bytes=FP32_BYTES if arch.model_type == "mixtral" else 0,
+            # GemmaRMSNorm: norm(x.float()) * (1.0 + weight.float()), cast back after the product.
+            norm_output_bytes=FP32_BYTES if arch.model_type == "gemma" else 0,
+            norm_weight_copy=arch.model_type == "gemma",
         )
     elif not is_mixed(precision):
         # bert: BertForPreTraining's CrossEntropyLoss runs on logits in the model dtype; autocast (CPU, measured)
@@ -330,7 +338,9 @@ def layer_account(arch: Architecture, seq: int, batch: int, variant: ActivationV
     norms = 1 if v.parallel_residual else 2
     add("rmsnorm_fp32_input", (v.norm_element_bytes - e) * (norms * sbh + qk))
     if v.norm_saves_output:
-        add("rmsnorm_saves_output", e * (2 * sbh + qk))
+        add("rmsnorm_saves_output", (v.norm_output_bytes or e) * (2 * sbh + qk))
+    if v.norm_weight_copy:
+        add("rmsnorm_fp32_weight", arch.norms_per_layer * FP32_BYTES * h)
     add("gelu_new", v.extra_inner_tensors * e * s * b * f)
     q = arch.q_width  # a·d: = h unless the head size is set apart
     if v.kv_materialised:
@@ -404,7 +414,8 @@ def outside_account(arch: Architecture, seq: int, batch: int, variant: Activatio
     ids = INDEX_BYTES * sb * (1 + (1 if arch.type_vocab else 0))
     loss_weight = FP32_BYTES if v.loss_logit_bytes == act.LOSS_LOGIT_BYTES else e  # nll_loss's total_weight
     if arch.family == "decoder":
-        norm_extra = (v.norm_element_bytes - e) * sbh + (e * sbh if v.norm_saves_output else 0)
+        norm_extra = (v.norm_element_bytes - e) * sbh + ((v.norm_output_bytes or e) * sbh if v.norm_saves_output else 0)
+        norm_extra += FP32_BYTES * h if v.norm_weight_copy else 0
         output = paper_output + per_norm_stats + norm_extra
         indices = ids + INDEX_BYTES * sb + loss_weight + (INDEX_BYTES * s if v.position_ids_saved else 0)
     else:

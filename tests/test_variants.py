@@ -40,6 +40,8 @@ MODELS = {
     "qwen3": {"model": "models/hub/qwen3-8b.json", **SHAPE, "kv_heads": 2, "head_dim": 24, "ffn_hidden": 96},
     "qwen3-moe": {"model": "models/hub/qwen3-30b-a3b.json", **SHAPE, "kv_heads": 2, "head_dim": 16, "ffn_hidden": 48},
     "olmoe": {"model": "models/hub/olmoe-1b-7b-0924.json", **SHAPE, "kv_heads": 2, "ffn_hidden": 48},
+    # Gemma: Llama's code with an fp32 (1 + weight) RMSNorm, GeGLU, tied embeddings, head size apart.
+    "gemma": {"model": "models/hub/gemma-7b.json", **SHAPE, "kv_heads": 2, "head_dim": 32, "ffn_hidden": 96},
     "mistral-nemo": {
         "model": "models/hub/mistral-nemo-base-2407.json",
         **SHAPE,
@@ -172,6 +174,8 @@ CPU_POINTS = [
     {"model": "mixtral", "precision": "bf16", "attention": "flash", "recompute": "full"},
     {"model": "qwen-moe", "precision": "fp32", "attention": "flash"},
     {"model": "qwen3", "precision": "bf16", "attention": "flash"},
+    {"model": "gemma", "precision": "bf16", "attention": "flash"},
+    {"model": "gemma", "precision": "fp32", "attention": "eager", "recompute": "full"},
     {"model": "qwen3-moe", "precision": "fp32", "attention": "eager"},
     {"model": "olmoe", "precision": "bf16", "attention": "flash"},
     {"model": "mistral-nemo", "precision": "fp32", "attention": "flash"},
