@@ -15,6 +15,7 @@ import pytest
 
 from formulas import activations as act
 from formulas import variants as V
+from formulas.departures import CAUSES
 from formulas.families import hf_family
 from harness.measure import default_dtype, measure
 from harness.records import Outcome, Record
@@ -227,7 +228,7 @@ def test_paper_baseline_and_named_departures():
     account = V.implementation_account(ARCHS["gpt2"], 32, 2, impl="hf", precision="bf16", device="cpu")
     assert account.paper == act.layer_bytes(ARCHS["gpt2"], 32, 2, elem_bytes=2, mask_bytes=1)
     assert set(account.departures) == {"norm_stats", "dropout_mask_dtype", "gelu_new"}
-    assert set(account.departures) | set(account.shared) <= set(V.CAUSES)
+    assert set(account.departures) | set(account.shared) <= set(CAUSES)
     # CUDA's F.dropout keeps bool masks: only the GeLU and the (fp32) statistics remain.
     cuda = V.implementation_account(ARCHS["gpt2"], 32, 2, impl="hf", precision="bf16", device="cuda")
     assert set(cuda.departures) == {"norm_stats", "gelu_new"}
