@@ -23,9 +23,9 @@ CAUSES: dict[str, str] = {
     "an fp32 a·s² tensor (and its e copy without dropout)",
     "sdpa_math_fallback": "CPU SDPA with dropout falls back to `_scaled_dot_product_attention_math`, "
     "in fp32 for 16-bit inputs: Q, K, V copies and softmax, mask, dropout output at 4 bytes",
-    "sdpa_value_keeps_qkv": "GPT-NeoX: V is a chunk of the fused QKV output; SDPA saving V keeps the whole "
-    "3·e·sbh storage",
-    "sdpa_output_copy": "GPT-NeoX: SDPA's head-major output and its (b, s, h) contiguous copy are both kept",
+    "sdpa_value_keeps_qkv": "GPT-NeoX, Phi-3: V is a chunk of the fused QKV output; SDPA saving V keeps the whole "
+    "e·sb·(a·d + 2·kv_width) storage",
+    "sdpa_output_copy": "GPT-NeoX, Phi-3: SDPA's head-major output and its (b, s, h) contiguous copy are both kept",
     "sdpa_fake_mask": "fake tensors only: transformers `find_packed_sequence_indices` cannot read them, "
     "builds a (b, 1, s, s) mask; CPU SDPA saves it in the query dtype every layer",
     "moe_fp32_routing_weights": "MixtralExperts multiplies each routed row by the router's fp32 weight "

@@ -7,7 +7,8 @@ LayerNorm, GeLU, parallel residual), Llama (rotary, RMSNorm, SwiGLU, GQA) and BE
 `ValueError` naming the features.
 
 `code_family` says whose saved tensors and parameter order the harness has measured for a transformers model:
-Mistral's and Qwen2's modeling code is Llama's (and Gemma's, less its fp32 (1 + weight) RMSNorm, a named departure) (transformers' modular files inherit LlamaAttention, LlamaMLP
+Mistral's and Qwen2's modeling code is Llama's (and Gemma's and Phi-3's, less GemmaRMSNorm's fp32 products and
+Phi-3's fused projections, named departures) (transformers' modular files inherit LlamaAttention, LlamaMLP
 and LlamaRMSNorm; Qwen2 adds q, k and v biases, which change no saved tensor), measured to the byte in
 `tests/test_variants.py`. The other families' transformers code is not measured yet: a ValueError.
 """
@@ -68,7 +69,7 @@ HF_TYPES: tuple[str, ...] = (
 """transformers model types `models.hf` builds from an architecture."""
 
 LLAMA_CODE: tuple[str, ...] = (
-    "llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe", "gemma",
+    "llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe", "gemma", "phi3",
 )  # fmt: skip
 """Model types whose transformers modeling code stores what Llama's stores (module doc); Mixtral's and
 Qwen2-MoE's attention and norms are Llama's, their MoE block is counted by `formulas.activations.moe_mlp_bytes`."""

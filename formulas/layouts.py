@@ -40,14 +40,16 @@ def parameter_tensors(arch: Architecture, impl: str) -> list[int]:
     qb, ob, mb = arch.has_qkv_bias, arch.has_out_bias, arch.has_mlp_bias
     family = code_family(arch) if impl == "hf" else None
     norm = _norm(arch)
-    if family in ("llama", "bert"):
+    phi3 = family == "llama" and arch.model_type == "phi3"  # fused qkv_proj and gate_up_proj
+    if family in ("llama", "bert") and not phi3:
         qkv = _linear(q, h, qb) + _linear(kv, h, qb) + _linear(kv, h, qb)
     else:
         qkv = _linear(q + 2 * kv, h, qb)
-    attention = qkv + _linear(h, q, ob)
+    attention = _linear(h, q, ob) + qkv if phi3 else qkv + _linear(h, q, ob)  # Phi-3 registers o_proj first
     if arch.qk_norm != "none":  # q_norm and k_norm after the output projection (reference, Qwen3, OLMoE)
         attention += [arch.head_size, arch.head_size] if arch.qk_norm == "head" else [q, kv]
     up = _linear(f, h, mb) * (2 if arch.mlp in GATED_MLPS else 1)  # (gate,) up
+    up = _linear(2 * f, h, mb) if phi3 else up
     mlp = up + _linear(h, f, mb)
     if arch.moe:
         if impl != "hf" or arch.dense_layers:

@@ -298,8 +298,9 @@ def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
         return None
     impl = spec.measurement.impl
     fsdp = p.dp_shard == "fsdp2"
-    if impl == "hf" and (code_family(arch) != "llama" or p.pp > 1 or fsdp or p.sequence_parallel):
-        return None  # transformers models are measured under their own tensor-parallel plan (Llama) only
+    llama_plan = code_family(arch) == "llama" and arch.model_type != "phi3" and not arch.moe and arch.qk_norm == "none"
+    if impl == "hf" and (not llama_plan or p.pp > 1 or fsdp or p.sequence_parallel):
+        return None  # transformers models are measured under their own tensor-parallel plan (Llama's) only
     device = device if device in ("cpu", "cuda", "meta") else "cuda"
     notes: list[str] = []
     try:

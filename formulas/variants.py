@@ -25,8 +25,8 @@ S = a·s²·b attention-score elements, the departures are (each is a field of `
     softmax_fp32          GPT-NeoX and Llama eager softmax in fp32 and keep an e copy: (4 − e)·S (+ e·S)
     sdpa_kernel           `math`: CPU SDPA with dropout runs the unfused math path in fp32:
                           Q, K, V at 4 bytes and three fp32 a·s² tensors (softmax, mask, dropout output)
-    sdpa_value_keeps_qkv  GPT-NeoX: V is a view of the fused QKV output, so SDPA keeps all 3e·sbh of it
-    sdpa_output_copy      GPT-NeoX: the kernel's (b, a, s, d) output and its (b, s, h) copy are both kept
+    sdpa_value_keeps_qkv  GPT-NeoX, Phi-3: V is a view of the fused QKV output, so SDPA keeps all of it
+    sdpa_output_copy      GPT-NeoX, Phi-3: the kernel's (b, a, s, d) output and its (b, s, h) copy are both kept
     sdpa_mask_bytes       fake tensors only: transformers builds an explicit (b, 1, s, s) causal mask,
                           which CPU SDPA converts to the query dtype and saves, every layer
     rotary_dims           transformers computes cos and sin per forward (2e·s·rot bytes, kept once)
@@ -239,6 +239,10 @@ def activation_variant(
             # GemmaRMSNorm: norm(x.float()) * (1.0 + weight.float()), cast back after the product.
             norm_output_bytes=FP32_BYTES if arch.model_type == "gemma" else 0,
             norm_weight_copy=arch.model_type == "gemma",
+            # Phi-3's fused qkv_proj: under SDPA, V (a view of its output) keeps the whole of it, and the
+            # kernel's output is copied for o_proj (as GPT-NeoX's).
+            sdpa_value_keeps_qkv=arch.model_type == "phi3" and kernel == "flash" and not sdpa_repeats_kv,
+            sdpa_output_copy=arch.model_type == "phi3" and kernel == "flash",
         )
     elif not is_mixed(precision):
         # bert: BertForPreTraining's CrossEntropyLoss runs on logits in the model dtype; autocast (CPU, measured)
@@ -325,7 +329,7 @@ def layer_account(arch: Architecture, seq: int, batch: int, variant: ActivationV
         add("sdpa_math_fallback", 3 * acc * s * b * q - (e * s * b * q + 2 * e * s * b * kv) + 3 * acc * scores
             - act.LSE_BYTES * a * s * b)  # fmt: skip
     if v.sdpa_value_keeps_qkv:
-        add("sdpa_value_keeps_qkv", 2 * e * sbh)
+        add("sdpa_value_keeps_qkv", e * s * b * (arch.q_width + arch.kv_width))  # Q's and K's share of it
     if v.sdpa_output_copy:
         add("sdpa_output_copy", e * sbh)
     add("sdpa_fake_mask", v.sdpa_mask_bytes * bss)

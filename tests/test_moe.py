@@ -84,7 +84,13 @@ def test_parameter_order_of_transformers_moe_models():
     from formulas.layouts import parameter_tensors
     from models.build import build_model
 
-    for model in (MIXTRAL, "models/hub/qwen1.5-moe-a2.7b.json", "models/hub/gemma-7b.json", "models/hub/qwen3-8b.json"):
+    for model in (
+        MIXTRAL,
+        "models/hub/qwen1.5-moe-a2.7b.json",
+        "models/hub/gemma-7b.json",
+        "models/hub/qwen3-8b.json",
+        "models/hub/phi-3-mini-4k.json",
+    ):
         spec = build_spec({"model": model, "layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "ffn_hidden": 48,
                            "vocab": 128, "impl": "hf", "device": "meta"})  # fmt: skip
         built = build_model(spec.model.arch, impl="hf", device="meta")

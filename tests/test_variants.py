@@ -43,6 +43,9 @@ MODELS = {
     "olmoe": {"model": "models/hub/olmoe-1b-7b-0924.json", **SHAPE, "kv_heads": 2, "ffn_hidden": 48},
     # Gemma: Llama's code with an fp32 (1 + weight) RMSNorm, GeGLU, tied embeddings, head size apart.
     "gemma": {"model": "models/hub/gemma-7b.json", **SHAPE, "kv_heads": 2, "head_dim": 32, "ffn_hidden": 96},
+    # Phi-3: Llama's code with fused qkv_proj and gate_up_proj; multi-head and grouped-query.
+    "phi3": {"model": "models/hub/phi-3-mini-4k.json", **SHAPE, "ffn_hidden": 96},
+    "phi3-gqa": {"model": "models/hub/phi-3-mini-4k.json", **SHAPE, "kv_heads": 2, "ffn_hidden": 96},
     "mistral-nemo": {
         "model": "models/hub/mistral-nemo-base-2407.json",
         **SHAPE,
@@ -176,6 +179,8 @@ CPU_POINTS = [
     {"model": "qwen-moe", "precision": "fp32", "attention": "flash"},
     {"model": "qwen3", "precision": "bf16", "attention": "flash"},
     {"model": "gemma", "precision": "bf16", "attention": "flash"},
+    {"model": "phi3", "precision": "fp32", "attention": "flash"},
+    {"model": "phi3-gqa", "precision": "bf16", "attention": "flash"},
     {"model": "gemma", "precision": "fp32", "attention": "eager", "recompute": "full"},
     {"model": "qwen3-moe", "precision": "fp32", "attention": "eager"},
     {"model": "olmoe", "precision": "bf16", "attention": "flash"},
