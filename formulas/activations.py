@@ -101,7 +101,7 @@ def layer_terms(
         return LayerActivations(replicated=e * sbh, sharded=0, scores=0)
     dropout = arch.dropout > 0
     m = mask_bytes if dropout else 0
-    stats_per_norm = 1 if arch.norm == "rmsnorm" else 2  # LayerNorm: mean and 1/std
+    stats_per_norm = arch.norm_statistics
     # Norm inputs, attention input and MLP input (h wide): 2 + 1 + 1 in a pre-LN block; a parallel block's norms
     # read the one block input, and a shared norm's output is the MLP's input too; a sandwich also norms each
     # branch's output (formulas.architecture; models.gpt.Block).

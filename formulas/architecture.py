@@ -270,6 +270,12 @@ class Architecture:
         return "post" if self.family == "encoder" else "pre"
 
     @property
+    def norm_statistics(self) -> int:
+        """Per-token statistics each norm keeps: RMSNorm its 1/rms, LayerNorm (with or without parameters) its
+        mean and 1/std."""
+        return 1 if self.norm == "rmsnorm" else 2
+
+    @property
     def norms_per_layer(self) -> int:
         """Norm modules in one block: 2 (one per branch), 1 (a parallel block's shared norm), 4 (sandwich)."""
         if self.placement == "sandwich":

@@ -386,7 +386,7 @@ def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
             emb = ceil_div(variant.mask_bytes * sbh, tp if sp else 1) if arch.dropout > 0 else 0
             emb += INDEX_BYTES * s * b  # the token ids the embedding's backward reads
         if head:
-            norm = e * sbh + (1 if arch.norm == "rmsnorm" else 2) * s * b * variant.stats_bytes
+            norm = e * sbh + arch.norm_statistics * s * b * variant.stats_bytes
             out = ceil_div(norm, tp if sp else 1) + e * sbh + act.LOSS_LOGIT_BYTES * s * b * v_rows
             out += INDEX_BYTES * s * b + 4  # labels, and nll_loss's fp32 total weight
             if saved_unsharded:

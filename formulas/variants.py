@@ -299,8 +299,8 @@ def layer_account(arch: Architecture, seq: int, batch: int, variant: ActivationV
         return LayerAccount(paper, dep, shared)
 
     dropout = arch.dropout > 0
-    per_norm = 1 if arch.norm == "rmsnorm" else 2
-    add("norm_stats", (arch.norms_per_layer + act.qk_norm_count(arch)) * per_norm * s * b * v.stats_bytes)
+    with_stats = arch.norms_per_layer + act.qk_norm_count(arch)  # block norms and QK-norms
+    add("norm_stats", with_stats * arch.norm_statistics * s * b * v.stats_bytes)
     qk = (arch.q_width + arch.kv_width) * s * b if arch.qk_norm != "none" else 0  # QK-norm inputs, per element
     if dropout:
         add("no_residual_dropout", -(2 - v.residual_dropouts) * sbh)
@@ -377,7 +377,7 @@ def outside_account(arch: Architecture, seq: int, batch: int, variant: Activatio
     e, v = variant.elem_bytes, variant
     s, b, h = seq, batch, arch.hidden
     sbh, sb = s * b * h, s * b
-    per_norm_stats = (1 if arch.norm == "rmsnorm" else 2) * sb * v.stats_bytes
+    per_norm_stats = arch.norm_statistics * sb * v.stats_bytes
     paper_embedding = act.embedding_bytes(arch, s, b, elem_bytes=e, mask_bytes=1)
     paper_output = act.output_bytes(arch, s, b, elem_bytes=e)
     dropout = arch.dropout > 0
