@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from formulas.architecture import Architecture
-from formulas.params import block_matmul_params, matmul_params, sequence_matmul_params
+from formulas.params import blocks_matmul_params, matmul_params, sequence_matmul_params
 
 SECONDS_PER_DAY = 86_400
 PFLOP = 10**15
@@ -76,7 +76,7 @@ def matmul_flops_per_step(arch: Architecture, batch: int, seq: int, recompute: s
     attention = attention_flops_per_token(arch, seq) * tokens
     forward = 2 * matmul_params(arch) * tokens + 2 * sequence_matmul_params(arch) * batch + attention
     if recompute == "full":
-        block_matmul = sum(block_matmul_params(arch, i) for i in range(arch.n_layers))
+        block_matmul = blocks_matmul_params(arch)
         if arch.dropout == 0 and arch.family == "decoder":
             # Pre-LN: the MLP's output projection feeds only the residual add, which saves nothing (in a MoE
             # layer the experts' outputs are combined after it: replayed in full here, not measured).

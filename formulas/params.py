@@ -188,6 +188,13 @@ def block_matmul_params(arch: Architecture, index: int = 0) -> int:
     return attention + h * arch.experts + routed + shared_expert_params(arch)
 
 
+def blocks_matmul_params(arch: Architecture) -> int:
+    """Every block's matmul parameters per token (`block_matmul_params`), dense and MoE layers alike."""
+    if not arch.moe:
+        return arch.n_layers * block_matmul_params(arch)
+    return sum(block_matmul_params(arch, i) for i in range(arch.n_layers))
+
+
 def matmul_params(arch: Architecture) -> int:
     """Parameters that multiply every token: 2 FLOPs each per token in the forward pass.
 
@@ -197,9 +204,7 @@ def matmul_params(arch: Architecture) -> int:
     BERT's pooler and next-sentence head see one token per sequence: `sequence_matmul_params`.
     """
     h, E = arch.hidden, arch.token_width
-    blocks = (sum(block_matmul_params(arch, i) for i in range(arch.n_layers)) if arch.moe
-              else arch.n_layers * block_matmul_params(arch))  # fmt: skip
-    total = blocks + (2 * E * h if h != E else 0)
+    total = blocks_matmul_params(arch) + (2 * E * h if h != E else 0)
     if arch.family == "decoder":
         return total + arch.vocab * E
     if arch.mlm_head:
