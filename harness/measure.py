@@ -46,6 +46,7 @@ from harness.trainers import check_measurable, resolve_device
 from harness.trainers.plain import param_dtype
 from harness.trainers.protocol import Trainer
 from models.build import build_model, make_batch, transformer_blocks
+from models.lora import trainable_parameters
 
 Progress = Callable[[str], None]
 """Told what the protocol is doing ("building", "step 2 of 3"): `tmath measure` prints it on stderr."""
@@ -288,7 +289,7 @@ def measure(spec: RunSpec, measured: Measurement | None = None, progress: Progre
             tracker.track(*(t for b in batches for t in b.values()), category="inputs")
             tracker.track(*trainer.optimizer_tensors(), category="optimizer")
             if spec.training.finetune != "full":
-                measured.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                measured.trainable_params = trainable_parameters(model)
             mem.weights = trainer.weight_bytes()
             mem.buffers = trainer.buffer_bytes()
             mem.inputs = unique_storage_bytes(t for b in batches for t in b.values())
