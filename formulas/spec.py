@@ -105,7 +105,7 @@ class TrainingSettings:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        lora = (self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets) != (8, 16, 0.0, None)
+        lora = any(getattr(self, name) != default for name, default in lora_defaults().items())
         if self.finetune == "full" and lora:
             raise ValueError("--lora-rank, --lora-alpha, --lora-dropout and --lora-targets apply to --finetune lora "
                              "or qlora")  # fmt: skip
@@ -264,11 +264,16 @@ SECTIONS: dict[str, type] = {
 }
 """RunSpec's sections, in the order flags and documentation list them."""
 
+def lora_defaults() -> dict:
+    """The LoRA settings (`lora_rank`, `lora_alpha`, `lora_dropout`, `lora_targets`) at their defaults."""
+    return {f.name: f.default for f in fields(TrainingSettings) if f.name.startswith("lora_")}
+
+
 KEY_SINCE_SCHEMA_2 = {
     "nodes": 1, "grad_dtype": "auto", "compile": False,
     "pp_schedule": "1f1b", "microbatches": None, "virtual_stages": 1, "dp_shard": "none",
     "reshard_after_forward": True, "ep": 1,
-    "finetune": "full", "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_targets": None,
+    "finetune": "full", **lora_defaults(),
 }  # fmt: skip
 """Settings added after the first records were written, with their defaults: at the default they stay out of
 `RunSpec.key()`, so that earlier records keep their keys and `--resume` still matches them."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from formulas.spec import lora_defaults
 from harness.formatting import gib
 from harness.records import Record
 from harness.results import run_label
@@ -21,7 +22,7 @@ def _ratio(measured, predicted) -> str:
 
 def _twin(r: Record, records: list[Record]) -> Record | None:
     """The full fine-tuning run of the same spec (finetune and the LoRA settings at their defaults)."""
-    full = r.spec.replace(finetune="full", lora_rank=8, lora_alpha=16, lora_dropout=0.0, lora_targets=None)
+    full = r.spec.replace(finetune="full", **lora_defaults())
     key = full.key()
     return next((x for x in records if x.status == "ok" and x.spec_key == key), None)
 
