@@ -335,7 +335,7 @@ def layer_account(arch: Architecture, seq: int, batch: int, variant: ActivationV
     add("sdpa_fake_mask", v.sdpa_mask_bytes * bss)
     add("rotary_tables", 2 * e * s * v.rotary_dims, shared)
     if v.routing_weight_bytes and arch.moe and recompute != "full":
-        add("moe_fp32_routing_weights", (v.routing_weight_bytes - e) * s * b * arch.experts_per_token)
+        add("moe_fp32_routing_weights", (v.routing_weight_bytes - e) * arch.expert_rows(s * b))
     return LayerAccount(paper, dep, shared)
 
 
