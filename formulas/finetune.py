@@ -64,6 +64,11 @@ class BlockLinear:
     out_features: int
 
 
+LORA_FAMILIES: tuple[str, ...] = ("gpt2", "llama", "mistral", "qwen2")
+"""transformers model types whose LoRA runs are measured (`results/finetune`, tests/test_finetune.py): GPT-2's and
+Llama's code with its separate q, k, v, gate and up projections. Llama's other descendants differ where LoRA
+reaches (Phi-3's fused projections, Gemma's RMSNorm, QK-norms, experts): refused until measured."""
+
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "gpt2": ("c_attn", "attn.c_proj"),

@@ -24,8 +24,8 @@ from typing import Literal, get_args
 
 from formulas.activations import Attention, Recompute
 from formulas.architecture import SHAPE_KEYS, Architecture
-from formulas.families import code_family
-from formulas.finetune import Finetune, targeted
+from formulas.families import code_family, hf_family
+from formulas.finetune import LORA_FAMILIES, Finetune, targeted
 from formulas.hardware import get_gpu
 from formulas.memory import ZeroStage
 from formulas.params import parameter_count
@@ -264,6 +264,7 @@ SECTIONS: dict[str, type] = {
 }
 """RunSpec's sections, in the order flags and documentation list them."""
 
+
 def lora_defaults() -> dict:
     """The LoRA settings (`lora_rank`, `lora_alpha`, `lora_dropout`, `lora_targets`) at their defaults."""
     return {f.name: f.default for f in fields(TrainingSettings) if f.name.startswith("lora_")}
@@ -411,11 +412,10 @@ def _check_finetune(spec: RunSpec) -> None:
         raise ValueError(f"--finetune {t.finetune} is a training setting: not --mode inference")
     if t.grad_dtype != "auto":
         raise ValueError("--grad-dtype fp32 is a full-training setting: LoRA adapters are fp32 already")
-    unmeasured = [name for name, on in (("a mixture of experts", arch.moe), ("QK-norm", arch.qk_norm != "none"),
-                                         ("latent attention", arch.mla)) if on]  # fmt: skip
-    if unmeasured:
-        raise ValueError(f"--finetune {t.finetune} with {', '.join(unmeasured)} is not measured yet (LoRA is measured "
-                         "on GPT-2's and Llama's code: Llama, Mistral, Qwen2)")  # fmt: skip
+    family = hf_family(arch)
+    if family not in LORA_FAMILIES:
+        raise ValueError(f"--finetune {t.finetune} is measured on transformers {', '.join(LORA_FAMILIES)}, not "
+                         f"{family}")  # fmt: skip
     targeted(arch, code_family(arch), t.lora_targets)
 
 

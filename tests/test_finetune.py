@@ -244,3 +244,11 @@ def test_without_a_query_key_adapter_the_first_block_is_over_counted_and_says_so
     assert sum(layers) < sum(pred.layers)
     assert any("query/key adapter" in note for note in pred.unmeasured)
     assert not any("query/key" in n for n in implementation_summary(lora_spec(name, precision="fp32")).unmeasured)
+
+
+@pytest.mark.parametrize("model", ["gemma-7b", "phi-3-mini-4k", "qwen3-8b", "mixtral-8x7b"])
+def test_lora_on_an_unmeasured_family_is_refused(capsys, model):
+    """Llama's descendants that differ where LoRA reaches (fused projections, Gemma's norm, QK-norm, experts)."""
+    assert main(["predict", "--model", model, "--seq", "512", "--finetune", "lora"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "is measured on transformers gpt2, llama, mistral, qwen2" in err, err
