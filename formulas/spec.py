@@ -147,7 +147,8 @@ class ParallelSettings:
     """DeepSpeed ZeRO-3 parameter offload to host memory (none | cpu)."""
     ep: int = bounded(1, maximum=2**20)
     """Expert parallelism: a MoE model's routed experts split over `ep` ranks, their gradients and optimizer state
-    sharded over the dp/ep ranks holding the same experts (DeepSpeed-MoE, Rajbhandari et al. 2022); predicted only."""
+    sharded over the dp/ep ranks holding the same experts (DeepSpeed-MoE, Rajbhandari et al. 2022). `predict` only;
+    the per-rank states are measured through transformers' own engine (scripts/measure_ep.py, results/moe)."""
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -17,8 +17,8 @@ def add_arguments(p) -> None:
 
 
 def run_presets(args) -> int:
-    rows = [(name, arch, parameter_count(arch).total) for name, arch in PRESETS.items()]
-    rows += [(name, arch, parameter_count(arch).total) for name in hub_names() for arch in (resolve(name),)]
+    named = [*PRESETS.items(), *((name, resolve(name)) for name in hub_names())]  # the presets, then models/hub
+    rows = [(name, arch, parameter_count(arch).total) for name, arch in named]
     if args.format == "json":
         print(json.dumps({n: {"params": p, **a.to_dict()} for n, a, p in rows}, indent=2))
     else:

@@ -56,8 +56,9 @@ def _common_checks(spec: RunSpec) -> None:
         raise UsageError(f"--capacity-factor {arch.capacity_factor}: transformers' experts are dropless; an expert "
                          "capacity is predicted only")  # fmt: skip
     if spec.parallel.ep > 1:
-        raise UsageError(f"--ep {spec.parallel.ep}: expert parallelism is predicted only (no measured trainer "
-                         "splits experts yet); measure with --ep 1")  # fmt: skip
+        raise UsageError(f"--ep {spec.parallel.ep}: tmath measure has no expert-parallel trainer yet, so its step is "
+                         "predicted only (its per-rank states are measured by scripts/measure_ep.py); measure with "
+                         "--ep 1")  # fmt: skip
 
 
 def _plain_checks(spec: RunSpec, device: str) -> None:
