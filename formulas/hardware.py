@@ -4,7 +4,7 @@ All peaks are dense (the datasheets' "with sparsity" figures halved where they q
 `fp32` is the non-tensor-core rate that an fp32 matmul gets with TF32 disabled (PyTorch's default
 for matmuls since 1.12); AMD's is the matrix-core rate. Memory is the datasheet's capacity in GiB
 (2**30 bytes), the convention nvidia-smi's totals follow; a measured run records the device's own
-total from NVML instead.
+total from NVML instead. Memory bandwidth is the datasheet's, in GB/s.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ class GPU:
     """Datasheet the numbers come from."""
     pattern: str
     """Regular expression matched (case-insensitively) against the CUDA/NVML device name."""
+    memory_gbps: float
+    """Datasheet memory (HBM/GDDR) bandwidth in GB/s (10**9 bytes per second): the planner's rate for the
+    memory-bound traffic it models (`formulas.plan.eager_attention_bytes`)."""
 
     @property
     def memory_bytes(self) -> int:
@@ -65,8 +68,8 @@ _HOPPER_SXM = {"fp32": 67.0, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4, "fp8":
 GPUS: dict[str, GPU] = {
     g.name: g
     for g in (
-        GPU("a100-40gb", "NVIDIA A100 40GB", 40, _A100_PEAKS, _A100, r"a100.*40\s*gb"),
-        GPU("a100-80gb", "NVIDIA A100 80GB", 80, _A100_PEAKS, _A100, r"a100"),
+        GPU("a100-40gb", "NVIDIA A100 40GB", 40, _A100_PEAKS, _A100, r"a100.*40\s*gb", 1555.0),
+        GPU("a100-80gb", "NVIDIA A100 80GB", 80, _A100_PEAKS, _A100, r"a100", 2039.0),
         GPU(
             "h100-pcie",
             "NVIDIA H100 PCIe",
@@ -74,9 +77,18 @@ GPUS: dict[str, GPU] = {
             {"fp32": 51.0, "tf32": 378.0, "fp16": 756.0, "bf16": 756.0, "fp8": 1513.0, "int8": 1513.0},
             _NV_DC,
             r"h100.*pcie",
+            2000.0,
         ),
-        GPU("h100-sxm", "NVIDIA H100 SXM", 80, _HOPPER_SXM, _NV_DC, r"h100"),
-        GPU("h200", "NVIDIA H200 SXM", 141, _HOPPER_SXM, "https://www.nvidia.com/en-us/data-center/h200/", r"h200"),
+        GPU("h100-sxm", "NVIDIA H100 SXM", 80, _HOPPER_SXM, _NV_DC, r"h100", 3350.0),
+        GPU(
+            "h200",
+            "NVIDIA H200 SXM",
+            141,
+            _HOPPER_SXM,
+            "https://www.nvidia.com/en-us/data-center/h200/",
+            r"h200",
+            4800.0,
+        ),
         GPU(
             "v100",
             "NVIDIA V100 SXM2 32GB",
@@ -84,6 +96,7 @@ GPUS: dict[str, GPU] = {
             {"fp32": 15.7, "fp16": 125.0},
             "https://images.nvidia.com/content/technologies/volta/pdf/volta-v100-datasheet-update-us-1165301-r5.pdf",
             r"v100",
+            900.0,
         ),
         GPU(
             "a10g",
@@ -92,6 +105,7 @@ GPUS: dict[str, GPU] = {
             {"fp32": 31.2, "tf32": 35.0, "fp16": 70.0, "bf16": 70.0, "int8": 140.0},
             "https://www.baseten.co/blog/nvidia-a10-vs-a10g-for-ml-model-inference/",
             r"a10g",
+            600.0,
         ),
         GPU(
             "l40s",
@@ -100,6 +114,7 @@ GPUS: dict[str, GPU] = {
             {"fp32": 91.6, "tf32": 183.0, "fp16": 362.05, "bf16": 362.05, "fp8": 733.0, "int8": 733.0},
             "https://www.nvidia.com/en-us/data-center/l40s/",
             r"l40s",
+            864.0,
         ),
         GPU(
             "l4",
@@ -108,6 +123,7 @@ GPUS: dict[str, GPU] = {
             {"fp32": 30.3, "tf32": 60.0, "fp16": 121.0, "bf16": 121.0, "fp8": 242.5, "int8": 242.5},
             "https://www.nvidia.com/en-us/data-center/l4/",
             r"\bl4\b",
+            300.0,
         ),
         GPU(
             "rtx-4090",
@@ -117,6 +133,7 @@ GPUS: dict[str, GPU] = {
             {"fp32": 82.6, "tf32": 82.6, "fp16": 165.2, "bf16": 165.2, "fp8": 330.3, "int8": 660.6},
             "https://images.nvidia.com/aem-dam/Solutions/geforce/ada/nvidia-ada-gpu-architecture.pdf",
             r"4090",
+            1008.0,
         ),
         GPU(
             "mi250x",
@@ -125,6 +142,7 @@ GPUS: dict[str, GPU] = {
             {"fp32": 95.7, "fp16": 383.0, "bf16": 383.0, "int8": 383.0},
             "https://www.amd.com/en/products/accelerators/instinct/mi200/mi250x.html",
             r"mi250x",
+            3276.8,
         ),
         GPU(
             "mi300x",
@@ -133,6 +151,7 @@ GPUS: dict[str, GPU] = {
             {"fp32": 163.4, "tf32": 653.7, "fp16": 1307.4, "bf16": 1307.4, "fp8": 2614.9, "int8": 2614.9},
             "https://www.amd.com/en/products/accelerators/instinct/mi300/mi300x.html",
             r"mi300x",
+            5300.0,
         ),
     )
 }

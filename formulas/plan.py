@@ -27,6 +27,10 @@ a condition is a 0/1 factor (`1 * (zero >= 1)`).
 
     compute      hardware FLOPs per GPU (Transformer Math 101's 6P + Korthikanti's 12·L·s·h attention term,
                  plus what recompute repeats, `formulas.compute`) / (efficiency × the GPU's dense peak)
+    attention    eager attention only: its s²-sized tensors' traffic (`eager_attention_bytes`) for the
+                 stage's ceil(L/pp) layers and M micro-batches, at the GPU's datasheet memory bandwidth, after
+                 the compute (the softmax and dropout kernels are memory-bound; Dao et al. 2022, §2.2);
+                 flash attention keeps the scores on chip and has none
     bubble       compute × (pp − 1) / (v · M) (Narayanan et al. 2021, §2.2.1 and §2.2.2)
     tensor       per layer and micro-batch 4 all-reduces of e·b·s·h (2 forward, 2 backward; 6 with full
                  recompute; Shoeybi et al. 2019, §3; sequence parallelism's all-gather + reduce-scatter move
@@ -36,8 +40,9 @@ a condition is a 0/1 factor (`1 * (zero >= 1)`).
                  overlapped
     data         gradient all-reduce 2·(dp − 1)/dp·Ψ once per step (ZeRO 0-1), ZeRO-2's reduce-scatter per
                  micro-batch plus one parameter all-gather, ZeRO-3/FSDP's two all-gathers and one
-                 reduce-scatter per micro-batch (1.5× data parallel's volume, Rajbhandari et al. §7), over
-                 the network's share per GPU when the group leaves the node; assumed overlapped with the
+                 reduce-scatter per micro-batch (1.5× data parallel's volume, Rajbhandari et al. §7), at
+                 `ring_group_gbps`: NVLink within a node; across nodes the NICs of the group's members in a
+                 node (min(dp, node/t) of them, one per GPU), no more than NVLink; assumed overlapped with the
                  backward of the last micro-batch (ZeRO 0-2) or with each micro-batch's compute (ZeRO-3/FSDP's
                  prefetch); only what exceeds that window counts
     offload      the gradients to the host and the parameters back over PCIe, per step (CPU Adam's own time
@@ -119,12 +124,46 @@ def ring_all_reduce_seconds(nbytes, ranks, gbps):
     return 2 * (ranks - 1) / ranks * nbytes / (gbps * 1e9)
 
 
+def eager_attention_bytes(elements, *, e, dropout, replays, mask_bytes=1):
+    """Memory traffic of eager attention's s²-sized tensors, per layer and micro-batch, for `elements` =
+    b·(a/t)·s² scores per rank: each tensor is written once by the kernel that makes it and read once by each
+    kernel that uses it, as Megatron-LM's core attention runs it (baddbmm, the fused scale-mask-softmax,
+    dropout, bmm; megatron/model/transformer.py, 2021):
+
+        forward    scores written and read by the softmax (2e), probabilities written and read (2e); with
+                   dropout its mask written (1 B) and its output written and read by the value matmul (2e)
+        backward   the value matmul's input gradient written (e) and its input read for the value gradient
+                   (e); with dropout the gradient read with the mask and the probabilities' gradient written
+                   (2e + 1 B); the softmax backward reads its gradient and its output and writes the scores'
+                   gradient (3e); the query and key gradients each read it (2e)
+
+    `replays` forward passes more (1 under selective or full recompute: both run the attention core again).
+    Flash attention keeps the scores on chip: no such traffic (Dao et al. 2022, §3.1)."""
+    drop = dropout * (2 * e + mask_bytes)
+    forward = 4 * e + drop
+    backward = 7 * e + drop
+    return elements * (forward * (1 + replays) + backward)
+
+
+def ring_group_gbps(members_per_node, spans_nodes, intra_gbps, nic_gbps):
+    """The bus bandwidth of a ring collective over a group: the node's links inside one node; across nodes,
+    each of NCCL's rings (channels) enters and leaves every node once, and the channels spread over the NICs
+    of the group's members in the node (one NIC per GPU in the reference designs), so the group's ring runs at
+    `members_per_node` NICs' rate, and no faster than the node's own links (NVIDIA/nccl#687, #569: more of a
+    group's GPUs per node use more NICs). A group with one member per node (tensor parallel filling the node)
+    gets one NIC."""
+    return spans_nodes * _min(intra_gbps, members_per_node * nic_gbps) + (1 - spans_nodes) * intra_gbps
+
+
 def step_terms(*, tokens, gpus, hw_flops_per_token, tflops, pp, v, M, tp, layers, tp_collectives, act_bytes, dp,
-               zero, fsdp, grad_bytes, weight_bytes, tp_gbps, pp_gbps, dp_gbps, offload, pcie_gbps):  # fmt: skip
+               zero, fsdp, grad_bytes, weight_bytes, tp_gbps, pp_gbps, dp_gbps, offload, pcie_gbps,
+               attention_bytes=0, memory_gbps=1.0):  # fmt: skip
     """Seconds per optimizer step by term (see the module's docstring). `tokens` per step (global batch ×
     seq), `act_bytes` e·b·s·h of one micro-batch, `grad_bytes`/`weight_bytes` the rank's gradient and weight
-    bytes before data-parallel sharding, bandwidths in GB/s per direction."""
+    bytes before data-parallel sharding, `attention_bytes` eager attention's traffic per layer and micro-batch
+    (`eager_attention_bytes`; 0 under flash attention), bandwidths in GB/s per direction."""
     compute = tokens * hw_flops_per_token / gpus / (tflops * 1e12)
+    attention = layers * M * attention_bytes / (memory_gbps * 1e9)
     bubble = compute * (pp - 1) / (v * M)
     tensor = (tp > 1) * tp_collectives * layers * M * ring_all_reduce_seconds(act_bytes, tp, tp_gbps)
     pipeline = (pp > 1) * 2 * v * M * (act_bytes / tp) / (pp_gbps * 1e9)
@@ -138,8 +177,8 @@ def step_terms(*, tokens, gpus, hw_flops_per_token, tflops, pp, v, M, tp, layers
             + s3 * M * _pos(f * (2 * weight_bytes + grad_bytes) - per_micro))  # fmt: skip
     moved = (grad_bytes + weight_bytes) / dp
     host = 1 * offload * moved / (pcie_gbps * 1e9)
-    return {"compute": compute, "bubble": bubble, "tensor": tensor, "pipeline": pipeline, "data": data,
-            "offload": host}  # fmt: skip
+    return {"compute": compute, "attention": attention, "bubble": bubble, "tensor": tensor, "pipeline": pipeline,
+            "data": data, "offload": host}  # fmt: skip
 
 
 def step_seconds(terms: dict):
@@ -152,7 +191,7 @@ def mfu(tokens, model_flops_per_token, seconds, gpus, peak_tflops):
     return tokens * model_flops_per_token / (seconds * gpus * peak_tflops * 1e12)
 
 
-EFFICIENCY = 0.604
+EFFICIENCY = 0.594
 """Achieved fraction of the dense peak in the compute term: fitted on half of the published runs in
 results/plan/published.csv (`scripts/fit_published.py`, results/plan/published-fit.json)."""
 EFFICIENCY_SOURCE = "fitted on published runs (results/plan/published-fit.json)"

@@ -184,7 +184,7 @@ def test_cli_json_contract(capsys):
         "terms",
     ):
         assert key in c
-    assert set(c["terms"]) == {"compute", "bubble", "tensor", "pipeline", "data", "offload"}
+    assert set(c["terms"]) == {"compute", "attention", "bubble", "tensor", "pipeline", "data", "offload"}
 
 
 @pytest.mark.parametrize("argv,message", [

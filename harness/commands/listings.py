@@ -32,6 +32,7 @@ def run_gpus(args) -> int:
             g.name: {
                 "label": g.label,
                 "memory_bytes": g.memory_bytes,
+                "memory_gbps": g.memory_gbps,
                 "peak_tflops": g.peak_tflops,
                 "tflops_bar": tflops_bar(g),
                 "source": g.source,

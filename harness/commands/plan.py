@@ -48,7 +48,8 @@ def add_arguments(p) -> None:
     f.add_argument("--sequence-parallel", action="store_true", default=None)
     f.add_argument("--no-sequence-parallel", dest="sequence_parallel", action="store_false")
     f.add_argument("--pp-schedule", choices=SCHEDULES)
-    f.add_argument("--virtual-stages", type=int, choices=(1, 2, 4))
+    f.add_argument("--virtual-stages", type=int, metavar="V", help="model chunks per pipeline rank (searched: 1, 2, 4; "
+                   "any V > 1 fixes the interleaved schedule)")  # fmt: skip
     f.add_argument("--offload-optimizer", choices=("none", "cpu"), help="cpu: search ZeRO-Offload too")
     f.add_argument("--micro-batch", type=int)
     o = p.add_argument_group("output")
@@ -94,7 +95,7 @@ def request_from_args(args):
                 raise UsageError("--dp-shard fsdp2 shards with FSDP, --zero with DeepSpeed: give one of them")
     if args.offload_optimizer is not None:
         fixed["offload"] = args.offload_optimizer == "cpu"
-    for axis in ("tp", "pp", "micro_batch"):
+    for axis in ("tp", "pp", "micro_batch", "virtual_stages"):
         if axis in fixed and fixed[axis] < 1:
             raise UsageError(f"--{axis.replace('_', '-')} must be positive")
     if "tp" in fixed and args.gpus_per_node % fixed["tp"] and fixed["tp"] <= args.gpus:

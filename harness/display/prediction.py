@@ -204,14 +204,15 @@ def print_presets(rows) -> None:
 
 
 def print_gpus(gpus) -> None:
-    table = Table(title="Accelerators (dense peak TFLOP/s)")
-    for col in ("name", "label", "GiB", "fp32", "tf32", "fp16", "bf16", "fp8", "115-bar", "source"):
+    table = Table(title="Accelerators (dense peak TFLOP/s; memory GiB and bandwidth GB/s)")
+    for col in ("name", "label", "GiB", "GB/s", "fp32", "tf32", "fp16", "bf16", "fp8", "115-bar", "source"):
         table.add_column(col, justify="left" if col in ("name", "label", "source") else "right")
     for g in gpus:
         peaks = [
             f"{g.peak_tflops[k]:g}" if k in g.peak_tflops else "-" for k in ("fp32", "tf32", "fp16", "bf16", "fp8")
         ]
-        table.add_row(g.name, g.label, f"{g.memory_gib:g}", *peaks, f"{tflops_bar(g):.1f}", g.source)
+        table.add_row(g.name, g.label, f"{g.memory_gib:g}", f"{g.memory_gbps:g}", *peaks, f"{tflops_bar(g):.1f}",
+                      g.source)  # fmt: skip
     console().print(table)
     links = Table(title="Interconnects (datasheet GB/s per direction; `tmath plan` uses them)")
     for col in ("name", "in node", "link", "host (PCIe)", "node network", "network", "source"):

@@ -4,7 +4,8 @@
     fit = fit_efficiency(rows)                            # {"efficiency", "fit_rows", "held_out", ...}
 
 Each row's own layout (dp, tp, pp, ZeRO/FSDP, sequence parallel, recompute, micro-batch, interleaving) is
-scored by `harness.plan.search` with every axis fixed and memory unlimited (the runs ran), and its predicted
+scored by `harness.plan.search` with every axis fixed and memory unlimited (the runs ran), with its attention
+kernel (eager for Megatron-LM before flash attention, with its default attention dropout), and its predicted
 MFU compared with the published one; Narayanan et al. 2021 publish hardware TFLOP/s (recompute counted), so
 their rows compare the predicted hardware TFLOP/s. Rows are split by alternation within each source (sorted by
 row id): even rows fit, odd rows are held out. The efficiency minimises the fit half's median |relative
@@ -52,7 +53,7 @@ def row_arch(row: dict) -> Architecture:
         ffn_hidden=_int(row["ffn_hidden"], 4 * h), vocab=_int(row["vocab"], 51200),
         max_positions=max(_int(row["seq"]), 2048), position="rotary" if llama else "learned",
         norm="rmsnorm" if llama else "layernorm", bias=not llama, tied_embeddings=not llama,
-        mlp="swiglu" if llama else "gelu", dropout=0.0,
+        mlp="swiglu" if llama else "gelu", dropout=_float(row.get("dropout", "")) or 0.0,
     )  # fmt: skip
 
 
@@ -72,6 +73,7 @@ def row_request(row: dict, efficiency: float) -> PlanRequest:
     gpus = _int(row["gpus"])
     return PlanRequest(arch=row_arch(row), model=row["model"], seq=_int(row["seq"]), global_batch=_int(row["global_batch"]),
                        gpu=row["gpu"], gpus=gpus, gpus_per_node=min(8, gpus), fixed=fixed, efficiency=efficiency,
+                       attention=row.get("attention") or "flash",
                        efficiency_source="fit", memory_bytes=10**18, max_micro_batch=10**9, walk=False)  # fmt: skip
 
 

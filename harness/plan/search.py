@@ -145,7 +145,10 @@ def grid(req: PlanRequest) -> dict[str, np.ndarray]:
     ]
     sps = _axis("sequence_parallel", [False, True], f)
     rcs = [RECOMPUTE.index(r) for r in _axis("recompute", list(RECOMPUTE), f)]
-    pipes = [(s, v) for s, v in PIPELINES if ("schedule" not in f or fp.SCHEDULES[s] == f["schedule"])
+    pipelines = PIPELINES
+    if f.get("virtual_stages", 1) > 1 and (2, f["virtual_stages"]) not in PIPELINES:
+        pipelines = (*PIPELINES, (2, f["virtual_stages"]))  # a fixed v the search does not try (v = 3)
+    pipes = [(s, v) for s, v in pipelines if ("schedule" not in f or fp.SCHEDULES[s] == f["schedule"])
              and ("virtual_stages" not in f or f["virtual_stages"] == v)]  # fmt: skip
     offs = _axis("offload", [False], f)  # searched only when asked: CPU Adam's time is not modelled
     top = min(req.global_batch, req.max_micro_batch)
@@ -289,15 +292,22 @@ def score(req: PlanRequest) -> tuple[dict, dict, Plan]:
     network = req.inter_node_gbps if req.inter_node_gbps is not None else ic.node_network_gbps
     per_gpu_network = network / min(req.gpus_per_node, req.gpus)
     intra = ic.intra_node_gbps
-    multi_node = req.gpus > req.gpus_per_node
+    node = min(req.gpus_per_node, req.gpus)
     pp_gbps = np.where(tp * pp > req.gpus_per_node, per_gpu_network, intra)
-    dp_gbps = per_gpu_network if multi_node else intra
+    # Ranks are numbered tensor-parallel fastest, then data parallel (`init_device_mesh`'s row-major (pp, dp,
+    # tp)): a data-parallel group has min(dp, node / tp) members in each node.
+    dp_gbps = fp.ring_group_gbps(np.minimum(dp, node // tp), 1 * (dp * tp > node), intra, per_gpu_network)
     tp_coll = fp.TP_ALL_REDUCES + fp.TP_RECOMPUTE_ALL_REDUCES * (g["rc"] == 2)
+    eager = 1 * (req.attention == "eager")
+    scores = b * (arch.n_heads / tp) * float(req.seq) ** 2
+    attention_bytes = eager * fp.eager_attention_bytes(scores, e=e, dropout=1 * (arch.dropout > 0),
+                                                       replays=1 * (g["rc"] != 0), mask_bytes=MASK_BYTES)  # fmt: skip
     terms = fp.step_terms(
         tokens=tokens, gpus=req.gpus, hw_flops_per_token=tb["hw"][g["rc"]], tflops=efficiency * peak_tflops, pp=pp,
         v=v, M=M, tp=tp, layers=layers, tp_collectives=tp_coll, act_bytes=e * b * req.seq * arch.hidden,
         dp=dp, zero=zero, fsdp=1 * fsdp, grad_bytes=gb * params["first"], weight_bytes=w * params["first"], tp_gbps=intra,
         pp_gbps=pp_gbps, dp_gbps=dp_gbps, offload=g["offload"], pcie_gbps=ic.pcie_gbps,
+        attention_bytes=attention_bytes, memory_gbps=gpu.memory_gbps,
     )  # fmt: skip
     seconds = fp.step_seconds(terms)
     arrays = {**g, "M": M, "peak": peak, "device": device, "fits": fits, "busiest": busiest, "seconds": seconds,
@@ -306,7 +316,8 @@ def score(req: PlanRequest) -> tuple[dict, dict, Plan]:
     constants = {"tokens": tokens, "memory": memory, "reserve": reserve, "fixed": fixed}
     shell = Plan(req, [], {}, 0, 0, efficiency, eff_source, memory, overheads,
                  {"intra_node_gbps": intra, "node_network_gbps": network, "pcie_gbps": ic.pcie_gbps,
-                  "network_assumed": ic.assumed and req.inter_node_gbps is None}, UNMODELLED)  # fmt: skip
+                  "network_assumed": ic.assumed and req.inter_node_gbps is None, "memory_gbps": gpu.memory_gbps},
+                 UNMODELLED)  # fmt: skip
     return arrays, constants, shell
 
 
