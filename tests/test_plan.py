@@ -109,9 +109,9 @@ def test_a_fixed_axis_is_kept_and_an_impossible_one_fits_nothing():
                     top=1).candidates  # fmt: skip
 
 
-def _fake_peak(spec) -> int:
+def _fake_peak(spec, rank: int = 0) -> int:
     done = subprocess.run([sys.executable, "-m", "harness.plan.fakerank"], input=json.dumps({"spec": spec.to_dict(),
-                          "rank": 0}), text=True, capture_output=True, timeout=600)  # fmt: skip
+                          "rank": rank}), text=True, capture_output=True, timeout=600)  # fmt: skip
     return json.loads(done.stdout.strip().splitlines()[-1])["memory_bytes"]["peak_allocated"]
 
 
@@ -153,6 +153,22 @@ def test_fake_rank_is_the_real_rank(record, settings):
     real = json.loads(Path(f"results/plan/{record}").read_text())
     spec = build_spec(dict(model="gpt2", device="meta", steps=0, warmup=0, **settings))
     assert _fake_peak(spec) == pytest.approx(real["measured"]["memory_bytes"]["peak_allocated"], rel=1e-4)
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_fake_deepspeed_rank_is_the_real_rank(zero):
+    """Rank 1 of DeepSpeed ZeRO-1/2/3 over 2 ranks on fake tensors (the fake process group) against the same run
+    measured for real over 2 gloo processes (`results/zero-cpu`, committed; its peak is the ranks' largest,
+    rank 1's: its partition starts inside the embedding and holds that whole gradient, `formulas.zero`)."""
+    from harness.specbuild import build_spec
+
+    records = [json.loads(line) for line in Path("results/zero-cpu/runs.jsonl").read_text().splitlines()]
+    real = next(r for r in records if r["spec"]["zero"] == zero and r["spec"]["offload_optimizer"] == "none")
+    s = real["spec"]
+    spec = build_spec(dict(model="gpt2", layers=s["arch"]["n_layers"], seq=s["seq"], batch=s["batch"],
+                           precision=s["precision"], attention=s["attention"], zero=zero, gpus=s["gpus"],
+                           device="meta", steps=s["steps"], warmup=s["warmup"]))  # fmt: skip
+    assert _fake_peak(spec, rank=1) == real["measured"]["memory_bytes"]["peak_allocated"]
 
 
 def test_the_efficiency_is_the_committed_fit():

@@ -6,6 +6,8 @@ prints one JSON line: the rank's measured bytes (`harness.records.MemoryBytes`) 
 `harness.measure.measure` runs the single-process protocol on `--device meta` (`tmath plan --verify`); the
 trainers' mesh is built with fake-tensor mode set aside (`harness.trainers.mesh.build_mesh`), and so are the
 two things torch does inside: FSDP2's mesh concatenation and the pipeline schedules' warm-up vote (below).
+DeepSpeed's engine runs too: its move to the device it is on is skipped, and the values its step reads back
+are answered as a finite step answers them (below).
 """
 
 from __future__ import annotations
@@ -49,6 +51,42 @@ def _pipeline_without_warmup_vote() -> None:
     schedules._PipelineSchedule._warmup_p2p = static
 
 
+def _same_device_moves_in_place() -> None:
+    """DeepSpeed's engine moves the module to its device (`module.to(device)`); on fake tensors already there
+    torch swaps each parameter for its own copy, which the live-bytes tracker's weak references forbid. A move
+    to the device every tensor is on changes nothing in a real run: it is skipped."""
+    import torch
+
+    move = torch.nn.Module.to
+
+    def to(self, *args, **kwargs):
+        if len(args) == 1 and not kwargs and isinstance(args[0], (str, torch.device)):
+            device = torch.device(args[0])
+            tensors = [*self.parameters(), *self.buffers()]
+            if all(t.device.type == device.type for t in tensors):
+                return self
+        return move(self, *args, **kwargs)
+
+    torch.nn.Module.to = to
+
+
+def _deepspeed_reads_answered() -> None:
+    """DeepSpeed's ZeRO step reads values back: whether any rank's gradients overflowed (`.item()` of an
+    all-reduced flag), whether the gradient norm is finite, and (ZeRO-3) whether every rank traced the same
+    module order (a broadcast from rank 0, compared). Fake tensors hold no values: each is answered as a finite
+    step on identical ranks answers it (measured equal to real gloo ranks, tests/test_plan.py)."""
+    try:
+        from deepspeed.runtime.zero import partitioned_param_coordinator, stage3, stage_1_and_2
+    except ImportError:
+        return
+    for optimizer in (stage_1_and_2.DeepSpeedZeroOptimizer, stage3.DeepSpeedZeroOptimizer_Stage3):
+        optimizer.has_overflow = lambda self, *args, **kwargs: False
+    for module in (stage_1_and_2, stage3):
+        if hasattr(module, "is_invalid_grad_norm"):
+            module.is_invalid_grad_norm = lambda norm: False
+    partitioned_param_coordinator.assert_ints_same_as_other_ranks = lambda ints: None
+
+
 def main() -> int:
     request = json.loads(sys.stdin.read())
     from formulas.spec import RunSpec
@@ -64,6 +102,8 @@ def main() -> int:
             init_fake_process_group(int(request["rank"]), spec.parallel.gpus)
             _meshes_outside_fake_mode()
             _pipeline_without_warmup_vote()
+            _same_device_moves_in_place()
+            _deepspeed_reads_answered()
         measure(spec, measured)
     except UsageError as exc:
         print(json.dumps({"error": str(exc).splitlines()[0]}))

@@ -2,9 +2,11 @@
 and the engine walk's (`formulas.predict`, `formulas.ranks`).
 
 Each rank runs in a subprocess of its own (`harness.plan.fakerank`: the fake process group is process-wide)
-on `--device meta`: shapes without data, every tensor the step makes counted by the live-bytes tracker. What
-cannot run so is said with its reason: DeepSpeed's ZeRO (real collectives), data-parallel replicas
-without sharding beside a pipeline. Tensor parallel over unsharded replicas is measured as one replica.
+on `--device meta`: shapes without data, every tensor the step makes counted by the live-bytes tracker.
+DeepSpeed's ZeRO 1-3 runs so too, its value reads (the overflow vote, the gradient norm's check, ZeRO-3's
+trace check) answered as a finite step answers them (`harness.plan.fakerank`). What cannot run so is said with
+its reason: ZeRO-Offload (CPU Adam), DeepSpeed's stage 0 over data-parallel replicas, replicas beside a
+pipeline. Tensor parallel over unsharded replicas is measured as one replica.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ class Check:
 
 def _why_not(spec: RunSpec) -> str | None:
     p = spec.parallel
-    if p.zero or (p.dp > 1 and p.dp_shard != "fsdp2" and p.tp == 1):
-        return "DeepSpeed ZeRO / data-parallel replicas run real collectives: not on fake tensors"
+    if p.offload_optimizer != "none" or p.offload_params != "none":
+        return "ZeRO-Offload steps on the host (DeepSpeed's CPU Adam): not on fake tensors"
+    if not p.zero and p.dp > 1 and p.dp_shard != "fsdp2" and p.tp == 1:
+        return "DeepSpeed's stage 0 over data-parallel replicas reads its weight norm, which fake tensors lack"
     if p.pp > 1 and (p.dp > 1 or p.zero):
         return "a pipeline with data parallel replicas runs DeepSpeed or replicas tmath does not run"
     return None

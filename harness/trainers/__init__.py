@@ -148,7 +148,7 @@ def _fake_rank_checks(spec: RunSpec, layout: str) -> None:
 def _deepspeed_checks(spec: RunSpec, device: str) -> None:
     _common_checks(spec)
     if device == "meta":
-        raise UsageError("--device meta measures one process with fake tensors; it cannot run DeepSpeed/ZeRO")
+        _fake_rank_checks(spec, "DeepSpeed")
     check_deepspeed(spec, device)
 
 

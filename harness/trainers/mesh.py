@@ -33,6 +33,8 @@ def init_fake_process_group(rank: int, world_size: int) -> None:
     """Make this process rank `rank` of `world_size` under the fake backend (before any mesh is built)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    # What a launcher sets, which DeepSpeed's engine reads (LOCAL_RANK: one rank per node's device).
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size)})
     dist.init_process_group(FAKE_BACKEND, store=FakeStore(), rank=rank, world_size=world_size)
 
 
