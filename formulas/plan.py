@@ -42,7 +42,8 @@ a condition is a 0/1 factor (`1 * (zero >= 1)`).
                  micro-batch plus one parameter all-gather, ZeRO-3/FSDP's two all-gathers and one
                  reduce-scatter per micro-batch (1.5× data parallel's volume, Rajbhandari et al. §7), at
                  `ring_group_gbps`: NVLink within a node; across nodes the NICs of the group's members in a
-                 node (min(dp, node/t) of them, one per GPU), no more than NVLink; assumed overlapped with the
+                 node (min(dp, node/t) of them, one per GPU, in Megatron-LM's rank order tp-dp-pp), no more
+                 than NVLink; assumed overlapped with the
                  backward of the last micro-batch (ZeRO 0-2) or with each micro-batch's compute (ZeRO-3/FSDP's
                  prefetch); only what exceeds that window counts
     offload      the gradients to the host and the parameters back over PCIe, per step (CPU Adam's own time

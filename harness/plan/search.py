@@ -294,8 +294,10 @@ def score(req: PlanRequest) -> tuple[dict, dict, Plan]:
     intra = ic.intra_node_gbps
     node = min(req.gpus_per_node, req.gpus)
     pp_gbps = np.where(tp * pp > req.gpus_per_node, per_gpu_network, intra)
-    # Ranks are numbered tensor-parallel fastest, then data parallel (`init_device_mesh`'s row-major (pp, dp,
-    # tp)): a data-parallel group has min(dp, node / tp) members in each node.
+    # Ranks numbered as Megatron-LM numbers them (`parallel_state.initialize_model_parallel`, order
+    # "tp-cp-ep-dp-pp": tensor parallel fastest, then data parallel, the pipeline outermost): a data-parallel
+    # group has min(dp, node / t) members in each node. The harness's torch mesh, (dp, pp, tp), numbers the
+    # same where it runs data parallel (pp = 1).
     dp_gbps = fp.ring_group_gbps(np.minimum(dp, node // tp), 1 * (dp * tp > node), intra, per_gpu_network)
     tp_coll = fp.TP_ALL_REDUCES + fp.TP_RECOMPUTE_ALL_REDUCES * (g["rc"] == 2)
     eager = 1 * (req.attention == "eager")
