@@ -8,6 +8,9 @@ two or four gloo ranks and compare every term of every rank with its own predict
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 
 import pytest
 
@@ -181,3 +184,26 @@ def test_fsdp2_every_term_per_rank(reshard):
     assert any("a block's backward" in note for note in record.prediction("parallel").unmodelled)
     account = record.measured.ranks[0].measured.engine
     assert account.named_bytes["gathered_parameters_max"] > 0
+
+
+def test_rank_coordinates_are_the_meshs():
+    """`formulas.ranks._coords` (which rank the walks put where) against `harness.trainers.mesh.build_mesh`'s
+    own coordinates, rank by rank of a dp 2 × pp 2 × tp 2 job under torch's fake process group."""
+    script = (
+        "import json, torch.distributed as dist\n"
+        "from formulas.ranks import _coords\n"
+        "from harness.specbuild import build_spec\n"
+        "from harness.trainers.mesh import build_mesh, init_fake_process_group\n"
+        "spec = build_spec(dict(model='gpt2', layers=4, seq=64, batch=1, tp=2, pp=2, gpus=8, device='cpu'))\n"
+        "out = []\n"
+        "for rank in range(8):\n"
+        "    init_fake_process_group(rank, 8)\n"
+        "    out.append([build_mesh(spec, 'cpu').coords, _coords(rank, 2, 2, 2)])\n"
+        "    dist.destroy_process_group()\n"
+        "print(json.dumps(out))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    pairs = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(pairs) == 8
+    for mesh_coords, walk_coords in pairs:
+        assert mesh_coords == walk_coords
