@@ -239,53 +239,26 @@ def _pipeline_walk(spec, stages, local, weights, gradients, optimizer, per_stage
             total += per_stage[k] - (hidden if st != 0 else 0) + (hidden if st != last_stage else Le)
         return total
 
-    walks = [_pipeline_backward(spec, weights, receive, ids, optimizer, gradients, alive(count), 1, head, Le, L32, e,
-                                v_rows, temporaries, sizes, embedding, positions, output, hidden, whole_vocab)]  # fmt: skip
+    def backward(activations: int, accumulated: int):
+        """One backward: `activations` saved, `accumulated` 2 when the gradients of an earlier one are live."""
+        return plain_step_peak(StepBytes(
+            weights=weights, buffers=buffer_bytes(arch, "reference", t.attention, e) + receive,
+            inputs=input_bytes(arch, b, s) * M + ids, optimizer=optimizer, gradients=gradients,
+            activations=activations, logits_model=Le if head else hidden, logits_fp32=L32 if head else 0,
+            head_gradient=e * v_rows * h if head else 0, tied=False, step_temporaries=temporaries,
+            step_copies=4 * (sum(sizes) + whole_vocab) if is_mixed(t.precision) else 0,
+            grad_accum=accumulated, embedding_gradients=e * (v_rows * h + positions) if embedding else 0,
+            largest_gradient=e * max(sizes), output_activations=output if head else 0,
+            layer_transient=e * (2 * (s // tp if sp else s) * b * h + s * b * (arch.ffn_hidden // tp)
+                                 + (arch.ffn_hidden // tp) * h),
+            loss_frees_saved_logits=tp > 1,
+        ))  # fmt: skip
+
+    walks = [backward(alive(count), 1)]
     forwards = M * len(stages)  # stage forwards on this rank in a step
     if forwards > 1:
-        walks.append(_pipeline_backward(spec, weights, receive, ids, optimizer, gradients, alive(min(count, forwards - 1)),
-                                        2, head, Le, L32, e, v_rows, temporaries, sizes, embedding, positions, output,
-                                        hidden, whole_vocab))  # fmt: skip
+        walks.append(backward(alive(min(count, forwards - 1)), 2))
     return max(walks, key=lambda w: w.bytes)
-
-
-def _pipeline_backward(
-    spec,
-    weights,
-    receive,
-    ids,
-    optimizer,
-    gradients,
-    activations,
-    accumulated,
-    head,
-    Le,
-    L32,
-    e,
-    v_rows,
-    temporaries,
-    sizes,
-    embedding,
-    positions,
-    output,
-    hidden,
-    whole_vocab=0,
-):
-    """One backward of `_pipeline_walk` (`accumulated` 2: the gradients of an earlier one are live)."""
-    arch, t, p = spec.model.arch, spec.training, spec.parallel
-    s, b, h, tp, sp, M = t.seq, t.batch, arch.hidden, p.tp, p.sequence_parallel, p.n_microbatches
-    return plain_step_peak(StepBytes(
-        weights=weights, buffers=buffer_bytes(arch, "reference", t.attention, e) + receive,
-        inputs=input_bytes(arch, b, s) * M + ids, optimizer=optimizer, gradients=gradients, activations=activations,
-        logits_model=Le if head else hidden, logits_fp32=L32 if head else 0, head_gradient=e * v_rows * h if head else 0,
-        tied=False, step_temporaries=temporaries,
-        step_copies=4 * (sum(sizes) + whole_vocab) if is_mixed(t.precision) else 0,
-        grad_accum=accumulated, embedding_gradients=e * (v_rows * h + positions) if embedding else 0,
-        largest_gradient=e * max(sizes), output_activations=output if head else 0,
-        layer_transient=e * (2 * (s // tp if sp else s) * b * h + s * b * (arch.ffn_hidden // tp)
-                             + (arch.ffn_hidden // tp) * h),
-        loss_frees_saved_logits=tp > 1,
-    ))  # fmt: skip
 
 
 def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
