@@ -22,6 +22,21 @@ ROWS = Path("results/plan/published.csv")
 OUT = Path("results/plan/published-fit.json")
 
 
+def h100_over_a100(rows: list[dict]) -> list[dict]:
+    """llm-foundry's H100 rows beside the A100 80GB row of the same model, sequence, micro-batch, recompute and
+    GPU count: the ratio of their published MFU (each of its own GPU's peak)."""
+    key = ("model", "seq", "micro_batch", "recompute", "gpus")
+    a100 = {tuple(r[k] for k in key): r for r in rows if r["source"] == "llm-foundry-a100" and r["gpu"] == "a100-80gb"}
+    pairs = []
+    for r in rows:
+        other = a100.get(tuple(r[k] for k in key)) if r["source"] == "llm-foundry-h100" else None
+        if other is not None:
+            pairs.append({"h100": r["row_id"], "a100": other["row_id"], "model": r["model"], "seq": int(r["seq"]),
+                          "gpus": int(r["gpus"]), "recompute": r["recompute"],
+                          "ratio": float(r["published_mfu"]) / float(other["published_mfu"])})  # fmt: skip
+    return pairs
+
+
 def main() -> int:
     fit = fit_efficiency(load_rows(ROWS))
     groups = collections.defaultdict(list)
@@ -32,6 +47,7 @@ def main() -> int:
                                        "median_abs_error": statistics.median(abs(x) for x in v)}
                         for (s, h), v in sorted(groups.items())}  # fmt: skip
     fit["unscored"] = [r["row_id"] for r in fit["rows"] if r["error"] is None]
+    fit["h100_over_a100"] = h100_over_a100(load_rows(ROWS))
     OUT.write_text(json.dumps(fit, indent=2) + "\n")
     print(f"efficiency {fit['efficiency']:.3f}: fit median |error| {fit['fit_median_abs_error']:.1%} "
           f"({fit['fit_rows']} rows), held out {fit['held_out_median_abs_error']:.1%} ({fit['held_out_rows']} rows)")  # fmt: skip
@@ -40,6 +56,9 @@ def main() -> int:
             f"  {name:40} {g['rows']:3} rows  median {g['median_error']:+.1%}  median |error| {g['median_abs_error']:.1%}"
         )
     print(f"  not scored (no layout published): {', '.join(fit['unscored'])}")
+    short = [p["ratio"] for p in fit["h100_over_a100"] if p["seq"] <= 4096 and p["gpus"] == 8]
+    print(f"  llm-foundry H100 / A100 80GB published MFU, same model, seq, micro-batch, recompute and GPUs: "
+          f"{len(fit['h100_over_a100'])} pairs; on 8 GPUs at s <= 4096 {min(short):.3f}-{max(short):.3f}")  # fmt: skip
     return 0
 
 
