@@ -13,6 +13,7 @@ from formulas import finetune as ft
 from formulas.architecture import unmodelled_features
 from formulas.calibration import Calibration
 from formulas.families import code_family
+from formulas.finetune_peak import lora_step_peak
 from formulas.inference import INFERENCE_OVERHEAD, InferenceMemory, inference_memory
 from formulas.memory import ModelStates, add_states, model_state_bytes, params_per_model_shard
 from formulas.naive import NAIVE_METHODS, naive_memory, naive_params
@@ -293,7 +294,7 @@ def _unmodelled_peak(spec: RunSpec) -> str:
     if spec.measurement.mode != "train":
         return "inference is not a training step"
     if spec.training.finetune != "full":
-        return f"--finetune {spec.training.finetune}: the walk does not model a frozen base yet"
+        return f"--finetune {spec.training.finetune}: the walk is of one process"
     return engine_unmodelled(spec) or "not walked"
 
 
@@ -404,9 +405,9 @@ def predict(spec: RunSpec, method: str = "korthikanti", calibration: Calibration
         counted = params
         on_host = target_device(spec.measurement.device) == "cpu"
         peak, why = None, _unmodelled_peak(spec)
-        if (terms is not None or arch is None) and trainable is None:
+        if terms is not None or arch is None:
             try:
-                peak = step_peak(spec, states, activation)
+                peak = (step_peak if trainable is None else lora_step_peak)(spec, states, activation)
             except ValueError as exc:  # the implementation's saved tensors are not measured (formulas.families)
                 why = str(exc)
         peak = peak or sum_of_terms(states, activation, why, host=on_host)
