@@ -48,8 +48,13 @@ a condition is a 0/1 factor (`1 * (zero >= 1)`).
                  prefetch); only what exceeds that window counts
     offload      the gradients to the host and the parameters back over PCIe, per step (CPU Adam's own time
                  is not modelled: a lower bound)
+    optimizer    the optimizer step's memory traffic per rank at the GPU's datasheet memory bandwidth, after the
+                 backward (it waits for the last gradient; nothing overlaps it): the elements the rank steps (its
+                 stage's parameters per tensor-parallel rank, divided by dp under ZeRO ≥ 1 or FSDP) times the
+                 bytes its implementation moves per element (`optimizer_step_bytes`); 0 under offload (the
+                 host steps; CPU Adam is not modelled)
 
-Not modelled: the optimizer step's own time, kernel launch gaps, NCCL's achieved bus bandwidth below the
+Not modelled: kernel launch gaps, NCCL's achieved bus bandwidth below the
 datasheet's, hierarchical collectives, the embedding's and loss's collectives, compute/communication
 contention. The efficiency is one constant fitted on published runs (`results/plan/published-fit.json`).
 """
@@ -67,6 +72,15 @@ FOREACH_TEMPORARY_BYTES = 4
 """torch's foreach AdamW (DeepSpeed's default on CUDA): one fp32 temporary per stepped element."""
 LOSS_GRADIENT_COPIES = 2
 """The loss's two fp32 logit gradients at the backward start (nll_loss and log_softmax; `formulas.peak`)."""
+FOREACH_ADAMW_BYTES = 80
+"""torch's foreach AdamW (`torch.optim.adam._multi_tensor_adam`, capturable=False, weight decay on), DeepSpeed's
+optimizer here, per fp32 element: eight passes, each reading its operands and writing its result: the decay's
+mul_ (8 B), lerp_ into the first moment (12), mul_ and addcmul_ into the second (8 + 12), sqrt into a temporary
+(8), div_ and add_ on it (8 + 8), addcdiv_ into the parameter (16)."""
+DEEPSPEED_CAST_BYTES = 12
+"""DeepSpeed's mixed-precision step around the optimizer, per element: the 16-bit gradient partition converted
+into the fp32 one (2 + 4 B) and the updated fp32 partition copied back to the 16-bit weights (4 + 2 B)
+(`deepspeed/runtime/zero/stage_1_and_2.py` and `stage3.py`, `step`)."""
 TP_ALL_REDUCES = 4
 """Per layer and micro-batch: 2 in the forward, 2 in the backward (Shoeybi et al. 2019, §3, Figure 4)."""
 TP_RECOMPUTE_ALL_REDUCES = 2
@@ -119,6 +133,17 @@ def stage_peak(*, states, gradients, accumulating, layer_bytes, layers, held, em
     return backward + _pos(step - backward), activations
 
 
+def optimizer_step_bytes(*, master, gradient, state, foreach_adamw, casts):
+    """Bytes one stepped element moves through memory in the optimizer step. A single-pass (fused) update, as
+    torch's `fused=True` AdamW and Megatron-LM's FusedAdam run it, reads the parameter (`master` bytes: the fp32
+    master in mixed precision), its gradient and the `state` bytes of moments and writes the parameter and the
+    state back: 2·master + gradient + 2·state (AdamW in mixed precision 8 + 4 + 16 = 28 B; Kingma and Ba 2015,
+    Algorithm 1). `foreach_adamw` (0/1) takes torch's foreach AdamW's eight passes instead
+    (`FOREACH_ADAMW_BYTES`); `casts` (0/1) adds DeepSpeed's two mixed-precision copies."""
+    fused = 2 * master + gradient + 2 * state
+    return foreach_adamw * FOREACH_ADAMW_BYTES + (1 - foreach_adamw) * fused + casts * DEEPSPEED_CAST_BYTES
+
+
 def ring_all_reduce_seconds(nbytes, ranks, gbps):
     """A ring all-reduce of `nbytes` over `ranks` at `gbps` GB/s per direction: 2·(n − 1)/n·bytes / bw
     (Patarasuk and Yuan 2009; NCCL's bus bandwidth convention)."""
@@ -158,11 +183,12 @@ def ring_group_gbps(members_per_node, spans_nodes, intra_gbps, nic_gbps):
 
 def step_terms(*, tokens, gpus, hw_flops_per_token, tflops, pp, v, M, tp, layers, tp_collectives, act_bytes, dp,
                zero, fsdp, grad_bytes, weight_bytes, tp_gbps, pp_gbps, dp_gbps, offload, pcie_gbps,
-               attention_bytes=0, memory_gbps=1.0):  # fmt: skip
+               attention_bytes=0, memory_gbps=1.0, optimizer_bytes=0):  # fmt: skip
     """Seconds per optimizer step by term (see the module's docstring). `tokens` per step (global batch ×
     seq), `act_bytes` e·b·s·h of one micro-batch, `grad_bytes`/`weight_bytes` the rank's gradient and weight
     bytes before data-parallel sharding, `attention_bytes` eager attention's traffic per layer and micro-batch
-    (`eager_attention_bytes`; 0 under flash attention), bandwidths in GB/s per direction."""
+    (`eager_attention_bytes`; 0 under flash attention), `optimizer_bytes` the rank's optimizer-step traffic
+    (stepped elements × `optimizer_step_bytes`), bandwidths in GB/s per direction."""
     compute = tokens * hw_flops_per_token / gpus / (tflops * 1e12)
     attention = layers * M * attention_bytes / (memory_gbps * 1e9)
     bubble = compute * (pp - 1) / (v * M)
@@ -178,8 +204,9 @@ def step_terms(*, tokens, gpus, hw_flops_per_token, tflops, pp, v, M, tp, layers
             + s3 * M * _pos(f * (2 * weight_bytes + grad_bytes) - per_micro))  # fmt: skip
     moved = (grad_bytes + weight_bytes) / dp
     host = 1 * offload * moved / (pcie_gbps * 1e9)
+    optimizer = (1 - 1 * offload) * optimizer_bytes / (memory_gbps * 1e9)
     return {"compute": compute, "attention": attention, "bubble": bubble, "tensor": tensor, "pipeline": pipeline,
-            "data": data, "offload": host}  # fmt: skip
+            "data": data, "offload": host, "optimizer": optimizer}  # fmt: skip
 
 
 def step_seconds(terms: dict):
@@ -192,7 +219,7 @@ def mfu(tokens, model_flops_per_token, seconds, gpus, peak_tflops):
     return tokens * model_flops_per_token / (seconds * gpus * peak_tflops * 1e12)
 
 
-EFFICIENCY = 0.594
+EFFICIENCY = 0.595
 """Achieved fraction of the dense peak in the compute term: fitted on half of the published runs in
 results/plan/published.csv (`scripts/fit_published.py`, results/plan/published-fit.json)."""
 EFFICIENCY_SOURCE = "fitted on published runs (results/plan/published-fit.json)"

@@ -200,7 +200,7 @@ def test_cli_json_contract(capsys):
         "terms",
     ):
         assert key in c
-    assert set(c["terms"]) == {"compute", "attention", "bubble", "tensor", "pipeline", "data", "offload"}
+    assert set(c["terms"]) == {"compute", "attention", "bubble", "tensor", "pipeline", "data", "offload", "optimizer"}
 
 
 @pytest.mark.parametrize("argv,message", [

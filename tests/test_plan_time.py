@@ -79,3 +79,37 @@ def test_virtual_stages_must_be_positive(capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "--virtual-stages must be positive" in err and len(err.splitlines()) == 1
+
+
+def test_optimizer_step_bytes_by_hand():
+    # Fused AdamW in mixed precision: reads the fp32 master, gradient and two moments, writes the master and the
+    # moments: 2·4 + 4 + 2·8 = 28 B. DeepSpeed: torch's foreach AdamW's eight passes (80 B) and its two casts (12 B).
+    assert fp.optimizer_step_bytes(master=4, gradient=4, state=8, foreach_adamw=0, casts=0) == 28
+    assert fp.optimizer_step_bytes(master=4, gradient=4, state=8, foreach_adamw=1, casts=1) == 92
+    # SGD with momentum, single pass: 2·4 + 4 + 2·4.
+    assert fp.optimizer_step_bytes(master=4, gradient=4, state=4, foreach_adamw=0, casts=0) == 20
+
+
+@pytest.mark.parametrize(
+    "zero,fsdp,per_element,sharded",
+    [(0, False, 28, False), (1, False, 92, True), (3, False, 92, True), (0, True, 28, True)],
+)
+def test_the_optimizer_term_is_the_stepped_elements_traffic(zero, fsdp, per_element, sharded):
+    arch = PRESETS["llama-2-13b"]
+    fixed = {"tp": 2, "pp": 1, "zero": zero, "fsdp": fsdp, "recompute": "full", "micro_batch": 1,
+             "sequence_parallel": False}  # fmt: skip
+    c = plan(_request(fixed=fixed), top=1).candidates[0]
+    from formulas.params import pipeline_stage_params
+
+    stepped = -(-pipeline_stage_params(arch, 1)[0] // 2)  # per tensor-parallel rank
+    dp = 16 // 2
+    if sharded:
+        stepped = -(-stepped // dp)
+    assert c.terms["optimizer"] == pytest.approx(stepped * per_element / (get_gpu("h100-sxm").memory_gbps * 1e9))
+    assert c.step_seconds == pytest.approx(sum(c.terms.values()))
+
+
+def test_offload_leaves_the_step_to_the_host():
+    fixed = {"tp": 1, "pp": 1, "zero": 2, "fsdp": False, "recompute": "full", "micro_batch": 1, "offload": True}
+    c = plan(_request(fixed=fixed), top=1).candidates[0]
+    assert c.terms["optimizer"] == 0 and c.terms["offload"] > 0

@@ -27,9 +27,9 @@ def print_plan(result) -> None:
              f"({r.gpus_per_node} per node): best {len(result.candidates)} of {result.layouts:,} layouts")  # fmt: skip
     table = Table(title=title)
     eager = r.attention == "eager"  # only eager attention has the memory-bound attention term
-    terms = ("compute",) + (("attention",) if eager else ()) + ("bubble", "tensor", "pipeline", "data")
+    terms = ("compute",) + (("attention",) if eager else ()) + ("bubble", "tensor", "pipeline", "data", "optimizer")
     for col in ("#", "layout", "micro", "accum", "max", "peak GiB", "by", "headroom", "step s", "tok/s/GPU", "MFU",
-                "compute") + (("attn",) if eager else ()) + ("bubble", "tp", "pp", "dp"):  # fmt: skip
+                "compute") + (("attn",) if eager else ()) + ("bubble", "tp", "pp", "dp", "opt"):  # fmt: skip
         table.add_column(col, justify="left" if col == "layout" else "right", no_wrap=col == "layout")
     for i, c in enumerate(result.candidates, 1):
         table.add_row(str(i), _layout(c.layout), str(c.micro_batch), str(c.grad_accum), str(c.max_micro_batch),
@@ -40,7 +40,8 @@ def print_plan(result) -> None:
     out.print("max: the largest micro-batch that fits the layout; by: the peak's model (walk: the engine's step walk, "
               "formulas.peak / formulas.ranks; screen: formulas.plan, where no walk models the layout); compute … dp: "
               "step-time terms in seconds (" + ("attn: eager attention's s² traffic at the memory bandwidth; " if eager
-              else "") + "tp, pp, dp: their collectives' exposed time)")  # fmt: skip
+              else "") + "tp, pp, dp: their collectives' exposed time; opt: the optimizer step's memory traffic at the memory "
+              "bandwidth)")  # fmt: skip
     if not result.candidates:
         out.print("[bold red]no layout fits[/bold red]")
     rejected = ", ".join(f"{k} {v:,}" for k, v in result.rejected.items())
@@ -52,7 +53,7 @@ def print_plan(result) -> None:
               f"links: {bw['intra_node_gbps']:g} GB/s in node, {bw['node_network_gbps']:g} GB/s per node"
               + (" (assumed)" if bw["network_assumed"] else "") + f", PCIe {bw['pcie_gbps']:g} GB/s; memory "
               f"{gib(result.memory_limit)} GiB less {gib(sum(result.overheads.values()))} GiB fixed overheads"
-              + (f", memory bandwidth {bw['memory_gbps']:g} GB/s" if eager else ""))  # fmt: skip
+              + f", memory bandwidth {bw['memory_gbps']:g} GB/s")  # fmt: skip
     if result.candidates and result.candidates[0].train_days is not None:
         out.print(f"time to train {r.tokens:,} tokens with the best: {result.candidates[0].train_days:.1f} days")
     for note in result.unmodelled:

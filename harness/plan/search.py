@@ -304,12 +304,20 @@ def score(req: PlanRequest) -> tuple[dict, dict, Plan]:
     scores = b * (arch.n_heads / tp) * float(req.seq) ** 2
     attention_bytes = eager * fp.eager_attention_bytes(scores, e=e, dropout=1 * (arch.dropout > 0),
                                                        replays=1 * (g["rc"] != 0), mask_bytes=MASK_BYTES)  # fmt: skip
+    # The optimizer step: the busiest stage's elements per rank (sharded from ZeRO-1 / FSDP), at the bytes its
+    # engine's implementation moves: DeepSpeed's foreach AdamW and casts, torch's fused AdamW otherwise.
+    mixed = is_mixed(req.precision)
+    master = 4 if mixed or req.precision == "fp32" else w
+    per_element = fp.optimizer_step_bytes(master=master, gradient=4 if mixed else gb, state=o - (4 if mixed else 0),
+                                          foreach_adamw=deepspeed * (req.optimizer == "adamw"), casts=deepspeed * mixed)  # fmt: skip
+    stepped = np.maximum(params["first"], params["last"])
+    stepped = np.where((zero >= 1) | fsdp, ceil_div(stepped, dp), stepped)
     terms = fp.step_terms(
         tokens=tokens, gpus=req.gpus, hw_flops_per_token=tb["hw"][g["rc"]], tflops=efficiency * peak_tflops, pp=pp,
         v=v, M=M, tp=tp, layers=layers, tp_collectives=tp_coll, act_bytes=e * b * req.seq * arch.hidden,
         dp=dp, zero=zero, fsdp=1 * fsdp, grad_bytes=gb * params["first"], weight_bytes=w * params["first"], tp_gbps=intra,
         pp_gbps=pp_gbps, dp_gbps=dp_gbps, offload=g["offload"], pcie_gbps=ic.pcie_gbps,
-        attention_bytes=attention_bytes, memory_gbps=gpu.memory_gbps,
+        attention_bytes=attention_bytes, memory_gbps=gpu.memory_gbps, optimizer_bytes=stepped * per_element,
     )  # fmt: skip
     seconds = fp.step_seconds(terms)
     arrays = {**g, "M": M, "peak": peak, "device": device, "fits": fits, "busiest": busiest, "seconds": seconds,
@@ -324,7 +332,7 @@ def score(req: PlanRequest) -> tuple[dict, dict, Plan]:
 
 
 UNMODELLED = (
-    "step time: the optimizer step's own time, kernel launch gaps, NCCL's achieved bus bandwidth (datasheet rates "
+    "step time: kernel launch gaps, NCCL's achieved bus bandwidth (datasheet rates "
     "are used), hierarchical collectives, the embedding's and the loss's collectives, CPU Adam under offload",
     "memory: the allocator's fragmentation unless a calibration gives reserved/allocated; engine-specific "
     "departures (`formulas.ranks`, `formulas.variants`) are in the engine walks that `--verify` compares",
