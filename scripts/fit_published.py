@@ -44,7 +44,11 @@ def held_out_floor(rows: list[dict]) -> dict:
     _, held = split(rows)
     held = [r for r in held if row_error(r, 0.5) is not None]
     best = min((statistics.median(abs(row_error(r, e / 1000)) for r in held), e / 1000) for e in range(400, 800))
-    return {"efficiency": best[1], "held_out_median_abs_error": best[0], "note": held_out_floor.__doc__.replace("\n    ", " ").strip()}
+    return {
+        "efficiency": best[1],
+        "held_out_median_abs_error": best[0],
+        "note": held_out_floor.__doc__.replace("\n    ", " ").strip(),
+    }
 
 
 def main() -> int:
@@ -67,8 +71,10 @@ def main() -> int:
             f"  {name:40} {g['rows']:3} rows  median {g['median_error']:+.1%}  median |error| {g['median_abs_error']:.1%}"
         )
     floor = fit["held_out_floor"]
-    print(f"  floor: the best any one efficiency reaches on the held-out half, chosen on it: "
-          f"{floor['held_out_median_abs_error']:.1%} at {floor['efficiency']:.3f}")
+    print(
+        f"  floor: the best any one efficiency reaches on the held-out half, chosen on it: "
+        f"{floor['held_out_median_abs_error']:.1%} at {floor['efficiency']:.3f}"
+    )
     print(f"  not scored (no layout published): {', '.join(fit['unscored'])}")
     short = [p["ratio"] for p in fit["h100_over_a100"] if p["seq"] <= 4096 and p["gpus"] == 8]
     print(f"  llm-foundry H100 / A100 80GB published MFU, same model, seq, micro-batch, recompute and GPUs: "
