@@ -123,12 +123,14 @@ def in_flight(schedule, pp, v, M, rank):
 
 
 def stage_peak(*, states, gradients, accumulating, layer_bytes, layers, held, embedding, output, loss_grad,
-               step_extra):  # fmt: skip
+               step_extra, backward_extra=0):  # fmt: skip
     """One stage's peak: the backward start or the optimizer step, whichever is larger. `states` the bytes held
     across steps (weights, optimizer, ZeRO-3's gathered module), `layer_bytes`/`embedding`/`output` one
-    micro-batch's, `loss_grad` the loss's gradients at the backward start (0 off the last stage)."""
+    micro-batch's, `loss_grad` the loss's gradients at the backward start (0 off the last stage),
+    `backward_extra` what the backward holds beyond them (FSDP2 in a pipeline: the stage gathered and its
+    unsharded gradients)."""
     activations = held * (layers * layer_bytes + embedding) + output
-    backward = states + accumulating * gradients + activations + loss_grad
+    backward = states + accumulating * gradients + activations + loss_grad + backward_extra
     step = states + gradients + step_extra
     return backward + _pos(step - backward), activations
 

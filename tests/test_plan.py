@@ -7,6 +7,7 @@ import json
 import statistics
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -76,8 +77,28 @@ def test_a_tensor_parallel_layout_takes_the_walk_of_one_replica():
     spec = candidate_spec(req, c.layout, c.micro_batch, c.grad_accum).replace(gpus=8)
     walk, basis, _ = walk_spec(spec)
     assert c.peak_bytes == walk and c.peak_model == basis and c.planner_peak_bytes != walk
+    # FSDP2 without a pipeline keeps the screen; inside pipeline stages it takes the ranks' walk, which holds the
+    # stage gathered and its gradients unsharded (torch's PipelineStage), as the screen now does too.
     fsdp = plan(_request(model="llama-2-7b", seq=4096, batch=64, gpus=32, fixed={"tp": 2, "fsdp": True, "zero": 0}))
-    assert all(x.peak_model.startswith("formulas.plan") for x in fsdp.candidates)
+    assert fsdp.candidates
+    for x in fsdp.candidates:
+        assert x.peak_model.startswith("formulas.plan" if x.layout["pp"] == 1 else "formulas.ranks: pipeline FSDP2")
+
+
+def test_fsdp_inside_pipeline_stages_holds_the_stage_gathered_and_its_gradients_unsharded():
+    # The same layout, pp 2 with FSDP2 over dp 8, against the screen's ZeRO-3 sharding alone: the backward adds
+    # e·P (the stage gathered, bf16) and 4·P (fp32 accumulators) for P the stage's parameters, less the sharded
+    # gradients it no longer counts.
+    from formulas.params import pipeline_stage_params
+
+    base = {"tp": 1, "pp": 2, "fsdp": True, "zero": 0, "schedule": "1f1b", "micro_batch": 1, "recompute": "full"}
+    req = _request(model="llama-2-7b", seq=4096, batch=64, gpus=16, fixed=base, walk=False)
+    c = plan(req, top=1).candidates[0]
+    P = max(pipeline_stage_params(PRESETS["llama-2-7b"], 2))
+    assert c.planner_peak_bytes > (2 + 4) * P  # the unsharded stage alone; ZeRO-3's shards are 16·P/8
+    walked = plan(replace(req, walk=True), top=1).candidates[0]
+    assert walked.peak_model.startswith("formulas.ranks: pipeline FSDP2")
+    assert walked.peak_bytes == pytest.approx(c.planner_peak_bytes, rel=0.05)
 
 
 def test_search_bookkeeping_and_largest_micro_batch():

@@ -4,9 +4,10 @@ step, the candidate's peak and its largest micro-batch are the walk's, not the a
     engine_walk(request, layout, micro_batch, grad_accum) -> (peak bytes | None, basis)
 
 Walked: one process (the plain trainer's step walk), DeepSpeed ZeRO over data parallel alone without
-gradient accumulation (its rank-by-rank walk), and torch's tensor-parallel and pipeline engines without FSDP
-(`formulas.ranks`: within 1% of gloo measurements, an upper bound for interleaved schedules). Not walked, and
-left to the screen (`formulas.plan`), which says so: FSDP2 (its walk misses the moments inside a block's
+gradient accumulation (its rank-by-rank walk), and torch's tensor-parallel and pipeline engines
+(`formulas.ranks`: within 1% of gloo measurements, an upper bound for interleaved schedules; FSDP2 inside
+pipeline stages -2.2% to +4.2%). Not walked, and left to the screen (`formulas.plan`), which says so: FSDP2
+without a pipeline (its walk misses the moments inside a block's
 backward, and on fake tensors the screen lands within 0.2% of the 13B measurements), DeepSpeed with
 accumulation or over a tensor/pipeline mesh.
 """
@@ -43,7 +44,7 @@ def walk_spec(spec: RunSpec, *, fsdp: bool = False) -> tuple[int | None, str, in
     """The engine walk's peak for a spec, its basis and the busiest rank (None where no walk models it; FSDP2's
     walk only when asked, as `--verify` shows it beside the measurement)."""
     p = spec.parallel
-    if (p.dp_shard == "fsdp2" and not fsdp) or (p.zero and (p.tp > 1 or p.pp > 1)):
+    if (p.dp_shard == "fsdp2" and p.pp == 1 and not fsdp) or (p.zero and (p.tp > 1 or p.pp > 1)):
         return None, SCREEN, 0
     if p.tp > 1 or p.pp > 1 or p.dp_shard == "fsdp2":
         ranks = parallel_prediction(spec, spec.measurement.device)

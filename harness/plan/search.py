@@ -263,8 +263,14 @@ def score(req: PlanRequest) -> tuple[dict, dict, Plan]:
         last = 1 * ((stage == "last") | ~pipeline)
         logits = LOSS_LOGIT_BYTES * req.seq * b * arch.vocab / tp
         opt_part = np.where((zero >= 1) | fsdp, ceil_div(P, dp), P) * (1 - g["offload"])
+        # FSDP2 inside pipeline stages: torch's PipelineStage neither reshards nor reduces between micro-batches
+        # (`formulas.ranks._pipeline_fsdp_walk`): the stage stays gathered (e·P) and its gradients accumulate
+        # unsharded (fp32 under mixed precision) from the first backward to the step.
+        fsdp_pipe = fsdp & pipeline
+        unsharded = fsdp_pipe * (e + (4 if is_mixed(req.precision) else gb)) * P
         peak, acts = fp.stage_peak(
-            states=weights + optim + live, gradients=grads, accumulating=accumulating, layer_bytes=layer * b,
+            states=weights + optim + live, gradients=grads, accumulating=accumulating * (1 - fsdp_pipe),
+            backward_extra=unsharded, layer_bytes=layer * b,
             layers=layers, held=held, embedding=first * tb["emb"][tpi, g["sp"].astype(np.int64)] * b,
             output=last * tb["out"][tpi] * b,
             loss_grad=last * fp.LOSS_GRADIENT_COPIES * logits + (1 - last) * transient,

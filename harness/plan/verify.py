@@ -52,8 +52,8 @@ def _why_not(spec: RunSpec) -> str | None:
         return "ZeRO-Offload steps on the host (DeepSpeed's CPU Adam): not on fake tensors"
     if not p.zero and p.dp > 1 and p.dp_shard != "fsdp2" and p.tp == 1:
         return "DeepSpeed's stage 0 over data-parallel replicas reads its weight norm, which fake tensors lack"
-    if p.pp > 1 and (p.dp > 1 or p.zero):
-        return "a pipeline with data parallel replicas runs DeepSpeed or replicas tmath does not run"
+    if p.pp > 1 and (p.zero or (p.dp > 1 and p.dp_shard != "fsdp2")):
+        return "a pipeline with data-parallel replicas (not FSDP2) runs DeepSpeed or replicas tmath does not run"
     return None
 
 

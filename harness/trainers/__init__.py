@@ -127,8 +127,6 @@ def _torch_parallel_checks(spec: RunSpec, device: str) -> None:
     if p.dp > 1 and p.dp_shard != "fsdp2":
         raise UsageError(f"{p.gpus} GPUs at tp {p.tp} × pp {p.pp} leave {p.dp} data-parallel ranks: measured with "
                          "--dp-shard fsdp2 (or set --gpus to tp × pp)")  # fmt: skip
-    if p.pp > 1 and p.dp_shard == "fsdp2":
-        raise UsageError("--dp-shard fsdp2 with --pp is not measured (FSDP2 inside pipeline stages)")
     if t.precision == "fp16-mixed":
         raise UsageError(f"--precision fp16-mixed (loss scaling) is not measured with {layout}: use bf16-mixed")
     if t.optimizer == "adam8bit":

@@ -103,18 +103,21 @@ def _to_fp32(model: nn.Module) -> None:
                     param.data = param.data.float()
 
 
-def apply_fsdp(model: nn.Module, mesh, spec: RunSpec, *, probe=None) -> _GatheredBytes:
-    """`fully_shard` each block, then the root, over the 1-D data-parallel `mesh`; returns the resize
-    accountant (entered for the life of the process: the trainer's steps all need it)."""
-    if is_mixed(spec.training.precision):
-        _to_fp32(model)  # FSDP2's mixed precision: fp32 sharded parameters, bf16 compute (the policy)
+def apply_fsdp(roots: nn.Module | list[nn.Module], mesh, spec: RunSpec, *, probe=None) -> _GatheredBytes:
+    """`fully_shard` each block, then its root, over the 1-D data-parallel `mesh` (a model, or each pipeline
+    stage of one: every stage is a root, as torchtitan shards them); returns the resize accountant (entered for
+    the life of the process: the trainer's steps all need it)."""
+    roots = roots if isinstance(roots, list) else [roots]
     policy = mixed_policy(spec)
     kwargs = {"mesh": mesh, "reshard_after_forward": spec.parallel.reshard_after_forward}
     if policy is not None:
         kwargs["mp_policy"] = policy
-    for block in model.blocks.children():
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+    for root in roots:
+        if is_mixed(spec.training.precision):
+            _to_fp32(root)  # FSDP2's mixed precision: fp32 sharded parameters, bf16 compute (the policy)
+        for block in root.blocks.children():
+            fully_shard(block, **kwargs)
+        fully_shard(root, **kwargs)
     gathered = _GatheredBytes(probe)
     # Kept open for the life of the run (the process ends with it); held by `gathered`, for a generator
     # context manager that is collected runs its `finally` and would undo the wrapping at once.

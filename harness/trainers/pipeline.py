@@ -152,8 +152,19 @@ class PipelineTrainer:
         self.model = nn.ModuleDict({f"stage{m.index}": m for m in self.stages})
         if p.tp > 1:
             self._tensor_parallel()
-        # The optimizer, autocast and master copy of the plain trainer, over this rank's parameters.
-        self.plain = PlainTrainer(self.model, spec, device_type=device_type)
+        self.gathered = None
+        if p.dp_shard == "fsdp2":
+            # FSDP2 inside each stage over the rank's data-parallel group (torchtitan's composition): every block
+            # and every stage root a unit; AdamW on the fp32 shards, FSDP2's policy casting for compute.
+            from harness.trainers.fsdp import FSDPTrainer, apply_fsdp
+
+            self.gathered = apply_fsdp(list(self.stages), self.layout.mesh["dp"], spec, probe=probe)
+            self.plain = FSDPTrainer.__new__(FSDPTrainer)
+            self.plain.spec = spec
+            self.plain.init_sharded(self.model, spec, device_type)
+        else:
+            # The optimizer, autocast and master copy of the plain trainer, over this rank's parameters.
+            self.plain = PlainTrainer(self.model, spec, device_type=device_type)
         self.meter: Meter | None = None
         self._measured = False
         self.last_forward: Chunk = (-1, -1)
@@ -369,6 +380,14 @@ class PipelineTrainer:
                 "tied output layer: the last stage keeps its own copy of the token embedding; torch's pipelining "
                 "does not all-reduce the two copies' gradients (Megatron-LM does), so they train apart"
             )
+        if self.gathered is not None:
+            named["gathered parameters (most at once)"] = self.gathered.max_bytes
+            notes.append(
+                "FSDP2 inside the stages: torch's PipelineStage runs every micro-batch's backward without resharding "
+                "or reducing (set_reshard_after_backward(False), set_requires_gradient_sync(False)) and reduces once "
+                "after the last (perform_reduce_grad): the stage's units stay gathered from their first backward and "
+                "their gradients accumulate unsharded (in fp32 under bf16-mixed) until the step"
+            )
         schedule = type(self.schedule).__name__
         measurement.engine = PipelineAccount(
             rank=self.layout.rank,
@@ -380,6 +399,7 @@ class PipelineTrainer:
                 + (f" (v {p.virtual_stages} per rank)" if p.virtual_stages > 1 else "")
                 + f", {M} micro-batches of {t.batch}"
                 + (f", tensor parallel {p.tp} within each stage" if p.tp > 1 else "")
+                + (f", FSDP2 fully_shard per block and stage root over dp {p.dp}" if self.gathered is not None else "")
             ),
             parameter_elements=sum(local_tensor(q).numel() for q in self.model.parameters()),
             blocks=blocks,
