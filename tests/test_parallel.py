@@ -186,6 +186,22 @@ def test_fsdp2_every_term_per_rank(reshard):
     assert account.named_bytes["gathered_parameters_max"] > 0
 
 
+@pytest.mark.slow
+def test_fsdp2_inside_pipeline_stages_every_term_per_rank():
+    """pp 2 × FSDP2 dp 2 over 4 gloo ranks: the sharded terms exact per rank, and the peak the pipeline FSDP2
+    walk's (the stage gathered and its gradients unsharded from the first backward to the step)."""
+    spec = build_spec({**TINY, **RUN, "pp": 2, "dp_shard": "fsdp2", "gpus": 4, "microbatches": 4,
+                       "precision": "bf16-mixed"})  # fmt: skip
+    record = run_distributed(spec, timeout=600)
+    _assert_every_rank_exact(record, peak=False)
+    for rank, expected in zip(record.measured.ranks, record.prediction("parallel").ranks, strict=True):
+        assert expected.peak_basis.startswith("pipeline FSDP2 walk")
+        assert rank.measured.memory_bytes.peak_allocated == pytest.approx(expected.peak, rel=0.05), rank.rank
+        account = rank.measured.engine
+        assert account.named_bytes["gathered parameters (most at once)"] > 0
+        assert any("PipelineStage" in note for note in account.notes)
+
+
 def test_rank_coordinates_are_the_meshs():
     """`formulas.ranks._coords` (which rank the walks put where) against `harness.trainers.mesh.build_mesh`'s
     own coordinates, rank by rank of a dp 2 × pp 2 × tp 2 job under torch's fake process group."""
