@@ -288,9 +288,11 @@ def _pipeline_fsdp_walk(spec, stages, tensors, local, c, weights, gradients, opt
     return f"{moved.moment}, the stage's units gathered and their gradients unsharded ({moved.phase})", moved.bytes
 
 
-def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
+def parallel_prediction(spec, device: str, first_replica: bool = False) -> ParallelPrediction | None:
     """Per-rank terms of a run on torch's parallel engines (`harness.trainers.tensor`, `pipeline`, `fsdp`), or
-    None where they do not run it (no architecture, not a decoder, not a torch-engine layout, inference)."""
+    None where they do not run it (no architecture, not a decoder, not a torch-engine layout, inference).
+    `first_replica`: only the ranks at data-parallel coordinate 0 (FSDP2's first shard is the largest: torch's
+    chunking), as the planner asks for the busiest rank of a large mesh."""
     arch, t, p = spec.model.arch, spec.training, spec.parallel
     if arch is None or arch.family != "decoder" or spec.measurement.mode != "train":
         return None
@@ -361,6 +363,8 @@ def parallel_prediction(spec, device: str) -> ParallelPrediction | None:
                           "its weight pass needs; counted whole until then")  # fmt: skip
     for rank in range(p.gpus):
         c = _coords(rank, p.dp, p.pp, p.tp)
+        if first_replica and c["dp"]:
+            continue
         stages = rank_stages(c["pp"], p.pp, p.virtual_stages) if p.pp > 1 else [0]
         n_blocks = sum(layers_of[st] for st in stages)
         embedding, head = 0 in stages, (stages_total - 1) in stages

@@ -47,7 +47,7 @@ def walk_spec(spec: RunSpec, *, fsdp: bool = False) -> tuple[int | None, str, in
     if (p.dp_shard == "fsdp2" and p.pp == 1 and not fsdp) or (p.zero and (p.tp > 1 or p.pp > 1)):
         return None, SCREEN, 0
     if p.tp > 1 or p.pp > 1 or p.dp_shard == "fsdp2":
-        ranks = parallel_prediction(spec, spec.measurement.device)
+        ranks = parallel_prediction(spec, spec.measurement.device, first_replica=True)
         if ranks is None:
             return None, SCREEN, 0
         busiest = ranks.busiest
