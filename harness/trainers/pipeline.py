@@ -36,7 +36,11 @@ is taken; and the step's concatenated inputs. Departures from the simple in-flig
 assumed: interleaved-zero-bubble's input-gradient pass keeps a micro-batch's saved tensors (retain_graph) until
 its weight pass, so it holds more than its warm-up. With `--tp`, each stage gets Megatron's layout
 (`harness.trainers.tensor.apply_tensor_parallel`) over the rank's tensor-parallel group and the loss is
-DTensor's `loss_parallel`.
+DTensor's `loss_parallel`. With `--dp-shard fsdp2`, every block and every stage root is a `fully_shard` unit over
+the rank's data-parallel group (`harness.trainers.fsdp.apply_fsdp`, torchtitan's composition) and the optimizer
+steps the fp32 shards (FSDP2's mixed precision); torch's `PipelineStage` then keeps each unit gathered and its
+gradients unsharded between micro-batches and reduces once after the last, which the account notes and
+`formulas.ranks` walks.
 """
 
 from __future__ import annotations
