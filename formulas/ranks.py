@@ -452,4 +452,6 @@ def parallel_prediction(spec, device: str, first_replica: bool = False) -> Paral
     )
     if p.pp > 1 and tp > 1:
         engine += f", tp={tp}" + (" sp" if sp else "")
+    if p.pp > 1 and fsdp:
+        engine += f", fsdp2 dp={p.dp}"
     return ParallelPrediction(engine=engine, ranks=ranks, unmodelled=unmodelled)
