@@ -195,7 +195,7 @@ def _tables(req: PlanRequest, tps: list[int], pps: list[int]) -> dict:
     state = 4 if is_mixed(req.precision) or req.precision == "fp32" else weight_bytes_per_param(req.precision)
     # The plain trainer's for-loop AdamW off CUDA (`formulas.peak`); SGD updates in place.
     loop = for_loop_adamw_temporaries(parameter_tensors(arch, "reference"), state) if req.optimizer == "adamw" else 0
-    return {"loop": loop, "layer": layer, "emb": emb, "out": out, "first": np.array([st[0] for st in stages], dtype=np.float64),
+    return {"loop": loop, "master": state, "layer": layer, "emb": emb, "out": out, "first": np.array([st[0] for st in stages], dtype=np.float64),
             "last": np.array([st[-1] for st in stages], dtype=np.float64), "hw": hw, "model_token": model_token,
             "params": params, "e": e}  # fmt: skip
 
@@ -245,7 +245,11 @@ def score(req: PlanRequest) -> tuple[dict, dict, Plan]:
     cuda = req.device == "cuda"
     deepspeed = (zero >= 1) & ~fsdp
     temporaries = fp.FOREACH_TEMPORARY_BYTES if cuda else 2 * fp.FOREACH_TEMPORARY_BYTES
-    step_extra_per_param = (fp.FP32_GRADIENT_BYTES if is_mixed(req.precision) else 0) + temporaries * deepspeed
+    mixed = is_mixed(req.precision)
+    # The gradient the step reads: the fp32 partition (DeepSpeed), FSDP2's fp32 reduce dtype or the autocast
+    # trainer's fp32 gradients in mixed precision; the parameters' own dtype otherwise.
+    step_gradient = fp.FP32_GRADIENT_BYTES if mixed else gb
+    step_extra_per_param = (fp.FP32_GRADIENT_BYTES if mixed else 0) + temporaries * deepspeed
     plain = (zero == 0) & ~fsdp & (tp == 1) & (pp == 1)
     loop_temporaries = 0 if cuda else plain * tb["loop"]
     f_inner = arch.ffn_hidden
@@ -267,7 +271,7 @@ def score(req: PlanRequest) -> tuple[dict, dict, Plan]:
         # (`formulas.ranks._pipeline_fsdp_walk`): the stage stays gathered (e·P) and its gradients accumulate
         # unsharded (fp32 under mixed precision) from the first backward to the step.
         fsdp_pipe = fsdp & pipeline
-        unsharded = fsdp_pipe * (e + (4 if is_mixed(req.precision) else gb)) * P
+        unsharded = fsdp_pipe * (e + step_gradient) * P
         peak, acts = fp.stage_peak(
             states=weights + optim + live, gradients=grads, accumulating=accumulating * (1 - fsdp_pipe),
             backward_extra=unsharded, layer_bytes=layer * b,
@@ -312,9 +316,7 @@ def score(req: PlanRequest) -> tuple[dict, dict, Plan]:
                                                        replays=1 * (g["rc"] != 0), mask_bytes=MASK_BYTES)  # fmt: skip
     # The optimizer step: the busiest stage's elements per rank (sharded from ZeRO-1 / FSDP), at the bytes its
     # engine's implementation moves: DeepSpeed's foreach AdamW and casts, torch's fused AdamW otherwise.
-    mixed = is_mixed(req.precision)
-    master = 4 if mixed or req.precision == "fp32" else w
-    per_element = fp.optimizer_step_bytes(master=master, gradient=4 if mixed else gb, state=o - (4 if mixed else 0),
+    per_element = fp.optimizer_step_bytes(master=tb["master"], gradient=step_gradient, state=o - (4 if mixed else 0),
                                           foreach_adamw=deepspeed * (req.optimizer == "adamw"), casts=deepspeed * mixed)  # fmt: skip
     stepped = np.maximum(params["first"], params["last"])
     stepped = np.where((zero >= 1) | fsdp, ceil_div(stepped, dp), stepped)

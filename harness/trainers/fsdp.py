@@ -137,6 +137,15 @@ class FSDPTrainer(PlainTrainer):
         self.gathered = apply_fsdp(model, self.layout.mesh["dp"], spec, probe=probe)
         self.init_sharded(model, spec, device_type)
 
+    @classmethod
+    def over_sharded(cls, model: nn.Module, spec: RunSpec, device_type: str) -> FSDPTrainer:
+        """The trainer's steps over a model another engine has already sharded (FSDP2 inside pipeline stages:
+        `harness.trainers.pipeline`), with no mesh or sharding of its own."""
+        trainer = cls.__new__(cls)
+        trainer.spec = spec
+        trainer.init_sharded(model, spec, device_type)
+        return trainer
+
     def init_sharded(self, model: nn.Module, spec: RunSpec, device_type: str) -> None:
         """The plain trainer's state over FSDP2-sharded parameters: no autocast, no master copy."""
         self.model = self._module = model

@@ -163,9 +163,7 @@ class PipelineTrainer:
             from harness.trainers.fsdp import FSDPTrainer, apply_fsdp
 
             self.gathered = apply_fsdp(list(self.stages), self.layout.mesh["dp"], spec, probe=probe)
-            self.plain = FSDPTrainer.__new__(FSDPTrainer)
-            self.plain.spec = spec
-            self.plain.init_sharded(self.model, spec, device_type)
+            self.plain = FSDPTrainer.over_sharded(self.model, spec, device_type)
         else:
             # The optimizer, autocast and master copy of the plain trainer, over this rank's parameters.
             self.plain = PlainTrainer(self.model, spec, device_type=device_type)
