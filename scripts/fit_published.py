@@ -51,6 +51,28 @@ def held_out_floor(rows: list[dict]) -> dict:
     }
 
 
+def own_constants(rows: list[dict], key: str) -> dict:
+    """A diagnostic beside the fit, not the planner's method: one efficiency per value of the row's `key`
+    (its source: a software stack on a GPU; or its GPU), each fitted on the fit half of those rows (the same
+    alternation within each source), and the held-out median |error| over all rows under their own group's
+    constant. Per source, it measures how much of the miss lies between software stacks (a constant that
+    `--efficiency` or a calibration supplies for the stack at hand) and how much within them; per GPU, whether
+    the GPU alone would carry it."""
+    scored = [r for r in rows if row_error(r, 0.5) is not None]  # Korthikanti's rows publish no layout
+    fits = {g: fit_efficiency([r for r in scored if r[key] == g]) for g in sorted({r[key] for r in scored})}
+    held = [x for f in fits.values() for x in f["rows"] if x["half"] == "held out" and x["error"] is not None]
+    sources = sorted({x["source"] for x in held})
+    return {
+        "by": key,
+        "efficiency": {g: f["efficiency"] for g, f in fits.items()},
+        "held_out_rows": len(held),
+        "held_out_median_abs_error": statistics.median(abs(x["error"]) for x in held),
+        "held_out_median_error_by_source": {s: statistics.median(x["error"] for x in held if x["source"] == s)
+                                            for s in sources},  # fmt: skip
+        "note": own_constants.__doc__.replace("\n    ", " ").strip(),
+    }
+
+
 def main() -> int:
     fit = fit_efficiency(load_rows(ROWS))
     groups = collections.defaultdict(list)
@@ -63,6 +85,7 @@ def main() -> int:
     fit["unscored"] = [r["row_id"] for r in fit["rows"] if r["error"] is None]
     fit["h100_over_a100"] = h100_over_a100(load_rows(ROWS))
     fit["held_out_floor"] = held_out_floor(load_rows(ROWS))
+    fit["own_constants"] = [own_constants(load_rows(ROWS), key) for key in ("source", "gpu")]
     OUT.write_text(json.dumps(fit, indent=2) + "\n")
     print(f"efficiency {fit['efficiency']:.3f}: fit median |error| {fit['fit_median_abs_error']:.1%} "
           f"({fit['fit_rows']} rows), held out {fit['held_out_median_abs_error']:.1%} ({fit['held_out_rows']} rows)")  # fmt: skip
@@ -75,6 +98,11 @@ def main() -> int:
         f"  floor: the best any one efficiency reaches on the held-out half, chosen on it: "
         f"{floor['held_out_median_abs_error']:.1%} at {floor['efficiency']:.3f}"
     )
+    for own in fit["own_constants"]:
+        print(f"  each {own['by']} its own efficiency (a diagnostic): held out {own['held_out_median_abs_error']:.1%} "
+              f"({own['held_out_rows']} rows); " + ", ".join(f"{k} {v:.3f}" for k, v in own["efficiency"].items()))
+        print("    held-out median error by source: "
+              + ", ".join(f"{k} {v:+.1%}" for k, v in own["held_out_median_error_by_source"].items()))
     print(f"  not scored (no layout published): {', '.join(fit['unscored'])}")
     short = [p["ratio"] for p in fit["h100_over_a100"] if p["seq"] <= 4096 and p["gpus"] == 8]
     print(f"  llm-foundry H100 / A100 80GB published MFU, same model, seq, micro-batch, recompute and GPUs: "
