@@ -61,14 +61,14 @@ def own_constants(rows: list[dict], key: str) -> dict:
     scored = [r for r in rows if row_error(r, 0.5) is not None]  # Korthikanti's rows publish no layout
     fits = {g: fit_efficiency([r for r in scored if r[key] == g]) for g in sorted({r[key] for r in scored})}
     held = [x for f in fits.values() for x in f["rows"] if x["half"] == "held out" and x["error"] is not None]
-    sources = sorted({x["source"] for x in held})
+    by_source = {s: statistics.median(x["error"] for x in held if x["source"] == s)
+                 for s in sorted({x["source"] for x in held})}  # fmt: skip
     return {
         "by": key,
         "efficiency": {g: f["efficiency"] for g, f in fits.items()},
         "held_out_rows": len(held),
         "held_out_median_abs_error": statistics.median(abs(x["error"]) for x in held),
-        "held_out_median_error_by_source": {s: statistics.median(x["error"] for x in held if x["source"] == s)
-                                            for s in sources},  # fmt: skip
+        "held_out_median_error_by_source": by_source,
         "note": own_constants.__doc__.replace("\n    ", " ").strip(),
     }
 
