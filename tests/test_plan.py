@@ -350,9 +350,10 @@ def test_pipeline_walk_copies_the_whole_vocabulary_gradient():
     assert peak == pytest.approx(real["measured"]["memory_bytes"]["peak_allocated"], rel=1e-4)
 
 
-def test_the_pipeline_fsdp_walk_under_tensor_parallel_says_what_it_misses():
-    """tp 2 x pp 2 x FSDP2 dp 2 on fake tensors (results/plan/fake-tp2-pp2-fsdp2-gpt2-4l.json): the last stage's
-    rank within 5%, the first's under by the second whole-vocabulary tensor the walk names as not walked."""
+def test_the_pipeline_fsdp_walk_under_tensor_parallel_accumulates_the_whole_vocabulary():
+    """tp 2 x pp 2 x FSDP2 dp 2 on fake tensors (results/plan/fake-tp2-pp2-fsdp2-gpt2-4l.json): FSDP2 casts
+    DTensor's whole-vocabulary embedding gradient into its fp32 accumulator (4·V·h, not 4·V·h/t); walked, both
+    stages' ranks are within 2% (the first was 16.9% under without it)."""
     from formulas.ranks import parallel_prediction
     from harness.specbuild import build_spec
 
@@ -360,6 +361,6 @@ def test_the_pipeline_fsdp_walk_under_tensor_parallel_says_what_it_misses():
     prediction = parallel_prediction(build_spec(committed["settings"]), "meta")
     walks = {r.rank: r.peak for r in prediction.ranks}
     measured = {r["rank"]: r["measured"]["memory_bytes"]["peak_allocated"] for r in committed["ranks"]}
-    assert walks[2] / measured[2] == pytest.approx(1, abs=0.05)
-    assert -0.20 < walks[0] / measured[0] - 1 < -0.14
-    assert any("-17%" in note and "tensor parallel" in note for note in prediction.unmodelled)
+    assert walks[2] / measured[2] == pytest.approx(1, abs=0.02)
+    assert walks[0] / measured[0] == pytest.approx(1, abs=0.02)
+    assert any("-1.1%" in note and "tensor parallel" in note for note in prediction.unmodelled)

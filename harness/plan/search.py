@@ -272,6 +272,10 @@ def score(req: PlanRequest) -> tuple[dict, dict, Plan]:
         # unsharded (fp32 under mixed precision) from the first backward to the step.
         fsdp_pipe = fsdp & pipeline
         unsharded = fsdp_pipe * (e + step_gradient) * P
+        if stage == "first":  # ... the embedding's accumulator of the whole vocabulary under tp (DTensor's gradient)
+            unsharded = unsharded + fsdp_pipe * step_gradient * (
+                arch.vocab * arch.hidden - ceil_div(arch.vocab * arch.hidden, tp)
+            )
         peak, acts = fp.stage_peak(
             states=weights + optim + live, gradients=grads, accumulating=accumulating * (1 - fsdp_pipe),
             backward_extra=unsharded, layer_bytes=layer * b,
