@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = git_commit() or ""
     record = {"what": args.what, "settings": settings, "ranks": ranks, "git_commit": commit.removesuffix("-dirty"),
               "dirty": commit.endswith("-dirty")}  # fmt: skip
-    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
 
