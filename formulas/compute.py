@@ -59,6 +59,26 @@ def recompute_flops_per_token(params: int, recompute: str, arch: Architecture | 
     return 0
 
 
+def replayed_block_matmul_params(arch: Architecture) -> int:
+    """The matmul parameters whose products full recompute replays under torch's non-reentrant checkpoint of
+    each block: every block's, less, in a pre-LN decoder without dropout, each dense MLP's output projection.
+    The checkpoint stops early once every saved tensor is rebuilt (`set_checkpoint_early_stop`, on by default
+    since PyTorch 2.1, pytorch/pytorch#96866); the projection's input is saved before it runs and the residual
+    add after it saves nothing, so the projection itself is not replayed. With dropout after it, its mask is
+    saved and the whole block is replayed (in a MoE layer the experts' outputs are combined after it:
+    replayed in full here, not measured). The embedding and the output layer are outside the blocks: never."""
+    block_matmul = blocks_matmul_params(arch)
+    if arch.dropout == 0 and arch.family == "decoder":
+        block_matmul -= (arch.n_layers - arch.moe_layers) * arch.ffn_hidden * arch.hidden
+    return block_matmul
+
+
+def full_recompute_flops_per_token(arch: Architecture, seq: int) -> int:
+    """Forward FLOPs per token that full recompute replays in the backward: the replayed blocks' matmuls
+    (`replayed_block_matmul_params`) and the attention core, as `torch.utils.flop_counter` counts them."""
+    return 2 * replayed_block_matmul_params(arch) + attention_flops_per_token(arch, seq)
+
+
 def matmul_flops_per_step(arch: Architecture, batch: int, seq: int, recompute: str = "none") -> int:
     """Exactly the FLOPs `torch.utils.flop_counter.FlopCounterMode` counts for one training step.
 
@@ -76,12 +96,7 @@ def matmul_flops_per_step(arch: Architecture, batch: int, seq: int, recompute: s
     attention = attention_flops_per_token(arch, seq) * tokens
     forward = 2 * matmul_params(arch) * tokens + 2 * sequence_matmul_params(arch) * batch + attention
     if recompute == "full":
-        block_matmul = blocks_matmul_params(arch)
-        if arch.dropout == 0 and arch.family == "decoder":
-            # Pre-LN: the MLP's output projection feeds only the residual add, which saves nothing (in a MoE
-            # layer the experts' outputs are combined after it: replayed in full here, not measured).
-            block_matmul -= (arch.n_layers - arch.moe_layers) * arch.ffn_hidden * arch.hidden
-        extra = 2 * block_matmul * tokens + attention
+        extra = full_recompute_flops_per_token(arch, seq) * tokens
     elif recompute == "selective":
         extra = attention // 2  # Q·Kᵀ only
     else:

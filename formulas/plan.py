@@ -26,7 +26,10 @@ a condition is a 0/1 factor (`1 * (zero >= 1)`).
 **Step time** (per optimizer step; every term printed by `tmath plan`)
 
     compute      hardware FLOPs per GPU (Transformer Math 101's 6P + Korthikanti's 12·L·s·h attention term,
-                 plus what recompute repeats, `formulas.compute`) / (efficiency × the GPU's dense peak)
+                 plus what recompute repeats: selective, the attention core; full, each block's forward as
+                 torch's non-reentrant checkpoint replays it, less a pre-LN MLP's output projection without
+                 dropout (early stop), never the embedding or the output layer,
+                 `formulas.compute.full_recompute_flops_per_token`) / (efficiency × the GPU's dense peak)
     attention    eager attention only: its s²-sized tensors' traffic (`eager_attention_bytes`) for the
                  stage's ceil(L/pp) layers and M micro-batches, at the GPU's datasheet memory bandwidth, after
                  the compute (the softmax and dropout kernels are memory-bound; Dao et al. 2022, §2.2);
@@ -221,7 +224,7 @@ def mfu(tokens, model_flops_per_token, seconds, gpus, peak_tflops):
     return tokens * model_flops_per_token / (seconds * gpus * peak_tflops * 1e12)
 
 
-EFFICIENCY = 0.595
+EFFICIENCY = 0.586
 """Achieved fraction of the dense peak in the compute term: fitted on half of the published runs in
 results/plan/published.csv (`scripts/fit_published.py`, results/plan/published-fit.json)."""
 EFFICIENCY_SOURCE = "fitted on published runs (results/plan/published-fit.json)"

@@ -113,3 +113,27 @@ def test_offload_leaves_the_step_to_the_host():
     fixed = {"tp": 1, "pp": 1, "zero": 2, "fsdp": False, "recompute": "full", "micro_batch": 1, "offload": True}
     c = plan(_request(fixed=fixed), top=1).candidates[0]
     assert c.terms["optimizer"] == 0 and c.terms["offload"] > 0
+
+
+@pytest.mark.parametrize("model,dropout", [("gpt2", 0.0), ("gpt2", 0.1), ("llama-2-7b", 0.0)])
+def test_full_recompute_costs_what_the_flop_counter_counts(model, dropout):
+    # The compute term's replayed forward under full recompute is what torch's non-reentrant checkpoint
+    # replays, which `matmul_flops_per_step` counts to the FLOP (tests/test_measure.py checks it against
+    # FlopCounterMode): without dropout a pre-LN block's MLP output projection is not replayed (early stop),
+    # with dropout it is; the embedding and the output layer never are.
+    from dataclasses import replace
+
+    from formulas.compute import attention_flops_per_token, matmul_flops_per_step
+    from formulas.params import blocks_matmul_params
+    from harness.plan.search import _tables
+
+    arch = replace(PRESETS[model], dropout=dropout)
+    seq = 1024
+    req = PlanRequest(arch=arch, model=model, seq=seq, global_batch=8, gpu="h100-sxm", gpus=8, gpus_per_node=8,
+                      efficiency=0.5)  # fmt: skip
+    hw = _tables(req, [1], [1])["hw"]  # hardware FLOPs per token: none, selective, full
+    counted = (matmul_flops_per_step(arch, 1, seq, "full") - matmul_flops_per_step(arch, 1, seq)) / seq
+    assert hw[2] - hw[0] == pytest.approx(counted, rel=1e-12)
+    whole_blocks = 2 * blocks_matmul_params(arch) + attention_flops_per_token(arch, seq)
+    skipped = 2 * arch.n_layers * arch.ffn_hidden * arch.hidden if dropout == 0 else 0
+    assert hw[2] - hw[0] == whole_blocks - skipped

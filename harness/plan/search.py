@@ -189,9 +189,11 @@ def _tables(req: PlanRequest, tps: list[int], pps: list[int]) -> dict:
     params = parameter_count(arch).active
     model_token = compute.training_flops_per_token(params, arch, s)
     # float64: 6·P·tokens overflows int64 above ~10^12 parameters
-    hw = np.array(
-        [model_token + compute.recompute_flops_per_token(params, rc, arch, s) for rc in RECOMPUTE], dtype=np.float64
-    )
+    # What recompute replays: full, the blocks as torch's non-reentrant checkpoint replays them (early stop;
+    # `compute.full_recompute_flops_per_token`, what the FLOP counter counts); selective, the attention core.
+    replayed = {"none": 0, "selective": compute.recompute_flops_per_token(params, "selective", arch, s),
+                "full": compute.full_recompute_flops_per_token(arch, s)}  # fmt: skip
+    hw = np.array([model_token + replayed[rc] for rc in RECOMPUTE], dtype=np.float64)
     state = 4 if is_mixed(req.precision) or req.precision == "fp32" else weight_bytes_per_param(req.precision)
     # The plain trainer's for-loop AdamW off CUDA (`formulas.peak`); SGD updates in place.
     loop = for_loop_adamw_temporaries(parameter_tensors(arch, "reference"), state) if req.optimizer == "adamw" else 0
