@@ -227,4 +227,7 @@ def mfu(tokens, model_flops_per_token, seconds, gpus, peak_tflops):
 EFFICIENCY = 0.586
 """Achieved fraction of the dense peak in the compute term: fitted on half of the published runs in
 results/plan/published.csv (`scripts/fit_published.py`, results/plan/published-fit.json)."""
-EFFICIENCY_SOURCE = "fitted on published runs (results/plan/published-fit.json)"
+EFFICIENCY_HELD_OUT_ERROR = 0.090
+"""The fit's held-out median |error| of predicted MFU (hardware TFLOP/s for Narayanan et al.'s rows), the step
+time's error on runs it was not fitted on (results/plan/published-fit.json; tests/test_plan.py checks)."""
+EFFICIENCY_SOURCE = f"fitted on published runs, held-out median |error| {EFFICIENCY_HELD_OUT_ERROR:.1%} (results/plan/published-fit.json)"

@@ -235,6 +235,7 @@ def test_fake_deepspeed_rank_is_the_real_rank(zero):
 def test_the_efficiency_is_the_committed_fit():
     committed = json.loads(Path("results/plan/published-fit.json").read_text())
     assert committed["efficiency"] == fp.EFFICIENCY
+    assert round(committed["held_out_median_abs_error"], 3) == fp.EFFICIENCY_HELD_OUT_ERROR
     fit = fit_efficiency(load_rows("results/plan/published.csv"))
     assert fit["efficiency"] == committed["efficiency"]
     assert fit["held_out_median_abs_error"] == pytest.approx(committed["held_out_median_abs_error"])
