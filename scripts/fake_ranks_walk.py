@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/fake_ranks_walk.py OUT.json --ranks 0,2 [--what TEXT] KEY=VALUE ...
 
-Each rank runs in its own process (`harness.plan.fakerank`: one process, torch's fake process group, device
+Each rank runs in its own process (`harness.plan.verify.run_fake_rank`: torch's fake process group, device
 meta), as `tmath plan --verify` runs them; the walk is `formulas.ranks.parallel_prediction` on the same spec.
 Writes the settings, each rank's measured memory, the walk's peak and basis, and the commit. For example
 (results/plan/fake-tp2-pp2-fsdp2-gpt2-4l.json):
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from formulas.ranks import parallel_prediction
 from harness.environment import git_commit
+from harness.plan.verify import run_fake_rank
 from harness.specbuild import build_spec
 
 
@@ -49,9 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     walks = {r.rank: r for r in parallel_prediction(spec, "meta").ranks}
     ranks = []
     for rank in (int(r) for r in args.ranks.split(",")):
-        done = subprocess.run([sys.executable, "-m", "harness.plan.fakerank"], text=True, capture_output=True,
-                              input=json.dumps({"spec": spec.to_dict(), "rank": rank}), timeout=600)  # fmt: skip
-        measured = json.loads(done.stdout.strip().splitlines()[-1])
+        measured = run_fake_rank(spec, rank, timeout=600)
         if "error" in measured:
             print(f"fake_ranks_walk: error: rank {rank}: {measured['error']}", file=sys.stderr)
             return 2

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from harness.cli import main
 from harness.plan.published import fit_efficiency, load_rows, row_error, split
 from harness.plan.refine import candidate_spec, walk_spec
 from harness.plan.search import PlanRequest, plan
+from harness.plan.verify import run_fake_rank
 from models.presets import PRESETS
 
 
@@ -132,9 +131,7 @@ def test_a_fixed_axis_is_kept_and_an_impossible_one_fits_nothing():
 
 
 def _fake_peak(spec, rank: int = 0) -> int:
-    done = subprocess.run([sys.executable, "-m", "harness.plan.fakerank"], input=json.dumps({"spec": spec.to_dict(),
-                          "rank": rank}), text=True, capture_output=True, timeout=600)  # fmt: skip
-    return json.loads(done.stdout.strip().splitlines()[-1])["memory_bytes"]["peak_allocated"]
+    return run_fake_rank(spec, rank, timeout=600)["memory_bytes"]["peak_allocated"]
 
 
 def test_largest_micro_batch_against_fake_tensors():

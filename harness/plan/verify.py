@@ -57,6 +57,22 @@ def _why_not(spec: RunSpec) -> str | None:
     return None
 
 
+def run_fake_rank(spec: RunSpec, rank: int, timeout: float = VERIFY_TIMEOUT_S) -> dict:
+    """Rank `rank` of `spec` on fake tensors in a process of its own (`harness.plan.fakerank`): its
+    `{"memory_bytes", "flops_counted"}`, or `{"error": one line}` when it times out or fails."""
+    request = json.dumps({"spec": spec.to_dict(), "rank": rank})
+    try:
+        done = subprocess.run([sys.executable, "-m", "harness.plan.fakerank"], input=request, text=True,
+                              capture_output=True, timeout=timeout)  # fmt: skip
+        last = (done.stdout.strip().splitlines() or ["{}"])[-1]
+        return json.loads(last)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:g} s"}
+    except json.JSONDecodeError:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"the fake-tensor run failed: {tail[:200]}"}
+
+
 def verify(result, n: int, timeout: float = VERIFY_TIMEOUT_S) -> list[Check]:
     checks = []
     for candidate in result.candidates[:n]:
@@ -80,17 +96,7 @@ def verify(result, n: int, timeout: float = VERIFY_TIMEOUT_S) -> list[Check]:
         replica = one_replica(spec)
         note = "; one data-parallel replica (its all-reduce buckets not included)" if replica is not spec else ""
         spec = replica
-        request = json.dumps({"spec": spec.to_dict(), "rank": rank})
-        try:
-            done = subprocess.run([sys.executable, "-m", "harness.plan.fakerank"], input=request, text=True,
-                                  capture_output=True, timeout=timeout)  # fmt: skip
-            last = (done.stdout.strip().splitlines() or ["{}"])[-1]
-            out = json.loads(last)
-        except subprocess.TimeoutExpired:
-            out = {"error": f"timed out after {timeout:g} s"}
-        except json.JSONDecodeError:
-            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            out = {"error": f"the fake-tensor run failed: {tail[:200]}"}
+        out = run_fake_rank(spec, rank, timeout)
         measured = (out.get("memory_bytes") or {}).get("peak_allocated")
         status = "measured" if measured else "failed"
         checks.append(Check(**base, rank=rank, walk_peak=walk, walk_basis=basis, measured_peak=measured,
