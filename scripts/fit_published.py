@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.plan.published import fit_efficiency, load_rows, row_error, split
+from harness.plan.published import best_efficiency, fit_efficiency, load_rows, median_abs_error, scored, split
 
 ROWS = Path("results/plan/published.csv")
 OUT = Path("results/plan/published-fit.json")
@@ -41,9 +41,8 @@ def held_out_floor(rows: list[dict]) -> dict:
     """The lowest held-out median |error| any single efficiency reaches, that efficiency chosen on the held-out
     half itself (0.400-0.799 in steps of 0.001). Not a prediction: the floor of the step-time model's shape, what
     no fit of its one constant can go below."""
-    _, held = split(rows)
-    held = [r for r in held if row_error(r, 0.5) is not None]
-    best = min((statistics.median(abs(row_error(r, e / 1000)) for r in held), e / 1000) for e in range(400, 800))
+    held = scored(split(rows)[1])
+    best = min((median_abs_error(e / 1000, held), e / 1000) for e in range(400, 800))
     return {
         "efficiency": best[1],
         "held_out_median_abs_error": best[0],
@@ -55,17 +54,9 @@ def swapped_halves(rows: list[dict]) -> dict:
     """The same method with the halves' roles swapped: the efficiency fitted on the held-out half (the same scan,
     0.200-0.900 in steps of 0.001, coarse then fine) and tested on the fit half, to show the result does not
     hang on which half fits."""
-    fit, held = split(rows)
-    fit = [r for r in fit if row_error(r, 0.5) is not None]
-    held = [r for r in held if row_error(r, 0.5) is not None]
-
-    def median(eff: float, subset: list[dict]) -> float:
-        return statistics.median(abs(row_error(r, eff)) for r in subset)
-
-    grid = [round(0.2 + 0.001 * i, 3) for i in range(701)]
-    coarse = min(grid[::20], key=lambda e: median(e, held))
-    best = min((e for e in grid if abs(e - coarse) <= 0.02), key=lambda e: median(e, held))
-    return {"efficiency": best, "tested_rows": len(fit), "tested_median_abs_error": median(best, fit),
+    fit, held = (scored(half) for half in split(rows))
+    best = best_efficiency(held)
+    return {"efficiency": best, "tested_rows": len(fit), "tested_median_abs_error": median_abs_error(best, fit),
             "note": swapped_halves.__doc__.replace("\n    ", " ").strip()}  # fmt: skip
 
 
@@ -76,8 +67,8 @@ def own_constants(rows: list[dict], key: str) -> dict:
     constant. Per source, it measures how much of the miss lies between software stacks (a constant that
     `--efficiency` or a calibration supplies for the stack at hand) and how much within them; per GPU, whether
     the GPU alone would carry it."""
-    scored = [r for r in rows if row_error(r, 0.5) is not None]  # Korthikanti's rows publish no layout
-    fits = {g: fit_efficiency([r for r in scored if r[key] == g]) for g in sorted({r[key] for r in scored})}
+    rows = scored(rows)
+    fits = {g: fit_efficiency([r for r in rows if r[key] == g]) for g in sorted({r[key] for r in rows})}
     held = [x for f in fits.values() for x in f["rows"] if x["half"] == "held out" and x["error"] is not None]
     by_source = {s: statistics.median(x["error"] for x in held if x["source"] == s)
                  for s in sorted({x["source"] for x in held})}  # fmt: skip
@@ -92,7 +83,8 @@ def own_constants(rows: list[dict], key: str) -> dict:
 
 
 def main() -> int:
-    fit = fit_efficiency(load_rows(ROWS))
+    rows = load_rows(ROWS)
+    fit = fit_efficiency(rows)
     groups = collections.defaultdict(list)
     for row in fit["rows"]:
         if row["error"] is not None:
@@ -101,10 +93,10 @@ def main() -> int:
                                        "median_abs_error": statistics.median(abs(x) for x in v)}
                         for (s, h), v in sorted(groups.items())}  # fmt: skip
     fit["unscored"] = [r["row_id"] for r in fit["rows"] if r["error"] is None]
-    fit["h100_over_a100"] = h100_over_a100(load_rows(ROWS))
-    fit["held_out_floor"] = held_out_floor(load_rows(ROWS))
-    fit["swapped_halves"] = swapped_halves(load_rows(ROWS))
-    fit["own_constants"] = [own_constants(load_rows(ROWS), key) for key in ("source", "gpu")]
+    fit["h100_over_a100"] = h100_over_a100(rows)
+    fit["held_out_floor"] = held_out_floor(rows)
+    fit["swapped_halves"] = swapped_halves(rows)
+    fit["own_constants"] = [own_constants(rows, key) for key in ("source", "gpu")]
     OUT.write_text(json.dumps(fit, indent=2) + "\n")
     print(f"efficiency {fit['efficiency']:.3f}: fit median |error| {fit['fit_median_abs_error']:.1%} "
           f"({fit['fit_rows']} rows), held out {fit['held_out_median_abs_error']:.1%} ({fit['held_out_rows']} rows)")  # fmt: skip
@@ -118,13 +110,19 @@ def main() -> int:
         f"{floor['held_out_median_abs_error']:.1%} at {floor['efficiency']:.3f}"
     )
     swap = fit["swapped_halves"]
-    print(f"  halves swapped: efficiency {swap['efficiency']:.3f}, median |error| {swap['tested_median_abs_error']:.1%} "
-          f"on the fit half ({swap['tested_rows']} rows)")
+    print(
+        f"  halves swapped: efficiency {swap['efficiency']:.3f}, median |error| {swap['tested_median_abs_error']:.1%} "
+        f"on the fit half ({swap['tested_rows']} rows)"
+    )
     for own in fit["own_constants"]:
-        print(f"  each {own['by']} its own efficiency (a diagnostic): held out {own['held_out_median_abs_error']:.1%} "
-              f"({own['held_out_rows']} rows); " + ", ".join(f"{k} {v:.3f}" for k, v in own["efficiency"].items()))
-        print("    held-out median error by source: "
-              + ", ".join(f"{k} {v:+.1%}" for k, v in own["held_out_median_error_by_source"].items()))
+        print(
+            f"  each {own['by']} its own efficiency (a diagnostic): held out {own['held_out_median_abs_error']:.1%} "
+            f"({own['held_out_rows']} rows); " + ", ".join(f"{k} {v:.3f}" for k, v in own["efficiency"].items())
+        )
+        print(
+            "    held-out median error by source: "
+            + ", ".join(f"{k} {v:+.1%}" for k, v in own["held_out_median_error_by_source"].items())
+        )
     print(f"  not scored (no layout published): {', '.join(fit['unscored'])}")
     short = [p["ratio"] for p in fit["h100_over_a100"] if p["seq"] <= 4096 and p["gpus"] == 8]
     print(f"  llm-foundry H100 / A100 80GB published MFU, same model, seq, micro-batch, recompute and GPUs: "
