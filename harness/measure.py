@@ -61,6 +61,8 @@ MEASUREMENT_METHODS = {
         "cpu": "LiveTensorTracker (TorchDispatchMode over every op) over a step",
         "meta": "LiveTensorTracker under FakeTensorMode over a step",
     },
+    "peak_backend_freed": "LiveTensorTracker: bytes live at the steady peak that another thread (a process group's "
+    "worker) freed after it, before the step's end",
     "step_ms": {
         "cuda": "CUDA events around each step, read after the last (no host sync between steps)",
         "cpu": "time.perf_counter around each step",
@@ -416,6 +418,8 @@ def _first_steps(measured: Measurement, trainer: Trainer, batches, probe, blocks
         _phased_step(trainer, batches, tracker)
         tracker.record_timeline(False)
         mem.peak_allocated = probe.peak()
+        if isinstance(probe, _TrackedMemory):
+            mem.peak_backend_freed = tracker.peak_backend_freed
         measured.peak_breakdown = {"first_step": first_breakdown, "steady": dict(tracker.peak_snapshot)}
         measured.peak_phase = {"first_step": first_phase, "steady": tracker.peak_category}
     measured.timeline = Timeline.downsample(tracker.timeline)

@@ -443,3 +443,36 @@ def test_fake_tensor_step_matches_real_tensors_byte_for_byte():
             assert real[2]["backward"] == real[2]["state"] - nbytes(x)  # the gradients
     finally:
         torch.set_default_dtype(default_dtype)
+
+
+def test_a_storage_another_thread_frees_after_the_peak_is_counted_there():
+    """A process group's worker thread (gloo's) can hold a collective's buffer after the step has dropped it:
+    the free lands on that thread, counted under the tracker's lock, and the bytes that were live at the peak are
+    `peak_backend_freed`. One allocated after the peak, or freed on the tracker's own thread, is not."""
+    import threading
+
+    held: list[torch.Tensor] = []
+    ready, stop = threading.Event(), threading.Event()
+
+    def backend() -> None:
+        refs = [held.pop(), held.pop()]  # the worker's own references; the step's are gone
+        ready.set()
+        stop.wait()
+        del refs  # the last references: freed on this thread
+
+    with LiveTensorTracker() as mem:
+        late, mine = torch.ones(256), torch.ones(64)  # 1,024 B and 256 B, both live at the peak
+        assert mem.peak_bytes == 1280
+        del mine  # freed on the tracker's own thread
+        after = torch.ones(32)  # 128 B, allocated after the peak (not a new one: 1,152 B live)
+        held += [late, after]
+        del late, after
+        worker = threading.Thread(target=backend)
+        worker.start()
+        ready.wait()
+        assert (mem.live_bytes, mem.peak_backend_freed) == (1152, 0)
+        stop.set()
+        worker.join()
+    assert (mem.peak_bytes, mem.peak_backend_freed, mem.live_bytes) == (1280, 1024, 0)
+    mem.reset_peak()
+    assert mem.peak_backend_freed == 0

@@ -128,13 +128,22 @@ def _assert_every_rank_exact(record, *, peak: bool):
         for term in ("weights", "gradients", "optimizer", "activations", "activations_layers"):
             assert getattr(mem, term) == getattr(expected, term), (rank.rank, term)
         if peak:
-            # On this tiny shape a buffer that gloo's thread frees late under CPU contention is a few % of the
-            # peak (+2.6% seen in CI, +0.5% alone); on the sweep's shape the walk holds to 0.5% (results/parallel-cpu).
-            assert mem.peak_allocated == pytest.approx(expected.peak, rel=0.05), (
-                rank.rank,
-                mem.peak_allocated,
-                expected.peak,
-            )
+            _assert_walked_peak(rank, expected, rel=0.02)
+
+
+def _assert_walked_peak(rank, expected, *, rel: float) -> None:
+    """The walk within `rel` of the rank's measured peak, or of it less what a process group's thread freed after
+    it (`peak_backend_freed`): gloo's worker thread lets go of a collective's buffers when it next runs, which under
+    CPU contention can be after the step has dropped them (one FSDP2 all-gather output, +8.1% of this tiny
+    shape's peak in CI; 0 in most runs)."""
+    mem = rank.measured.memory_bytes
+    low = mem.peak_allocated - (mem.peak_backend_freed or 0)
+    assert low * (1 - rel) <= expected.peak <= mem.peak_allocated * (1 + rel), (
+        rank.rank,
+        low,
+        mem.peak_allocated,
+        expected.peak,
+    )
 
 
 def test_forward_stages_of_interleaved_and_looped_schedules():
@@ -169,7 +178,7 @@ def test_pipeline_every_term_and_the_walked_peak_per_rank(schedule, M):
     _assert_every_rank_exact(record, peak=False)
     for rank, expected in zip(record.measured.ranks, record.prediction("parallel").ranks, strict=True):
         assert rank.measured.memory_bytes.activations_in_flight == expected.activations_in_flight
-        assert rank.measured.memory_bytes.peak_allocated == pytest.approx(expected.peak, rel=0.02), rank.rank
+        _assert_walked_peak(rank, expected, rel=0.02)
 
 
 @pytest.mark.slow
@@ -196,7 +205,7 @@ def test_fsdp2_inside_pipeline_stages_every_term_per_rank():
     _assert_every_rank_exact(record, peak=False)
     for rank, expected in zip(record.measured.ranks, record.prediction("parallel").ranks, strict=True):
         assert expected.peak_basis.startswith("pipeline FSDP2 walk")
-        assert rank.measured.memory_bytes.peak_allocated == pytest.approx(expected.peak, rel=0.05), rank.rank
+        _assert_walked_peak(rank, expected, rel=0.05)
         account = rank.measured.engine
         assert account.named_bytes["gathered parameters (most at once)"] > 0
         assert any("PipelineStage" in note for note in account.notes)
