@@ -151,6 +151,10 @@ def _quiet(message: str) -> None:
     """Progress goes nowhere unless someone listens."""
 
 
+BACKEND_SETTLE_S = 0.05
+"""Multi-rank runs on the tracker: how long the steady step's end waits (the GIL released) for the process group's
+worker threads to let go of what the step has dropped, before `peak_backend_freed` is read."""
+
 _CUDA_PEAKS = {
     "peak_allocated": "allocated_bytes.all.peak",
     "peak_reserved": "reserved_bytes.all.peak",
@@ -419,6 +423,8 @@ def _first_steps(measured: Measurement, trainer: Trainer, batches, probe, blocks
         tracker.record_timeline(False)
         mem.peak_allocated = probe.peak()
         if isinstance(probe, _TrackedMemory):
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                time.sleep(BACKEND_SETTLE_S)  # a process group's thread may still hold a buffer the step dropped
             mem.peak_backend_freed = tracker.peak_backend_freed
         measured.peak_breakdown = {"first_step": first_breakdown, "steady": dict(tracker.peak_snapshot)}
         measured.peak_phase = {"first_step": first_phase, "steady": tracker.peak_category}
