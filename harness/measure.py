@@ -62,7 +62,7 @@ MEASUREMENT_METHODS = {
         "meta": "LiveTensorTracker under FakeTensorMode over a step",
     },
     "peak_backend_freed": "LiveTensorTracker: bytes live at the steady peak that another thread (a process group's "
-    "worker) freed after it, before the step's end",
+    "worker) freed after it, read at the step's end (multi-rank runs: BACKEND_SETTLE_S after it)",
     "step_ms": {
         "cuda": "CUDA events around each step, read after the last (no host sync between steps)",
         "cpu": "time.perf_counter around each step",

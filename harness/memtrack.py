@@ -253,8 +253,9 @@ class LiveTensorTracker(TorchDispatchMode):
     A storage can be freed on another thread: a process group's worker thread (gloo's) holds the
     tensors of a collective until it lets go of its work item, and when the step has already
     dropped them, the buffer is freed there, whenever that thread next runs and takes the GIL
-    (measured: an FSDP2 all-gather output kept about 30 ops longer, in 2 of 5 runs of 4 ranks on 2 cores). The counters
-    are updated under a lock, so such a free is counted exactly when it happens; and
+    (measured: an FSDP2 all-gather output kept about 30 ops longer, in 2 of 5 runs of 4 ranks on
+    2 cores). The counters are updated under a lock, so such a free is counted exactly when it
+    happens; and
     ``peak_backend_freed`` is the bytes live at the current peak that another thread freed after
     it, so the same program with every such buffer freed when the step dropped it peaks between
     ``peak_bytes - peak_backend_freed`` and ``peak_bytes``.

@@ -71,8 +71,8 @@ class MemoryBytes:
     peak_allocated: int | None = None
     """Peak of the steady step (the second), or of the inference forward."""
     peak_backend_freed: int | None = None
-    """CPU and fake tensors: of the steady peak, the bytes a thread other than the step's freed after it before
-    the step ended (a process group's worker thread letting go of a collective's buffers after the step had
+    """CPU and fake tensors: of the steady peak, the bytes a thread other than the step's freed after it, by the
+    step's end (multi-rank runs: 50 ms after it, `harness.measure.BACKEND_SETTLE_S`) (a process group's worker thread letting go of a collective's buffers after the step had
     dropped them: gloo). The step's program, each buffer freed when it was dropped, peaks between
     `peak_allocated - peak_backend_freed` and `peak_allocated` (`harness.memtrack.LiveTensorTracker`)."""
     peak_allocated_first_step: int | None = None

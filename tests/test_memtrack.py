@@ -4,6 +4,8 @@ Expected numbers are written out from shapes and dtypes (4 bytes per fp32 elemen
 1 per bool), so each test fails if a tracker drops, double-counts or mislabels one storage.
 """
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -449,8 +451,6 @@ def test_a_storage_another_thread_frees_after_the_peak_is_counted_there():
     """A process group's worker thread (gloo's) can hold a collective's buffer after the step has dropped it:
     the free lands on that thread, counted under the tracker's lock, and the bytes that were live at the peak are
     `peak_backend_freed`. One allocated after the peak, or freed on the tracker's own thread, is not."""
-    import threading
-
     held: list[torch.Tensor] = []
     ready, stop = threading.Event(), threading.Event()
 

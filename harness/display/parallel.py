@@ -74,8 +74,8 @@ def print_parallel_ranks(record: Record, con: Console | None = None) -> None:
             counted = account.in_flight_microbatches if account else None
             rows.append(("activations in flight", mem.activations_in_flight, pr.activations_in_flight,
                          formula.activations, f"{counted} stage forwards at once (predicted {pr.in_flight_microbatches})"))  # fmt: skip
-        late = mem.peak_backend_freed
-        late = f"; {size(late)} of it freed after the peak by a process group's thread" if late else ""
+        freed = mem.peak_backend_freed
+        late = f"; {size(freed)} of it freed after the peak by a process group's thread" if freed else ""
         rows.append(("peak allocated", mem.peak_allocated, pr.peak, formula.total, (extra or "steady step") + late))
         for i, (term, measured, pred, textbook, note) in enumerate(rows):
             fmt = (lambda v: f"{v:,}" if v is not None else "-") if term.startswith("parameters") else size
